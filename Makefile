@@ -1,0 +1,31 @@
+# Atelier: one command brings everything up (make demo), one runs the tests (make test).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PROTOS := $(wildcard protos/atelier/v1/*.proto)
+STUBS_DIR := clients/python
+
+.PHONY: venv protos test demo clean
+
+# The virtual environment: torch is pinned (a CPU build on CPU machines), the
+# grpc/protobuf set is the one that keeps tritonclient 2.73 installable.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e clients/python -e ".[dev,triton]" --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Python stubs from the .proto files (committed; tests/test_protos_in_sync.py fails on drift).
+protos: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(STUBS_DIR) --pyi_out=$(STUBS_DIR) \
+		--grpc_python_out=$(STUBS_DIR) $(PROTOS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,2 @@
+"""The Atelier SDK (filled in by the SDK module)."""
+__all__: list[str] = []
