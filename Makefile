@@ -29,3 +29,4 @@ test: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+include $(wildcard mk/*.mk)
