@@ -1,2 +1,62 @@
-"""The Atelier SDK (filled in by the SDK module)."""
-__all__: list[str] = []
+"""The Atelier SDK: ``atelier.Client`` and the types its calls take and return.
+
+Only grpcio, grpcio-status, protobuf, numpy and pillow are needed (tqdm for
+``progress=True``); the SDK never imports torch.
+"""
+from atelier.sdk.client import Client, TLSConfig
+from atelier.sdk.codec import CodecError
+from atelier.sdk.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    AtelierError,
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    StreamProtocolError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    UnknownError,
+)
+from atelier.sdk.inversion import EditResult, Inversion, InversionClient, StepDiagnostics, Usage
+from atelier.sdk.progress import CancelToken, Progress
+from atelier.sdk.transport import RetryPolicy
+
+__all__ = [
+    "Client",
+    "TLSConfig",
+    "RetryPolicy",
+    "Progress",
+    "CancelToken",
+    "Inversion",
+    "InversionClient",
+    "StepDiagnostics",
+    "EditResult",
+    "Usage",
+    "CodecError",
+    "AtelierError",
+    "AbortedError",
+    "AlreadyExistsError",
+    "CancelledError",
+    "DataLossError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "StreamProtocolError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "UnknownError",
+]

@@ -1,0 +1,367 @@
+"""Client of the Inversion service: DDIM / SPDInv inversion and P2P / MasaCtrl editing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image as PILImage
+
+from atelier.sdk import codec
+from atelier.sdk.progress import CancelToken, ProgressArg
+from atelier.sdk.transport import _Transport
+from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc, tensor_pb2
+
+__all__ = ["InversionClient", "Inversion", "StepDiagnostics", "EditResult", "Usage", "ImageLike", "to_image_proto"]
+
+ImageLike = Union[PILImage.Image, np.ndarray, tensor_pb2.Image]
+
+_METHODS = {"ddim": inversion_pb2.DDIM, "spdinv": inversion_pb2.SPDINV}
+_METHOD_NAMES = {value: name for name, value in _METHODS.items()}
+_METHOD_NAMES[inversion_pb2.INVERSION_METHOD_UNSPECIFIED] = "spdinv"
+_ENGINES = {"p2p": inversion_pb2.P2P, "masactrl": inversion_pb2.MASACTRL}
+_P2P_MODES = {
+    None: inversion_pb2.P2POptions.MODE_UNSPECIFIED,
+    "replace": inversion_pb2.P2POptions.REPLACE,
+    "refine": inversion_pb2.P2POptions.REFINE,
+    "reweight": inversion_pb2.P2POptions.REWEIGHT,
+}
+
+
+def _choice(value, table: dict, what: str):
+    key = value.lower() if isinstance(value, str) else value
+    if key not in table:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {[k for k in table if k is not None]}")
+    return table[key]
+
+
+def to_image_proto(image: ImageLike, argument: str = "image") -> tensor_pb2.Image:
+    """A PIL image, an (H, W, 3) uint8 array, a float array in [0, 1], or an
+    ``atelier.v1.Image`` -> ``atelier.v1.Image`` (PNG, lossless)."""
+    if isinstance(image, tensor_pb2.Image):
+        return image
+    if isinstance(image, PILImage.Image):
+        return codec.image_from_pil(image, "png")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"{argument}: expected an (H, W, 3) RGB array, got shape {image.shape}")
+        if image.dtype.kind == "f":
+            if not np.all(np.isfinite(image)) or image.min() < 0.0 or image.max() > 1.0:
+                raise ValueError(f"{argument}: a float image must hold finite values in [0, 1]")
+            image = np.rint(image * 255.0).astype(np.uint8)
+        elif image.dtype != np.uint8:
+            raise ValueError(f"{argument}: expected uint8 or float in [0, 1], got dtype {image.dtype}")
+        return codec.image_from_array(image, "png")
+    raise TypeError(f"{argument}: expected a PIL image or a numpy array, got {type(image).__name__}")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a call consumed on the server."""
+
+    unet_forward_evaluations: int
+    unet_backward_evaluations: int
+    wall_seconds: float
+    queue_seconds: float
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Usage) -> "Usage":
+        return cls(msg.unet_forward_evaluations, msg.unet_backward_evaluations, msg.wall_seconds, msg.queue_seconds)
+
+
+@dataclass(frozen=True)
+class StepDiagnostics:
+    """Inversion step ``index`` (z_index from z_index-1): its fixed-point residual
+    MSE(z_t, C1*z_{t-1} + C2*eps(z_t)) and the SPDInv rounds used (0 for DDIM)."""
+
+    index: int
+    timestep: int
+    residual: float
+    rounds: int
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """An inverted image. ``z_T``: (1, 4, H/8, W/8) float32; ``chain``: z_0..z_T,
+    (steps+1, 4, H/8, W/8), when requested. ``proto`` is the server's result,
+    sent back as is by ``edit``; ``to_bytes``/``from_bytes`` persist it."""
+
+    z_T: np.ndarray
+    chain: Optional[np.ndarray]
+    diagnostics: list[StepDiagnostics]
+    usage: Usage
+    prompt: str
+    method: str
+    steps: int
+    width: int
+    height: int
+    model: str
+    proto: inversion_pb2.InversionResult = field(repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: inversion_pb2.InversionResult) -> "Inversion":
+        return cls(
+            z_T=codec.tensor_to_numpy(msg.z_t, "result.z_t"),
+            chain=codec.tensor_to_numpy(msg.chain, "result.chain") if msg.HasField("chain") else None,
+            diagnostics=[StepDiagnostics(d.index, d.timestep, d.residual, d.rounds) for d in msg.diagnostics],
+            usage=Usage.from_proto(msg.usage),
+            prompt=msg.prompt,
+            method=_METHOD_NAMES.get(msg.method, str(msg.method)),
+            steps=msg.steps,
+            width=msg.width,
+            height=msg.height,
+            model=msg.model.name,
+            proto=msg,
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.proto.SerializeToString()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Inversion":
+        return cls.from_proto(inversion_pb2.InversionResult.FromString(data))
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """An edit with its extras: ``source_image`` is the source branch's
+    reconstruction (present when ``return_source=True``)."""
+
+    image: PILImage.Image
+    source_image: Optional[PILImage.Image]
+    usage: Usage
+    proto: inversion_pb2.EditResult = field(repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: inversion_pb2.EditResult) -> "EditResult":
+        source = codec.image_to_pil(msg.source_image, "result.source_image") if msg.HasField("source_image") else None
+        return cls(codec.image_to_pil(msg.image, "result.image"), source, Usage.from_proto(msg.usage), msg)
+
+
+class InversionClient:
+    """``client.inversion``: invert images and edit them (server-streaming calls with progress).
+
+    Every call takes ``progress`` (None, True for a tqdm bar, or a callable receiving
+    ``atelier.Progress``), ``timeout`` (seconds; default: the client's) and ``cancel``
+    (an ``atelier.CancelToken``).
+    """
+
+    def __init__(self, transport: _Transport):
+        self._transport = transport
+        self._stub = inversion_pb2_grpc.InversionStub(transport.channel)
+
+    def invert(
+        self,
+        image: ImageLike,
+        prompt: str,
+        method: str = "spdinv",
+        steps: int = 50,
+        return_chain: bool = False,
+        max_rounds: Optional[int] = None,
+        learning_rate: Optional[float] = None,
+        loss_threshold: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        model: Optional[str] = None,
+        progress: ProgressArg = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Inversion:
+        """Invert ``image`` under its source ``prompt`` with ``"spdinv"`` or ``"ddim"``.
+
+        SPDInv options left None take the server's defaults (K=25 rounds, lr 1e-3,
+        loss threshold 5e-6, weight decay 1e-2).
+        """
+        request = self._invert_request(
+            image, prompt, method, steps, return_chain, max_rounds, learning_rate, loss_threshold, weight_decay, model
+        )
+        result = self._transport.stream(self._stub.Invert, request, timeout, progress, cancel=cancel)
+        return Inversion.from_proto(result)
+
+    def edit(
+        self,
+        source: Union[Inversion, inversion_pb2.InversionResult, PILImage.Image, np.ndarray],
+        target_prompt: str,
+        engine: str = "p2p",
+        guidance: Optional[float] = 7.5,
+        *,
+        source_prompt: Optional[str] = None,
+        method: Optional[str] = None,
+        steps: Optional[int] = None,
+        mode: Optional[str] = None,
+        cross_replace: Optional[float] = None,
+        self_replace: Optional[float] = None,
+        reweight: Optional[dict[str, float]] = None,
+        blend_words: Optional[Sequence[str]] = None,
+        blend_threshold: Optional[float] = None,
+        start_step: Optional[int] = None,
+        start_layer: Optional[int] = None,
+        model: Optional[str] = None,
+        progress: ProgressArg = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> PILImage.Image:
+        """Edit towards ``target_prompt``; returns the edited image.
+
+        ``source`` is an ``Inversion`` (from ``invert``) or an image; an image needs
+        ``source_prompt`` and is inverted in the same call with ``method`` (default
+        "spdinv") and ``steps`` (default 50). ``engine="p2p"`` takes ``mode``
+        ("replace", "refine", "reweight"; default: chosen by the server),
+        ``cross_replace``/``self_replace`` fractions, ``reweight`` {word: scale},
+        ``blend_words`` and ``blend_threshold``; ``engine="masactrl"`` takes
+        ``start_step`` and ``start_layer``. Use ``edit_result`` for the source
+        reconstruction and usage as well.
+        """
+        options = {k: v for k, v in locals().items() if k not in ("self", "progress", "timeout", "cancel")}
+        return self._edit(options, return_source=False, progress=progress, timeout=timeout, cancel=cancel).image
+
+    def edit_result(
+        self,
+        source: Union[Inversion, inversion_pb2.InversionResult, PILImage.Image, np.ndarray],
+        target_prompt: str,
+        engine: str = "p2p",
+        guidance: Optional[float] = 7.5,
+        *,
+        return_source: bool = False,
+        source_prompt: Optional[str] = None,
+        method: Optional[str] = None,
+        steps: Optional[int] = None,
+        mode: Optional[str] = None,
+        cross_replace: Optional[float] = None,
+        self_replace: Optional[float] = None,
+        reweight: Optional[dict[str, float]] = None,
+        blend_words: Optional[Sequence[str]] = None,
+        blend_threshold: Optional[float] = None,
+        start_step: Optional[int] = None,
+        start_layer: Optional[int] = None,
+        model: Optional[str] = None,
+        progress: ProgressArg = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> EditResult:
+        """Like ``edit`` but returns an ``EditResult`` (image, usage, and with
+        ``return_source=True`` the source branch's reconstruction)."""
+        options = {
+            k: v for k, v in locals().items() if k not in ("self", "progress", "timeout", "cancel", "return_source")
+        }
+        return self._edit(options, return_source=return_source, progress=progress, timeout=timeout, cancel=cancel)
+
+    # ------------------------------------------------------------------ requests
+
+    def _edit(self, options: dict, return_source: bool, progress, timeout, cancel) -> EditResult:
+        request = self._edit_request(return_source=return_source, **options)
+        result = self._transport.stream(self._stub.Edit, request, timeout, progress, cancel=cancel)
+        return EditResult.from_proto(result)
+
+    @staticmethod
+    def _invert_request(
+        image, prompt, method, steps, return_chain, max_rounds, learning_rate, loss_threshold, weight_decay, model
+    ) -> inversion_pb2.InvertRequest:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        request = inversion_pb2.InvertRequest(
+            model=common_pb2.ModelRef(name=model or ""),
+            image=to_image_proto(image),
+            prompt=prompt,
+            method=_choice(method, _METHODS, "inversion method"),
+            steps=steps,
+            return_chain=return_chain,
+        )
+        spdinv = {
+            "max_rounds": max_rounds,
+            "learning_rate": learning_rate,
+            "loss_threshold": loss_threshold,
+            "weight_decay": weight_decay,
+        }
+        for name, value in spdinv.items():
+            if value is not None:
+                setattr(request.spdinv, name, value)
+        return request
+
+    def _edit_request(
+        self,
+        source,
+        target_prompt: str,
+        engine: str,
+        guidance: Optional[float],
+        return_source: bool,
+        source_prompt: Optional[str],
+        method: Optional[str],
+        steps: Optional[int],
+        mode: Optional[str],
+        cross_replace: Optional[float],
+        self_replace: Optional[float],
+        reweight: Optional[dict[str, float]],
+        blend_words: Optional[Sequence[str]],
+        blend_threshold: Optional[float],
+        start_step: Optional[int],
+        start_layer: Optional[int],
+        model: Optional[str],
+    ) -> inversion_pb2.EditRequest:
+        if not isinstance(target_prompt, str):
+            raise TypeError(f"target_prompt must be a str, got {type(target_prompt).__name__}")
+        engine_value = _choice(engine, _ENGINES, "editing engine")
+        request = inversion_pb2.EditRequest(
+            model=common_pb2.ModelRef(name=model or ""),
+            target_prompt=target_prompt,
+            engine=engine_value,
+            return_source=return_source,
+        )
+        if guidance is not None:
+            request.guidance_scale = guidance
+
+        if isinstance(source, Inversion):
+            source = source.proto
+        if isinstance(source, inversion_pb2.InversionResult):
+            self._check_matches_inversion(source, source_prompt, method, steps)
+            request.inversion.CopyFrom(source)
+        else:
+            if source_prompt is None:
+                raise ValueError("source_prompt is required when editing an image (it is inverted in the same call)")
+            request.invert.CopyFrom(
+                self._invert_request(
+                    source, source_prompt, method or "spdinv", 50 if steps is None else steps, False,
+                    None, None, None, None, model,
+                )
+            )
+
+        p2p = {
+            "mode": mode,
+            "cross_replace": cross_replace,
+            "self_replace": self_replace,
+            "reweight": reweight,
+            "blend_words": blend_words,
+            "blend_threshold": blend_threshold,
+        }
+        masactrl = {"start_step": start_step, "start_layer": start_layer}
+        other_engine = masactrl if engine_value == inversion_pb2.P2P else p2p
+        foreign = [name for name, value in other_engine.items() if value is not None]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)} do not apply to engine={engine!r}")
+        request.p2p.mode = _choice(mode, _P2P_MODES, "p2p mode")
+        if cross_replace is not None:
+            request.p2p.cross_replace_fraction = cross_replace
+        if self_replace is not None:
+            request.p2p.self_replace_fraction = self_replace
+        if blend_threshold is not None:
+            request.p2p.blend_threshold = blend_threshold
+        request.p2p.reweight.update(reweight or {})
+        request.p2p.blend_words.extend(blend_words or [])
+        if start_step is not None:
+            request.masactrl.start_step = start_step
+        if start_layer is not None:
+            request.masactrl.start_layer = start_layer
+        return request
+
+    @staticmethod
+    def _check_matches_inversion(inversion, source_prompt, method, steps) -> None:
+        """Options that only apply to an image must not contradict a given inversion."""
+        mismatches = []
+        if source_prompt is not None and source_prompt != inversion.prompt:
+            mismatches.append(f"source_prompt {source_prompt!r} (inverted with {inversion.prompt!r})")
+        inverted_with = _METHOD_NAMES.get(inversion.method)
+        if method is not None and _choice(method, _METHODS, "inversion method") != _METHODS.get(inverted_with):
+            mismatches.append(f"method {method!r} (inverted with {inverted_with!r})")
+        if steps is not None and steps != inversion.steps:
+            mismatches.append(f"steps {steps} (inverted with {inversion.steps})")
+        if mismatches:
+            raise ValueError("the inversion given does not match: " + "; ".join(mismatches))
