@@ -27,6 +27,10 @@ protos: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# All services up on the embedded default model, then the SDK demo (PNGs in out/demo/).
+demo: $(VENV)/.installed
+	$(PY) -m atelier.launcher --config deploy/local/services.json -- $(PY) examples/demo.py --out out/demo
+
 clean:
 	rm -rf $(VENV) .pytest_cache
 include $(wildcard mk/*.mk)
