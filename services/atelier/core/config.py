@@ -1,0 +1,157 @@
+"""Server configuration: command-line flags with ATELIER_* environment fallbacks.
+
+Precedence: flag > environment > default. ``models``/``models_file`` stay plain
+data here; ``atelier.core.models.ModelRegistry`` interprets them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+from atelier.sdk import channel_options
+
+__all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries"]
+
+# service -> (gRPC port, metrics port); see docs/INTERNALS.md.
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {
+    "inversion": (50051, 9451),
+    "segmentation": (50052, 9452),
+    "personalization": (50053, 9453),
+    "synthesis": (50054, 9454),
+}
+
+
+def parse_model_entries(entries: Sequence[str], origin: str) -> dict[str, str]:
+    """["name=source", ...] -> {name: source}; ``origin`` names the flag/env for errors."""
+    models: dict[str, str] = {}
+    for entry in entries:
+        entry = entry.strip()
+        if not entry:
+            continue
+        name, sep, source = entry.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise ValueError(f"{origin}: expected NAME=SOURCE, got {entry!r}")
+        models[name.strip()] = source.strip()
+    return models
+
+
+@dataclass
+class ServerConfig:
+    service: str
+    host: str = "0.0.0.0"
+    port: int = 0
+    # Prometheus HTTP port; 0 picks a free one, a negative value disables it.
+    metrics_port: int = -1
+    max_message_bytes: int = channel_options.DEFAULT_MAX_MESSAGE_BYTES
+    # Calls that may wait for the compute executor while one runs.
+    max_queue: int = 8
+    grace_seconds: float = 30.0
+    max_image_pixels: int = 1024 * 1024
+    keepalive_time_ms: int = channel_options.SERVER_KEEPALIVE_TIME_MS
+    keepalive_timeout_ms: int = channel_options.KEEPALIVE_TIMEOUT_MS
+    min_ping_interval_ms: int = channel_options.SERVER_MIN_PING_INTERVAL_MS
+    models: dict[str, str] = field(default_factory=dict)
+    models_file: Optional[str] = None
+    device: Optional[str] = None  # None: auto (CUDA fp16 when present, else CPU fp32)
+    # Service-specific settings parsed by the ``add_arguments`` hook of from_args.
+    extras: dict = field(default_factory=dict)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return channel_options.server_options(
+            max_message_bytes=self.max_message_bytes,
+            keepalive_time_ms=self.keepalive_time_ms,
+            keepalive_timeout_ms=self.keepalive_timeout_ms,
+            min_ping_interval_ms=self.min_ping_interval_ms,
+        )
+
+    @classmethod
+    def from_args(
+        cls,
+        argv: Optional[Sequence[str]],
+        service: str,
+        default_port: Optional[int] = None,
+        default_metrics_port: Optional[int] = None,
+        add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+        environ: Optional[Mapping[str, str]] = None,
+    ) -> "ServerConfig":
+        """Parse ``argv`` (None: sys.argv[1:]). ``add_arguments`` may add service
+        flags; their parsed values land in ``extras`` (by argparse dest)."""
+        env = os.environ if environ is None else environ
+        ports = DEFAULT_PORTS.get(service, (0, -1))
+        default_port = ports[0] if default_port is None else default_port
+        default_metrics_port = ports[1] if default_metrics_port is None else default_metrics_port
+
+        parser = argparse.ArgumentParser(prog=f"python -m atelier.{service}", description=f"Atelier {service} server")
+
+        def env_default(name: str, fallback, convert=str):
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return fallback
+            try:
+                return convert(raw)
+            except ValueError:
+                parser.error(f"environment variable {name}={raw!r} is not a valid {convert.__name__}")
+
+        parser.add_argument("--host", default=env_default("ATELIER_HOST", cls.host), help="bind address [ATELIER_HOST]")
+        parser.add_argument("--port", type=int, default=env_default("ATELIER_PORT", default_port, int),
+                            help="gRPC port, 0 picks a free one [ATELIER_PORT]")
+        parser.add_argument("--metrics-port", type=int,
+                            default=env_default("ATELIER_METRICS_PORT", default_metrics_port, int),
+                            help="Prometheus port, 0 picks a free one, negative disables [ATELIER_METRICS_PORT]")
+        parser.add_argument("--max-message-bytes", type=int,
+                            default=env_default("ATELIER_MAX_MESSAGE_BYTES", cls.max_message_bytes, int),
+                            help="gRPC max send/receive message size [ATELIER_MAX_MESSAGE_BYTES]")
+        parser.add_argument("--max-queue", type=int, default=env_default("ATELIER_MAX_QUEUE", cls.max_queue, int),
+                            help="calls that may wait for the compute executor [ATELIER_MAX_QUEUE]")
+        parser.add_argument("--grace-seconds", type=float,
+                            default=env_default("ATELIER_GRACE_SECONDS", cls.grace_seconds, float),
+                            help="drain time for in-flight calls on SIGTERM [ATELIER_GRACE_SECONDS]")
+        parser.add_argument("--max-image-pixels", type=int,
+                            default=env_default("ATELIER_MAX_IMAGE_PIXELS", cls.max_image_pixels, int),
+                            help="largest accepted image, width*height [ATELIER_MAX_IMAGE_PIXELS]")
+        parser.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
+                            help="model folder or hub id, repeatable [ATELIER_MODELS='a=/p;b=/q']")
+        parser.add_argument("--models-file", default=env_default("ATELIER_MODELS_FILE", None),
+                            help="JSON object {name: source} [ATELIER_MODELS_FILE]")
+        parser.add_argument("--device", default=env_default("ATELIER_DEVICE", None),
+                            help="torch device, e.g. cuda:0 or cpu; default auto [ATELIER_DEVICE]")
+        if add_arguments is not None:
+            add_arguments(parser)
+        args = parser.parse_args(argv)
+
+        try:
+            models = parse_model_entries(env.get("ATELIER_MODELS", "").split(";"), "ATELIER_MODELS")
+            models.update(parse_model_entries(args.model, "--model"))
+        except ValueError as error:
+            parser.error(str(error))
+        checks = [
+            (args.max_message_bytes > 0, "--max-message-bytes must be positive"),
+            (args.max_queue >= 0, "--max-queue must be >= 0"),
+            (args.grace_seconds >= 0, "--grace-seconds must be >= 0"),
+            (args.max_image_pixels > 0, "--max-image-pixels must be positive"),
+            (0 <= args.port < 65536, "--port must be in 0..65535"),
+            (args.metrics_port < 65536, "--metrics-port must be below 65536"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                parser.error(message)
+
+        core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
+                "max_image_pixels", "model", "models_file", "device"}
+        extras = {dest: value for dest, value in vars(args).items() if dest not in core}
+        return cls(
+            service=service,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            max_message_bytes=args.max_message_bytes,
+            max_queue=args.max_queue,
+            grace_seconds=args.grace_seconds,
+            max_image_pixels=args.max_image_pixels,
+            models=models,
+            models_file=args.models_file,
+            device=args.device,
+            extras=extras,
+        )

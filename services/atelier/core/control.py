@@ -1,0 +1,87 @@
+"""Per-call control: deadline, cancellation, progress, UNet-evaluation accounting.
+
+Method code calls ``control.unet()`` exactly once immediately before every UNet
+call, so a deadline or a client cancel stops the work after at most one more
+evaluation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from atelier.core.errors import Cancelled, DeadlineExceeded
+from atelier.core.metrics import Metrics, default_metrics
+
+__all__ = ["CallControl", "ProgressEvent"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: str
+    step: int
+    total: int
+    message: str
+    elapsed_seconds: float
+
+
+class CallControl:
+    """Deadline (a ``time.monotonic()`` instant), cancel flag and progress sink of one call."""
+
+    def __init__(
+        self,
+        deadline: Optional[float] = None,
+        is_cancelled: Optional[Callable[[], bool]] = None,
+        on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+        metrics: Optional[Metrics] = None,
+    ):
+        self.deadline = deadline
+        self._is_cancelled = is_cancelled
+        self._on_progress = on_progress
+        self._metrics = metrics
+        self.forward_evaluations = 0
+        self.backward_evaluations = 0
+        self.created_at = time.monotonic()
+        self.started_at: Optional[float] = None
+
+    # ---- lifecycle (the executor marks the start of compute)
+    def mark_started(self) -> None:
+        self.started_at = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since compute started (since creation if never queued)."""
+        return time.monotonic() - (self.started_at if self.started_at is not None else self.created_at)
+
+    def queue_seconds(self) -> float:
+        return (self.started_at - self.created_at) if self.started_at is not None else 0.0
+
+    # ---- cancellation
+    def is_cancelled(self) -> bool:
+        return bool(self._is_cancelled and self._is_cancelled())
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` or ``DeadlineExceeded`` when the call should stop."""
+        if self.is_cancelled():
+            raise Cancelled("the call was cancelled")
+        if self.expired():
+            raise DeadlineExceeded("the deadline expired before the work finished")
+
+    def unet(self, backward: bool = False) -> None:
+        """Check, then count one UNet evaluation (``backward``: a forward+backward pass)."""
+        self.check()
+        if backward:
+            self.backward_evaluations += 1
+        else:
+            self.forward_evaluations += 1
+        metrics = self._metrics if self._metrics is not None else default_metrics()
+        metrics.unet_evaluations.labels(kind="backward" if backward else "forward").inc()
+
+    # ---- progress
+    def progress(self, stage: str, step: int, total: int, message: str = "") -> ProgressEvent:
+        event = ProgressEvent(stage, int(step), int(total), message, self.elapsed())
+        if self._on_progress is not None:
+            self._on_progress(event)
+        return event

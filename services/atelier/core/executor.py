@@ -1,0 +1,113 @@
+"""One compute worker per device: a bounded FIFO queue in front of one thread.
+
+GPU work is serialised (pipelines and schedulers carry per-call state, and two
+diffusion loops on one device only thrash). ``concurrent.futures.ThreadPoolExecutor``
+has an unbounded queue and cannot skip work whose caller went away, hence this
+small class.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+from atelier.core.control import CallControl
+from atelier.core.errors import ResourceExhausted
+from atelier.core.metrics import Metrics, default_metrics
+
+__all__ = ["ComputeExecutor"]
+
+_LOG = logging.getLogger(__name__)
+
+
+class ComputeExecutor:
+    """Runs submitted calls one at a time; at most ``max_queue`` calls wait."""
+
+    def __init__(self, max_queue: int, name: str, metrics: Optional[Metrics] = None):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.max_queue = max_queue
+        self.name = name
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self._waiting: collections.deque = collections.deque()
+        self._running = 0
+        self._closed = False
+        self._condition = threading.Condition()
+        self._worker: Optional[threading.Thread] = None
+        self._queue_depth = self.metrics.queue_depth.labels(service=name)
+        self._in_flight = self.metrics.in_flight.labels(service=name)
+        self._queue_depth.set(0)
+        self._in_flight.set(0)
+
+    def submit(self, fn: Callable[[], Any], control: CallControl) -> Future:
+        """Queue ``fn`` (no arguments). Raises ``ResourceExhausted`` when full."""
+        future: Future = Future()
+        with self._condition:
+            if self._closed:
+                raise ResourceExhausted(f"the {self.name} executor is shutting down")
+            if len(self._waiting) + self._running > self.max_queue:
+                raise ResourceExhausted(
+                    f"the {self.name} service is busy: {len(self._waiting)} calls are already waiting "
+                    f"(limit {self.max_queue}); retry later"
+                )
+            self._waiting.append((fn, control, future))
+            self._queue_depth.set(len(self._waiting))
+            self._ensure_worker()
+            self._condition.notify()
+        return future
+
+    def queue_depth(self) -> int:
+        with self._condition:
+            return len(self._waiting)
+
+    def busy(self) -> bool:
+        with self._condition:
+            return bool(self._waiting or self._running)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop accepting work; queued calls still run (their controls decide)."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+            worker = self._worker
+        if wait and worker is not None and worker is not threading.current_thread():
+            worker.join()
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work_loop, name=f"compute-{self.name}", daemon=True)
+            self._worker.start()
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._waiting and not self._closed:
+                    self._condition.wait()
+                if not self._waiting:
+                    return
+                fn, control, future = self._waiting.popleft()
+                self._queue_depth.set(len(self._waiting))
+                self._running = 1
+                self._in_flight.set(1)
+            try:
+                self._run_one(fn, control, future)
+            finally:
+                with self._condition:
+                    self._running = 0
+                    self._in_flight.set(0)
+
+    @staticmethod
+    def _run_one(fn: Callable[[], Any], control: CallControl, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            # A call cancelled or expired while waiting never runs.
+            control.check()
+            control.mark_started()
+            result = fn()
+        except BaseException as error:  # noqa: BLE001 - the caller maps it; the worker must survive
+            future.set_exception(error)
+        else:
+            future.set_result(result)

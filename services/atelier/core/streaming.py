@@ -1,0 +1,78 @@
+"""Run a call's work on the compute executor from a gRPC handler thread.
+
+The work runs on the executor's worker; progress events travel back through a
+thread-safe queue to the RPC thread, which yields them. Errors are raised to
+the caller unchanged: the error interceptor maps them to a status.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import grpc
+
+from atelier.core.control import CallControl, ProgressEvent
+from atelier.core.executor import ComputeExecutor
+
+__all__ = ["stream_call", "unary_call", "control_for_context"]
+
+# gRPC reports "no deadline" as a far-future instant.
+_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
+_WORK_DONE = object()
+
+
+def control_for_context(
+    context: grpc.ServicerContext,
+    executor: ComputeExecutor,
+    on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+) -> CallControl:
+    """A CallControl bound to the RPC: its deadline, and a cancel flag set when the
+    client cancels (or the RPC otherwise terminates before the work ends)."""
+    remaining = context.time_remaining()
+    deadline = None
+    if remaining is not None and remaining < _NO_DEADLINE_SECONDS:
+        deadline = time.monotonic() + remaining
+    terminated = threading.Event()
+    if not context.add_callback(terminated.set):
+        terminated.set()  # the RPC already ended
+    return CallControl(
+        deadline=deadline,
+        is_cancelled=terminated.is_set,
+        on_progress=on_progress,
+        metrics=executor.metrics,
+    )
+
+
+def stream_call(
+    context: grpc.ServicerContext,
+    executor: ComputeExecutor,
+    work: Callable[[CallControl], Any],
+    progress_message: Callable[[ProgressEvent], Any],
+    result_message: Callable[[Any, CallControl], Any],
+) -> Iterator[Any]:
+    """Generator for a server-streaming RPC: progress messages, then exactly one result."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    control = control_for_context(context, executor, on_progress=events.put)
+    future = executor.submit(lambda: work(control), control)
+    # The worker always resolves the future (result, error, or skipped when the
+    # call ended while queued), so this loop always ends.
+    future.add_done_callback(lambda _: events.put(_WORK_DONE))
+    while True:
+        event = events.get()
+        if event is _WORK_DONE:
+            break
+        yield progress_message(event)
+    result = future.result()
+    yield result_message(result, control)
+
+
+def unary_call(
+    context: grpc.ServicerContext,
+    executor: ComputeExecutor,
+    work: Callable[[CallControl], Any],
+) -> Any:
+    """Run ``work(control)`` on the executor and return its result (unary RPCs)."""
+    control = control_for_context(context, executor)
+    return executor.submit(lambda: work(control), control).result()
