@@ -1,0 +1,173 @@
+"""client.inversion against a real loopback server: requests, decoding, progress, edit."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from sdk_fakes import LATENT_SHAPE, latent_for
+from PIL import Image
+
+import atelier
+from atelier.sdk import codec
+from atelier.v1 import inversion_pb2
+
+
+def scene() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+
+
+def test_invert_sends_the_request_and_decodes_the_result(fake_and_client):
+    fake, client = fake_and_client
+    inversion = client.inversion.invert(
+        Image.fromarray(scene()), "a cat", method="spdinv", steps=4, return_chain=True,
+        max_rounds=7, learning_rate=2e-3, loss_threshold=1e-5, weight_decay=0.0, model="toy",
+    )
+
+    request = fake.requests[0]
+    assert np.array_equal(codec.image_to_array(request.image), scene())
+    assert (request.prompt, request.method, request.steps, request.return_chain) == ("a cat", inversion_pb2.SPDINV, 4, True)
+    assert request.model.name == "toy"
+    assert request.spdinv.max_rounds == 7 and request.spdinv.learning_rate == 2e-3
+    assert request.spdinv.loss_threshold == 1e-5
+    assert request.spdinv.HasField("weight_decay") and request.spdinv.weight_decay == 0.0
+
+    assert isinstance(inversion.z_T, np.ndarray) and inversion.z_T.dtype == np.float32
+    assert np.array_equal(inversion.z_T, latent_for("a cat"))
+    assert inversion.chain.shape == (5,) + LATENT_SHAPE[1:]
+    assert np.array_equal(inversion.chain[2], latent_for("a cat")[0] * 2)
+    assert [d.index for d in inversion.diagnostics] == [1, 2, 3, 4]
+    assert inversion.diagnostics[1] == atelier.StepDiagnostics(index=2, timestep=40, residual=5e-4, rounds=2)
+    assert inversion.usage == atelier.Usage(7, 5, 1.5, 0.0)
+    assert (inversion.prompt, inversion.method, inversion.steps) == ("a cat", "spdinv", 4)
+    assert (inversion.width, inversion.height, inversion.model) == (24, 16, "toy")
+
+
+def test_invert_defaults_leave_spdinv_options_to_the_server(fake_and_client):
+    fake, client = fake_and_client
+    inversion = client.inversion.invert(scene(), "a dog", method="DDIM")
+    request = fake.requests[0]
+    assert request.method == inversion_pb2.DDIM and request.steps == 50 and not request.return_chain
+    assert not any(request.spdinv.HasField(name) for name in ("max_rounds", "learning_rate", "loss_threshold", "weight_decay"))
+    assert inversion.chain is None and inversion.method == "ddim"
+
+
+def test_float_images_in_unit_range_are_quantised(fake_and_client):
+    fake, client = fake_and_client
+    pixels = scene()
+    client.inversion.invert(pixels.astype(np.float64) / 255.0, "x", steps=1)
+    assert np.array_equal(codec.image_to_array(fake.requests[0].image), pixels)
+
+
+@pytest.mark.parametrize(
+    "image, complaint",
+    [
+        (np.full((16, 24, 3), 1.5), "in \\[0, 1\\]"),
+        (np.zeros((16, 24), np.uint8), "\\(H, W, 3\\)"),
+        (np.zeros((16, 24, 3), np.int32), "dtype int32"),
+        ("cat.png", "PIL image or a numpy array"),
+    ],
+)
+def test_unusable_images_fail_before_sending(fake_and_client, image, complaint):
+    fake, client = fake_and_client
+    with pytest.raises((ValueError, TypeError), match=complaint):
+        client.inversion.invert(image, "x")
+    with pytest.raises(ValueError, match="unknown inversion method"):
+        client.inversion.invert(scene(), "x", method="null-text")
+    assert fake.attempts == 0
+
+
+def test_progress_callback_receives_every_event_in_order(fake_and_client):
+    _, client = fake_and_client
+    events = []
+    client.inversion.invert(scene(), "x", steps=3, progress=events.append)
+    assert events == [
+        atelier.Progress("invert", 1, 3, "", 0.5),
+        atelier.Progress("invert", 2, 3, "", 1.0),
+    ]
+
+
+def test_progress_true_draws_a_tqdm_bar(fake_and_client, capsys):
+    pytest.importorskip("tqdm")
+    _, client = fake_and_client
+    client.inversion.invert(scene(), "x", steps=3, progress=True)
+    assert "invert" in capsys.readouterr().err
+
+
+def test_progress_true_without_tqdm_is_a_clear_error_before_sending(fake_and_client, monkeypatch):
+    fake, client = fake_and_client
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match="atelier-client\\[progress\\]"):
+        client.inversion.invert(scene(), "x", progress=True)
+    assert fake.attempts == 0
+
+
+def test_edit_sends_the_inversion_back_unchanged_and_returns_a_pil_image(fake_and_client):
+    fake, client = fake_and_client
+    inversion = client.inversion.invert(scene(), "a cat", steps=4)
+    edited = client.inversion.edit(
+        inversion, "a dog", guidance=5.0, mode="replace", cross_replace=0.7, self_replace=0.5,
+        reweight={"dog": 2.0}, blend_words=["cat", "dog"], blend_threshold=0.4,
+    )
+    assert isinstance(edited, Image.Image) and edited.size == (24, 16)
+    assert edited.getpixel((0, 0)) == (200, 10, 10)
+
+    request = fake.requests[1]
+    assert request.WhichOneof("source") == "inversion" and request.inversion == inversion.proto
+    assert (request.target_prompt, request.engine, request.guidance_scale) == ("a dog", inversion_pb2.P2P, 5.0)
+    p2p = request.p2p
+    assert (p2p.mode, p2p.cross_replace_fraction, p2p.self_replace_fraction) == (inversion_pb2.P2POptions.REPLACE, 0.7, 0.5)
+    assert dict(p2p.reweight) == {"dog": 2.0} and list(p2p.blend_words) == ["cat", "dog"]
+    assert p2p.blend_threshold == pytest.approx(0.4)
+    assert not request.HasField("masactrl")
+
+
+def test_edit_an_image_inverts_it_in_the_same_call(fake_and_client):
+    fake, client = fake_and_client
+    result = client.inversion.edit_result(
+        scene(), "a dog", engine="masactrl", source_prompt="a cat", method="ddim", steps=10,
+        start_step=2, start_layer=5, return_source=True, model="toy",
+    )
+    request = fake.requests[0]
+    assert request.WhichOneof("source") == "invert"
+    assert (request.invert.prompt, request.invert.method, request.invert.steps) == ("a cat", inversion_pb2.DDIM, 10)
+    assert np.array_equal(codec.image_to_array(request.invert.image), scene())
+    assert request.model.name == request.invert.model.name == "toy"
+    assert request.engine == inversion_pb2.MASACTRL and request.return_source
+    assert (request.masactrl.start_step, request.masactrl.start_layer) == (2, 5)
+    assert isinstance(result.image, Image.Image) and isinstance(result.source_image, Image.Image)
+    assert result.usage.unet_forward_evaluations == 3
+
+
+def test_edit_without_return_source_has_no_source_image(fake_and_client):
+    _, client = fake_and_client
+    result = client.inversion.edit_result(scene(), "a dog", source_prompt="a cat")
+    assert result.source_image is None
+
+
+def test_edit_rejects_contradictory_arguments_before_sending(fake_and_client):
+    fake, client = fake_and_client
+    inversion = client.inversion.invert(scene(), "a cat", steps=4)
+    with pytest.raises(ValueError, match="source_prompt is required"):
+        client.inversion.edit(scene(), "a dog")
+    with pytest.raises(ValueError, match="start_step do not apply to engine='p2p'"):
+        client.inversion.edit(inversion, "a dog", start_step=0)
+    with pytest.raises(ValueError, match="blend_words do not apply to engine='masactrl'"):
+        client.inversion.edit(inversion, "a dog", engine="masactrl", blend_words=["dog"])
+    with pytest.raises(ValueError, match="steps 8 \\(inverted with 4\\)"):
+        client.inversion.edit(inversion, "a dog", steps=8)
+    with pytest.raises(ValueError, match="unknown editing engine"):
+        client.inversion.edit(inversion, "a dog", engine="instructpix2pix")
+    assert fake.attempts == 1
+
+
+def test_an_inversion_survives_serialisation(fake_and_client):
+    fake, client = fake_and_client
+    inversion = client.inversion.invert(scene(), "a cat", steps=3, return_chain=True)
+    restored = atelier.Inversion.from_bytes(inversion.to_bytes())
+    assert np.array_equal(restored.z_T, inversion.z_T) and np.array_equal(restored.chain, inversion.chain)
+    assert restored.diagnostics == inversion.diagnostics
+    client.inversion.edit(restored, "a dog")
+    assert fake.requests[-1].inversion == inversion.proto
