@@ -1,0 +1,216 @@
+"""SAM (Kirillov et al. 2023) through transformers' SamModel / SamProcessor.
+
+Split the way SAM is meant to be served: ``prepare`` (resize + normalise + pad, on the
+caller's thread), ``encode`` (the heavy ViT image encoder, batched, cacheable, or run on
+Triton), ``decode`` (prompt encoder + mask decoder on a cached embedding, then masks
+upscaled to the input resolution with SamProcessor.post_process_masks).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from atelier.core.errors import InvalidArgument
+
+__all__ = ["Prompt", "PreparedImage", "MaskCandidates", "SamPredictor", "prompt_violations", "validate_prompts"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One object's prompts in input-image pixel coordinates."""
+
+    points: np.ndarray  # (N, 2) float32, (x, y)
+    labels: np.ndarray  # (N,) int64, 1 positive / 0 negative
+    boxes: np.ndarray  # (B, 4) float32, (x0, y0, x1, y1); SAM takes at most one
+    mask_input: Optional[np.ndarray] = None  # previous low-res logits, (h, w) or (1, h, w)
+
+    @classmethod
+    def of(cls, points=(), labels=(), boxes=(), mask_input=None) -> "Prompt":
+        return cls(
+            points=np.asarray(points, dtype=np.float32).reshape(-1, 2),
+            labels=np.asarray(labels, dtype=np.int64).reshape(-1),
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            mask_input=None if mask_input is None else np.asarray(mask_input, dtype=np.float32),
+        )
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the encoder, plus what the decoder needs to map back."""
+
+    pixel_values: torch.Tensor  # (3, S, S) float32, normalised and padded
+    original_size: tuple[int, int]  # (H, W) of the input
+    reshaped_size: tuple[int, int]  # (h, w) after resizing the longest side to S
+    content_key: str  # hash of the RGB pixels: the embedding-cache key
+
+
+@dataclass
+class MaskCandidates:
+    """The decoder's answer for one prompt set."""
+
+    masks: np.ndarray  # (K, H, W) bool at the input resolution
+    scores: np.ndarray  # (K,) float32 predicted IoU
+    low_res_logits: np.ndarray  # (K, h, w) float32
+    best_index: int  # argmax of scores
+
+
+def content_key(image: PILImage.Image) -> str:
+    """Hash of the decoded pixels (so PNG, JPEG-decoded or raw bytes of one image agree)."""
+    rgb = image.convert("RGB")
+    digest = hashlib.blake2b(rgb.tobytes(), digest_size=20)
+    digest.update(f"{rgb.width}x{rgb.height}".encode())
+    return digest.hexdigest()
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(float(v)) for v in values)
+
+
+def prompt_violations(prompt: Prompt, width: int, height: int, mask_size: int, field: str) -> list[tuple[str, str]]:
+    """Field violations of one prompt set against an image of ``width`` x ``height``.
+
+    Points must lie in the image (0 <= x < width, 0 <= y < height, pixel coordinates);
+    boxes within [0, width] x [0, height] with x0 <= x1 and y0 <= y1.
+    """
+    violations: list[tuple[str, str]] = []
+    if len(prompt.points) == 0 and len(prompt.boxes) == 0:
+        violations.append((field, "the prompt set is empty: give at least one point or one box"))
+    if len(prompt.labels) != len(prompt.points):
+        violations.append((f"{field}.labels", f"{len(prompt.labels)} labels for {len(prompt.points)} points"))
+    for i, (x, y) in enumerate(prompt.points):
+        where = f"{field}.points[{i}]"
+        if not _finite(x, y):
+            violations.append((where, f"coordinates must be finite, got ({x}, {y})"))
+        elif not (0 <= x < width and 0 <= y < height):
+            violations.append((where, f"point ({x:g}, {y:g}) lies outside the {width}x{height} image "
+                                      f"(need 0 <= x < {width}, 0 <= y < {height})"))
+    for i, label in enumerate(prompt.labels):
+        if label not in (0, 1):
+            violations.append((f"{field}.points[{i}].label", f"label must be 1 (inside) or 0 (outside), got {label}"))
+    if len(prompt.boxes) > 1:
+        violations.append((f"{field}.boxes", f"at most one box per prompt set, got {len(prompt.boxes)}; "
+                                             "segment several objects with the batch form"))
+    for i, (x0, y0, x1, y1) in enumerate(prompt.boxes):
+        where = f"{field}.boxes[{i}]"
+        if not _finite(x0, y0, x1, y1):
+            violations.append((where, "coordinates must be finite"))
+        elif x1 < x0 or y1 < y0:
+            violations.append((where, f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) needs x0 <= x1 and y0 <= y1"))
+        elif min(x0, y0) < 0 or x1 > width or y1 > height:
+            violations.append((where, f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) exceeds the {width}x{height} image"))
+    if prompt.mask_input is not None:
+        shape = tuple(prompt.mask_input.shape)
+        if shape not in ((mask_size, mask_size), (1, mask_size, mask_size)):
+            violations.append((f"{field}.mask_input", f"shape {list(shape)} does not match this model's low-res "
+                                                      f"mask size: need [{mask_size}, {mask_size}]"))
+        elif not np.isfinite(prompt.mask_input).all():
+            violations.append((f"{field}.mask_input", "logits must be finite"))
+    return violations
+
+
+def validate_prompts(prompts: Sequence[Prompt], width: int, height: int, mask_size: int,
+                     fields: Optional[Sequence[str]] = None) -> None:
+    """Raise InvalidArgument naming every offending field (``fields[i]`` names prompt i)."""
+    if not prompts:
+        raise InvalidArgument("prompts", "give at least one prompt set")
+    fields = fields or [f"prompts[{i}]" for i in range(len(prompts))]
+    violations = [v for prompt, field in zip(prompts, fields)
+                  for v in prompt_violations(prompt, width, height, mask_size, field)]
+    if violations:
+        raise InvalidArgument.many(violations)
+
+
+class SamPredictor:
+    """A loaded SamModel + SamProcessor, stateless per call (safe across threads)."""
+
+    def __init__(self, model, processor, name: str = "sam"):
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.input_size = int(processor.image_processor.size["longest_edge"])
+        embedding_size = int(model.config.prompt_encoder_config.image_embedding_size)
+        self.low_res_size = 4 * embedding_size  # SamMaskEmbedding downsamples 4x to the embedding grid
+        # Computed once: the decoder's positional grid is the same for every call.
+        with torch.no_grad():
+            self._image_positional_embeddings = model.get_image_wide_positional_embeddings()
+
+    @classmethod
+    def load(cls, source: str, name: str = "", device: Optional[str] = None, dtype: Optional[str] = None, local_files_only: bool = True) -> "SamPredictor":
+        from transformers import SamModel, SamProcessor
+
+        from atelier.core.device import pick_device
+
+        device, dtype = pick_device(device, dtype)
+        local_files_only = local_files_only or os.environ.get("ATELIER_ALLOW_DOWNLOADS") != "1"
+        model = SamModel.from_pretrained(source, local_files_only=local_files_only).to(device=device, dtype=dtype)
+        processor = SamProcessor.from_pretrained(source, local_files_only=local_files_only)
+        return cls(model, processor, name=name or str(source))
+
+    # ------------------------------------------------------------------ encoder side
+    def prepare(self, image: PILImage.Image) -> PreparedImage:
+        rgb = image.convert("RGB")
+        encoded = self.processor.image_processor(images=[rgb], return_tensors="pt")
+        return PreparedImage(
+            pixel_values=encoded["pixel_values"][0].to(torch.float32),
+            original_size=tuple(int(v) for v in encoded["original_sizes"][0]),
+            reshaped_size=tuple(int(v) for v in encoded["reshaped_input_sizes"][0]),
+            content_key=content_key(rgb),
+        )
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> image embeddings (B, C, s, s) on the model's device."""
+        return self.model.get_image_embeddings(pixel_values.to(device=self.device, dtype=self.dtype))
+
+    # ------------------------------------------------------------------ decoder side
+    def _to_model_frame(self, coords: np.ndarray, prepared: PreparedImage) -> torch.Tensor:
+        # SamProcessor rescales prompts only together with an image; the image side is cached
+        # here, so apply its coordinate transform (scale to the resized frame) directly.
+        (old_h, old_w), (new_h, new_w) = prepared.original_size, prepared.reshaped_size
+        scaled = coords.astype(np.float32).reshape(-1, 2) * np.array([new_w / old_w, new_h / old_h], np.float32)
+        return torch.from_numpy(scaled).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def decode(self, embedding: torch.Tensor, prepared: PreparedImage, prompt: Prompt,
+               multimask: bool = False, mask_threshold: float = 0.0) -> MaskCandidates:
+        """Prompt encoder + mask decoder for one prompt set on a (C, s, s) embedding."""
+        embedding = embedding.to(self.device, self.dtype)[None]
+        points = labels = boxes = masks = None
+        if len(prompt.points):
+            points = self._to_model_frame(prompt.points, prepared)[None, None]  # (1, 1, N, 2)
+            labels = torch.from_numpy(prompt.labels).to(self.device)[None, None]  # (1, 1, N)
+        if len(prompt.boxes):
+            boxes = self._to_model_frame(prompt.boxes, prepared).reshape(1, 1, 4)
+        if prompt.mask_input is not None:
+            size = self.low_res_size
+            masks = torch.from_numpy(prompt.mask_input.reshape(1, 1, size, size)).to(self.device, self.dtype)
+        sparse, dense = self.model.prompt_encoder(
+            input_points=points, input_labels=labels, input_boxes=boxes, input_masks=masks)
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=embedding,
+            image_positional_embeddings=self._image_positional_embeddings,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        low_res = low_res[0].float().cpu()  # (1, K, h, w)
+        full = self.processor.post_process_masks(
+            [low_res], [prepared.original_size], [prepared.reshaped_size],
+            binarize=False, pad_size={"height": self.input_size, "width": self.input_size},
+        )[0][0]
+        scores = iou[0, 0].float().cpu().numpy()
+        return MaskCandidates(
+            masks=(full > mask_threshold).numpy(),
+            scores=scores,
+            low_res_logits=low_res[0].numpy(),
+            best_index=int(np.argmax(scores)),
+        )
