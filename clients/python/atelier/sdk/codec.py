@@ -221,16 +221,17 @@ def _check_size(width: int, height: int, field: str, max_pixels: Optional[int], 
                 raise CodecError(f"{field}.{side}", f"{side} {value} is not a multiple of {multiple_of}")
 
 
-def _open_lazily(data: bytes, data_field: str) -> PILImage.Image:
+def _open_lazily(data: bytes, data_field: str, size_field: str) -> PILImage.Image:
     """Open without decoding pixels: PIL reads only the header, so the size can be
     checked before a decompression bomb is expanded."""
     try:
         with warnings.catch_warnings():
-            # Our own max_pixels check replaces PIL's warning; its hard limit still applies.
+            # Our own max_pixels check replaces PIL's warning; its hard limit
+            # (2x Image.MAX_IMAGE_PIXELS) still applies, already at open().
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
             return PILImage.open(io.BytesIO(data))
     except PILImage.DecompressionBombError as exc:
-        raise CodecError(data_field, f"image too large to decode: {exc}") from None
+        raise CodecError(size_field, f"image too large to decode: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise CodecError(data_field, f"cannot read image header: {exc}") from None
 
@@ -271,7 +272,7 @@ def image_to_pil(
     if encoding not in (Encoding.PNG, Encoding.JPEG):
         raise CodecError(f"{field}.encoding", f"unknown encoding {encoding}")
 
-    img = _open_lazily(msg.data, f"{field}.data")
+    img = _open_lazily(msg.data, f"{field}.data", f"{field}.width")
     expected_format = "PNG" if encoding == Encoding.PNG else "JPEG"
     if img.format != expected_format:
         raise CodecError(f"{field}.encoding", f"declared {expected_format} but the data is {img.format}")
@@ -344,7 +345,7 @@ def mask_to_numpy(msg: tensor_pb2.Mask, field: str = "mask", max_pixels: Optiona
     png_field = f"{field}.png"
     if not msg.png.startswith(_PNG_MAGIC):
         raise CodecError(png_field, "mask data is not a PNG")
-    img = _open_lazily(msg.png, png_field)
+    img = _open_lazily(msg.png, png_field, png_field)
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise CodecError(png_field, f"mask is {img.width}x{img.height}; the limit is {max_pixels} pixels")
     _decode_fully(img, png_field)
