@@ -1,6 +1,7 @@
 """Call semantics through a real loopback server: typed errors, retries, deadlines, cancellation."""
 from __future__ import annotations
 
+import signal
 import threading
 
 import grpc
@@ -12,7 +13,7 @@ from sdk_fakes import FAST_RETRIES, abort_with, default_invert, echo_method, pro
 
 import atelier
 from atelier.sdk.transport import RetryPolicy
-from atelier.v1 import common_pb2, inversion_pb2
+from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
 IMAGE = np.zeros((16, 16, 3), dtype=np.uint8)
 
@@ -260,3 +261,30 @@ def test_backoff_grows_exponentially_with_bounded_jitter():
     assert RetryPolicy.coerce(2).max_attempts == 3
     with pytest.raises(ValueError):
         RetryPolicy.coerce(-1)
+
+
+def test_ctrl_c_while_waiting_for_the_stream_cancels_the_server_call(fake_and_client):
+    fake, client = fake_and_client
+    fake.invert_behaviour = blocks_after_first_progress
+    main_thread = threading.get_ident()
+    interrupter = threading.Thread(
+        target=lambda: fake.started.wait(10) and signal.pthread_kill(main_thread, signal.SIGINT)
+    )
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        client.inversion.invert(IMAGE, "x")
+    interrupter.join()
+    assert fake.handler_done.wait(10) and fake.ended_early.is_set()
+    assert caught.type is KeyboardInterrupt
+
+
+def test_iterate_yields_raw_events_and_closing_it_cancels_the_call(fake_and_client):
+    fake, client = fake_and_client
+    fake.invert_behaviour = blocks_after_first_progress
+    transport = client.transport("inversion")
+    stub = inversion_pb2_grpc.InversionStub(transport.channel)
+    events = transport.iterate(stub.Invert, inversion_pb2.InvertRequest(prompt="x"))
+    first = next(events)
+    assert first.progress.step == 1
+    events.close()
+    assert fake.handler_done.wait(10) and fake.ended_early.is_set()

@@ -168,6 +168,7 @@ class _Transport:
         """Yield the raw messages of a server-streaming call (no retries: the caller
         knows how to resume). Closing the generator early cancels the RPC."""
         deadline = self._deadline(timeout)
+        self._channel_getter()  # raises RuntimeError once the client is closed
         if cancel is not None and cancel.cancelled:
             raise _caller_cancelled()
         call = method(request, timeout=self._remaining(deadline), metadata=self.metadata)
@@ -211,6 +212,7 @@ class _Transport:
         return from_rpc_error(exc)
 
     def _run(self, attempt, deadline, cancel, sink, retry: bool):
+        self._channel_getter()  # raises RuntimeError once the client is closed
         policy = self.retry_policy
         attempt_number = 1
         while True:
