@@ -25,7 +25,8 @@ from atelier.sdk.errors import (
     UnimplementedError,
     UnknownError,
 )
-from atelier.sdk.inversion import EditResult, Inversion, InversionClient, StepDiagnostics, Usage
+from atelier.sdk.common import Usage
+from atelier.sdk.inversion import EditResult, Inversion, InversionClient, StepDiagnostics
 from atelier.sdk.progress import CancelToken, Progress
 from atelier.sdk.transport import RetryPolicy
 

@@ -8,13 +8,12 @@ import numpy as np
 from PIL import Image as PILImage
 
 from atelier.sdk import codec
+from atelier.sdk.common import ImageLike, Usage, choice, to_image_proto
 from atelier.sdk.progress import CancelToken, ProgressArg
 from atelier.sdk.transport import _Transport
-from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc, tensor_pb2
+from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
-__all__ = ["InversionClient", "Inversion", "StepDiagnostics", "EditResult", "Usage", "ImageLike", "to_image_proto"]
-
-ImageLike = Union[PILImage.Image, np.ndarray, tensor_pb2.Image]
+__all__ = ["InversionClient", "Inversion", "StepDiagnostics", "EditResult"]
 
 _METHODS = {"ddim": inversion_pb2.DDIM, "spdinv": inversion_pb2.SPDINV}
 _METHOD_NAMES = {value: name for name, value in _METHODS.items()}
@@ -28,47 +27,6 @@ _P2P_MODES = {
 }
 
 
-def _choice(value, table: dict, what: str):
-    key = value.lower() if isinstance(value, str) else value
-    if key not in table:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {[k for k in table if k is not None]}")
-    return table[key]
-
-
-def to_image_proto(image: ImageLike, argument: str = "image") -> tensor_pb2.Image:
-    """A PIL image, an (H, W, 3) uint8 array, a float array in [0, 1], or an
-    ``atelier.v1.Image`` -> ``atelier.v1.Image`` (PNG, lossless)."""
-    if isinstance(image, tensor_pb2.Image):
-        return image
-    if isinstance(image, PILImage.Image):
-        return codec.image_from_pil(image, "png")
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"{argument}: expected an (H, W, 3) RGB array, got shape {image.shape}")
-        if image.dtype.kind == "f":
-            if not np.all(np.isfinite(image)) or image.min() < 0.0 or image.max() > 1.0:
-                raise ValueError(f"{argument}: a float image must hold finite values in [0, 1]")
-            image = np.rint(image * 255.0).astype(np.uint8)
-        elif image.dtype != np.uint8:
-            raise ValueError(f"{argument}: expected uint8 or float in [0, 1], got dtype {image.dtype}")
-        return codec.image_from_array(image, "png")
-    raise TypeError(f"{argument}: expected a PIL image or a numpy array, got {type(image).__name__}")
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What a call consumed on the server."""
-
-    unet_forward_evaluations: int
-    unet_backward_evaluations: int
-    wall_seconds: float
-    queue_seconds: float
-
-    @classmethod
-    def from_proto(cls, msg: common_pb2.Usage) -> "Usage":
-        return cls(msg.unet_forward_evaluations, msg.unet_backward_evaluations, msg.wall_seconds, msg.queue_seconds)
-
-
 @dataclass(frozen=True)
 class StepDiagnostics:
     """Inversion step ``index`` (z_index from z_index-1): its fixed-point residual
@@ -80,7 +38,7 @@ class StepDiagnostics:
     rounds: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Inversion:
     """An inverted image. ``z_T``: (1, 4, H/8, W/8) float32; ``chain``: z_0..z_T,
     (steps+1, 4, H/8, W/8), when requested. ``proto`` is the server's result,
@@ -122,7 +80,7 @@ class Inversion:
         return cls.from_proto(inversion_pb2.InversionResult.FromString(data))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EditResult:
     """An edit with its extras: ``source_image`` is the source branch's
     reconstruction (present when ``return_source=True``)."""
@@ -262,7 +220,7 @@ class InversionClient:
             model=common_pb2.ModelRef(name=model or ""),
             image=to_image_proto(image),
             prompt=prompt,
-            method=_choice(method, _METHODS, "inversion method"),
+            method=choice(method, _METHODS, "inversion method"),
             steps=steps,
             return_chain=return_chain,
         )
@@ -299,7 +257,7 @@ class InversionClient:
     ) -> inversion_pb2.EditRequest:
         if not isinstance(target_prompt, str):
             raise TypeError(f"target_prompt must be a str, got {type(target_prompt).__name__}")
-        engine_value = _choice(engine, _ENGINES, "editing engine")
+        engine_value = choice(engine, _ENGINES, "editing engine")
         request = inversion_pb2.EditRequest(
             model=common_pb2.ModelRef(name=model or ""),
             target_prompt=target_prompt,
@@ -337,7 +295,7 @@ class InversionClient:
         foreign = [name for name, value in other_engine.items() if value is not None]
         if foreign:
             raise ValueError(f"{', '.join(foreign)} do not apply to engine={engine!r}")
-        request.p2p.mode = _choice(mode, _P2P_MODES, "p2p mode")
+        request.p2p.mode = choice(mode, _P2P_MODES, "p2p mode")
         if cross_replace is not None:
             request.p2p.cross_replace_fraction = cross_replace
         if self_replace is not None:
@@ -359,7 +317,7 @@ class InversionClient:
         if source_prompt is not None and source_prompt != inversion.prompt:
             mismatches.append(f"source_prompt {source_prompt!r} (inverted with {inversion.prompt!r})")
         inverted_with = _METHOD_NAMES.get(inversion.method)
-        if method is not None and _choice(method, _METHODS, "inversion method") != _METHODS.get(inverted_with):
+        if method is not None and choice(method, _METHODS, "inversion method") != _METHODS.get(inverted_with):
             mismatches.append(f"method {method!r} (inverted with {inverted_with!r})")
         if steps is not None and steps != inversion.steps:
             mismatches.append(f"steps {steps} (inverted with {inversion.steps})")
