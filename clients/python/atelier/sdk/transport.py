@@ -123,7 +123,8 @@ class _Transport:
         ``retry=False`` for calls that are not safe to repeat (UNAVAILABLE is then raised).
         """
         deadline = self._deadline(timeout)
-        return self._run(lambda remaining: self._unary_once(method, request, remaining, cancel), deadline, cancel, None, retry)
+        attempt = lambda remaining: self._unary_once(method, request, remaining, cancel)  # noqa: E731
+        return self._run(attempt, deadline, cancel, None, retry)
 
     def stream(
         self,
@@ -229,7 +230,8 @@ class _Transport:
                     raise error from failure.cause
             attempt_number += 1
             if sink is not None:
-                sink(Progress("retry", attempt_number, policy.max_attempts, f"retrying after UNAVAILABLE: {error.message}"))
+                message = f"retrying after UNAVAILABLE: {error.message}"
+                sink(Progress("retry", attempt_number, policy.max_attempts, message))
             if cancel is not None:
                 if cancel._sleep(delay):
                     raise _caller_cancelled()
