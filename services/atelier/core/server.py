@@ -121,8 +121,8 @@ class RunningServer:
             self._server.stop(max(0.0, deadline - time.monotonic())).wait()
             if self._metrics_http is not None:
                 httpd, _ = self._metrics_http
-                httpd.shutdown()
-                httpd.server_close()
+                # shutdown() waits out serve_forever's 0.5 s poll; nobody needs to wait for it.
+                threading.Thread(target=lambda: (httpd.shutdown(), httpd.server_close()), daemon=True).start()
             try:
                 self.app.close()
             except Exception:  # noqa: BLE001 - shutting down anyway
