@@ -1,0 +1,179 @@
+"""The segmentation App for the shared bootstrap: settings, model loading, encoder backend
+(local or Triton), and health that follows the encoder backend."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from atelier.core.config import ServerConfig
+from atelier.core.errors import NotFound
+from atelier.core.executor import ComputeExecutor
+from atelier.core.metrics import Metrics, default_metrics
+from atelier.core.models import ModelRegistry
+from atelier.segmentation.metrics import segmentation_metrics
+from atelier.segmentation.sam import SamPredictor
+from atelier.segmentation.segmenter import BatchingOptions, Segmenter, local_encoder, triton_encoder
+from atelier.segmentation.servicer import SERVICE_NAME, SegmentationServicer
+from atelier.v1 import segmentation_pb2_grpc
+
+__all__ = ["SegmentationSettings", "SegmentationApp", "add_arguments"]
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    default_model: str = "toy-sam"
+    backend: str = "local"  # "local" | "triton": where the image encoder runs
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "sam_image_encoder"
+    triton_timeout_seconds: float = 30.0
+    health_interval_seconds: float = 2.0
+    batching: BatchingOptions = BatchingOptions()
+
+    @classmethod
+    def from_extras(cls, extras: dict) -> "SegmentationSettings":
+        known = {k: extras[k] for k in ("default_model", "backend", "triton_url", "triton_model",
+                                        "triton_timeout_seconds", "health_interval_seconds") if k in extras}
+        batching = BatchingOptions(
+            max_batch_size=extras.get("max_batch_size", BatchingOptions.max_batch_size),
+            max_wait_seconds=extras.get("max_wait_ms", BatchingOptions.max_wait_seconds * 1000) / 1000,
+            max_queue=extras.get("encoder_queue", BatchingOptions.max_queue),
+            cache_bytes=extras.get("cache_bytes", BatchingOptions.cache_bytes),
+        )
+        return cls(batching=batching, **known)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Segmentation flags for ``ServerConfig.from_args`` (values land in config.extras)."""
+    env = os.environ.get
+    d = SegmentationSettings()
+    parser.add_argument("--default-model", default=env("ATELIER_SEGMENTATION_MODEL", d.default_model),
+                        help="SAM model for requests without one [ATELIER_SEGMENTATION_MODEL]")
+    parser.add_argument("--backend", choices=("local", "triton"), default=env("ATELIER_SEGMENTATION_BACKEND", "local"),
+                        help="where the image encoder runs [ATELIER_SEGMENTATION_BACKEND]")
+    parser.add_argument("--triton-url", default=env("ATELIER_TRITON_URL", d.triton_url),
+                        help="Triton gRPC host:port [ATELIER_TRITON_URL]")
+    parser.add_argument("--triton-model", default=env("ATELIER_TRITON_MODEL", d.triton_model))
+    parser.add_argument("--triton-timeout-seconds", type=float, default=d.triton_timeout_seconds,
+                        help="bound on one Triton encoder call")
+    parser.add_argument("--health-interval-seconds", type=float, default=d.health_interval_seconds)
+    b = BatchingOptions()
+    parser.add_argument("--max-batch-size", type=int, default=int(env("ATELIER_SEGMENTATION_MAX_BATCH", b.max_batch_size)),
+                        help="images per encoder batch; 1 turns micro-batching off [ATELIER_SEGMENTATION_MAX_BATCH]")
+    parser.add_argument("--max-wait-ms", type=float, default=b.max_wait_seconds * 1000,
+                        help="how long the first image waits for company")
+    parser.add_argument("--encoder-queue", type=int, default=b.max_queue, help="images that may wait for the encoder")
+    parser.add_argument("--cache-bytes", type=int, default=int(env("ATELIER_SEGMENTATION_CACHE_BYTES", b.cache_bytes)),
+                        help="embedding-cache budget in bytes; 0 disables [ATELIER_SEGMENTATION_CACHE_BYTES]")
+
+
+class SegmentationApp:
+    name = "segmentation"
+    service_names = (SERVICE_NAME,)
+
+    def __init__(self, config: ServerConfig, settings: Optional[SegmentationSettings] = None,
+                 metrics: Optional[Metrics] = None, registry: Optional[ModelRegistry] = None):
+        self.config = config
+        self.settings = settings or SegmentationSettings.from_extras(config.extras)
+        self.metrics = metrics if metrics is not None else default_metrics()
+        self.segmentation_metrics = segmentation_metrics(self.metrics.registry)
+        self.registry = registry or ModelRegistry.from_config(config.models, config.models_file)
+        self.executor = ComputeExecutor(config.max_queue, "segmentation", metrics=self.metrics)
+        self._segmenters: dict[str, Segmenter] = {}
+        self._lock = threading.Lock()
+        self._triton = None
+        self._stop = threading.Event()
+        self._monitor: Optional[threading.Thread] = None
+        self._backend_ready = self.segmentation_metrics.backend_ready.labels(self.settings.backend)
+
+    # ------------------------------------------------------------------ App protocol
+    def add_to_server(self, server) -> None:
+        servicer = SegmentationServicer(self.segmenter_for, self.executor, self.config.max_image_pixels)
+        segmentation_pb2_grpc.add_SegmentationServicer_to_server(servicer, server)
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        if self.settings.backend == "triton":
+            from atelier.segmentation.triton_encoder import TritonImageEncoder
+
+            self._triton = TritonImageEncoder(self.settings.triton_url, self.settings.triton_model,
+                                              timeout_seconds=self.settings.triton_timeout_seconds)
+        _, segmenter = self.segmenter_for(self.settings.default_model)
+        self.metrics.observe_model_load(self.settings.default_model, time.perf_counter() - started)
+        ready, reason = self.backend_readiness()
+        self._backend_ready.set(1 if ready else 0)
+        if ready:
+            segmenter.warm_up()
+        else:  # serve anyway: cached embeddings still work, health says NOT_SERVING until it is back
+            _LOG.warning("segmentation: image-encoder backend not ready yet: %s", reason)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            segmenters = list(self._segmenters.values())
+        for segmenter in segmenters:
+            segmenter.close()
+        self.executor.shutdown(wait=False)
+        if self._triton is not None:
+            self._triton.close()
+
+    # ------------------------------------------------------------------ models
+    def segmenter_for(self, name: str) -> tuple[str, Segmenter]:
+        """The Segmenter for a model name ("" = the default), loading it on first use."""
+        name = name or self.settings.default_model
+        with self._lock:
+            if name in self._segmenters:
+                return name, self._segmenters[name]
+            if self._triton is not None and name != self.settings.default_model:
+                raise NotFound(f"model {name!r}: this server runs the image encoder on Triton for "
+                               f"{self.settings.default_model!r} only")
+            source = self.registry.resolve(name)
+            predictor = SamPredictor.load(source, name=name, device=self.config.device)
+            backend = self.settings.backend
+            encode = triton_encoder(self._triton) if self._triton is not None else local_encoder(predictor)
+            segmenter = Segmenter(
+                predictor, encode, self.settings.batching, decode_executor=self.executor,
+                cache_stats=self.segmentation_metrics.cache_stats(backend),
+                batch_stats=self.segmentation_metrics.batch_stats(backend),
+                name=f"{backend} image encoder ({name})")
+            self._segmenters[name] = segmenter
+            return name, segmenter
+
+    # ------------------------------------------------------------------ health
+    def backend_readiness(self) -> tuple[bool, str]:
+        if self._triton is None:
+            return True, "local image encoder"
+        return self._triton.readiness()
+
+    def attach(self, running) -> None:
+        """Make the server's health follow the encoder backend (Triton up/down), not only loading.
+
+        ``running`` is the RunningServer from ``atelier.core.server.start``."""
+        from grpc_health.v1 import health_pb2
+
+        def watch():
+            last = None
+            while not self._stop.wait(self.settings.health_interval_seconds if last is not None else 0.05):
+                if running.readiness.state != "serving":
+                    continue  # loading, failed or draining: the bootstrap owns health then
+                ready, reason = self.backend_readiness()
+                self._backend_ready.set(1 if ready else 0)
+                if ready != last:
+                    status = health_pb2.HealthCheckResponse.SERVING if ready else \
+                        health_pb2.HealthCheckResponse.NOT_SERVING
+                    for service in ("", *self.service_names):
+                        running.health.set(service, status)
+                    (_LOG.info if ready else _LOG.warning)("segmentation: health %s: %s",
+                                                           "SERVING" if ready else "NOT_SERVING", reason)
+                    last = ready
+
+        if self._triton is None and self.settings.backend != "triton":
+            return  # the local encoder cannot go away; the bootstrap's health is the whole story
+        self._monitor = threading.Thread(target=watch, name="segmentation-health", daemon=True)
+        self._monitor.start()

@@ -1,0 +1,101 @@
+"""Segmentation service: proto <-> method translation only (no tensor math here)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from atelier.core.control import CallControl
+from atelier.core.errors import InvalidArgument
+from atelier.core.executor import ComputeExecutor
+from atelier.core.streaming import control_for_context
+from atelier.sdk import codec
+from atelier.segmentation.sam import MaskCandidates, Prompt
+from atelier.segmentation.segmenter import SegmentOutput, Segmenter
+from atelier.v1 import common_pb2, segmentation_pb2, segmentation_pb2_grpc
+
+SERVICE_NAME = segmentation_pb2.DESCRIPTOR.services_by_name["Segmentation"].full_name
+MAX_PROMPT_SETS = 256
+MAX_POINTS = 64
+
+
+class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
+    """``segmenter_for(model_name) -> (resolved name, Segmenter)`` (NotFound for unknown names)."""
+
+    def __init__(self, segmenter_for: Callable[[str], tuple[str, Segmenter]], executor: ComputeExecutor,
+                 max_image_pixels: int):
+        self._segmenter_for = segmenter_for
+        self._executor = executor
+        self._max_image_pixels = max_image_pixels
+
+    def Segment(self, request: segmentation_pb2.SegmentRequest, context) -> segmentation_pb2.SegmentResponse:
+        name, segmenter = self._segmenter_for(request.model.name)
+        image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
+        prompt = prompt_from_proto(request.prompt, "prompt")
+        output = self._run(context, segmenter, image, [prompt], request.options, ["prompt"])
+        return segmentation_pb2.SegmentResponse(
+            model=common_pb2.ModelRef(name=name), width=output.width, height=output.height,
+            result=result_to_proto(output.results[0]), usage=usage_to_proto(output))
+
+    def SegmentBatch(self, request: segmentation_pb2.SegmentBatchRequest,
+                     context) -> segmentation_pb2.SegmentBatchResponse:
+        name, segmenter = self._segmenter_for(request.model.name)
+        if len(request.prompts) > MAX_PROMPT_SETS:
+            raise InvalidArgument("prompts", f"{len(request.prompts)} prompt sets; the limit is {MAX_PROMPT_SETS}")
+        image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
+        fields = [f"prompts[{i}]" for i in range(len(request.prompts))]
+        prompts = [prompt_from_proto(p, field) for p, field in zip(request.prompts, fields)]
+        output = self._run(context, segmenter, image, prompts, request.options, fields)
+        return segmentation_pb2.SegmentBatchResponse(
+            model=common_pb2.ModelRef(name=name), width=output.width, height=output.height,
+            results=[result_to_proto(r) for r in output.results], usage=usage_to_proto(output))
+
+    def _run(self, context, segmenter: Segmenter, image, prompts, options, fields) -> SegmentOutput:
+        threshold = options.mask_threshold if options.HasField("mask_threshold") else 0.0
+        if not math.isfinite(threshold):
+            raise InvalidArgument("options.mask_threshold", f"must be finite, got {threshold}")
+        control: CallControl = control_for_context(context, self._executor)
+        return segmenter.segment(image, prompts, multimask=options.multimask, mask_threshold=threshold,
+                                 control=control, prompt_fields=fields)
+
+
+def prompt_from_proto(msg: segmentation_pb2.PromptSet, field: str) -> Prompt:
+    """Decode one PromptSet; value checks against the image happen in the method."""
+    if len(msg.points) > MAX_POINTS:
+        raise InvalidArgument(f"{field}.points", f"{len(msg.points)} points; the limit is {MAX_POINTS}")
+    mask_input = None
+    if msg.HasField("mask_input"):
+        if msg.mask_input.datatype != "FP32":
+            raise InvalidArgument(f"{field}.mask_input.datatype",
+                                  f"low-res mask logits must be FP32, got {msg.mask_input.datatype!r}")
+        mask_input = codec.tensor_to_numpy(msg.mask_input, f"{field}.mask_input")
+    return Prompt.of(
+        points=[(p.x, p.y) for p in msg.points],
+        labels=[p.label for p in msg.points],
+        boxes=[(b.x0, b.y0, b.x1, b.y1) for b in msg.boxes],
+        mask_input=mask_input,
+    )
+
+
+def result_to_proto(result: MaskCandidates) -> segmentation_pb2.SegmentResult:
+    return segmentation_pb2.SegmentResult(
+        candidates=[
+            segmentation_pb2.MaskCandidate(
+                mask=codec.mask_from_numpy(np.ascontiguousarray(mask)),
+                score=float(score),
+                low_res_logits=codec.tensor_from_numpy(np.ascontiguousarray(logits, dtype=np.float32),
+                                                       name="low_res_logits"),
+            )
+            for mask, score, logits in zip(result.masks, result.scores, result.low_res_logits)
+        ],
+        best_index=result.best_index,
+    )
+
+
+def usage_to_proto(output: SegmentOutput) -> segmentation_pb2.SegmentationUsage:
+    return segmentation_pb2.SegmentationUsage(
+        embedding_cached=output.embedding_cached,
+        encoder_batch_size=output.encoder_batch_size,
+        usage=common_pb2.Usage(wall_seconds=output.wall_seconds, queue_seconds=output.queue_seconds),
+    )
