@@ -1,0 +1,193 @@
+"""Client of the Segmentation service: SAM masks from point / box / mask prompts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from atelier.sdk import codec
+from atelier.sdk.common import ImageLike, Usage, to_image_proto
+from atelier.sdk.progress import CancelToken
+from atelier.sdk.transport import _Transport
+from atelier.v1 import common_pb2, segmentation_pb2, segmentation_pb2_grpc
+
+__all__ = ["SegmentationClient", "Segmentation", "PromptSet"]
+
+Point = Sequence[float]  # (x, y) in input-image pixels
+Box = Sequence[float]  # (x0, y0, x1, y1)
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """The masks for one prompt set.
+
+    ``masks``: (K, H, W) bool at the input resolution (K = 3 with ``multimask``, else 1);
+    ``scores``: (K,) predicted IoU; ``low_res_logits``: (K, h, w) float32, which can be fed
+    back as ``mask_input`` to refine; ``best_index``: the candidate with the highest score.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+    best_index: int
+    width: int
+    height: int
+    model: str
+    embedding_cached: bool
+    encoder_batch_size: int
+    usage: Usage
+    proto: segmentation_pb2.SegmentResult = field(repr=False)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The best candidate's (H, W) bool mask."""
+        return self.masks[self.best_index]
+
+    @property
+    def score(self) -> float:
+        return float(self.scores[self.best_index])
+
+    @property
+    def logits(self) -> np.ndarray:
+        """The best candidate's low-res logits (pass as ``mask_input`` to refine)."""
+        return self.low_res_logits[self.best_index]
+
+    @classmethod
+    def from_proto(cls, msg: segmentation_pb2.SegmentResult, response, index: int = 0) -> "Segmentation":
+        field_name = "result" if isinstance(response, segmentation_pb2.SegmentResponse) else f"results[{index}]"
+        candidates = msg.candidates
+        if not candidates:
+            raise codec.CodecError(f"{field_name}.candidates", "the server returned no mask")
+        masks = np.stack([codec.mask_to_numpy(c.mask, f"{field_name}.candidates[{i}].mask")
+                          for i, c in enumerate(candidates)])
+        logits = np.stack([codec.tensor_to_numpy(c.low_res_logits, f"{field_name}.candidates[{i}].low_res_logits")
+                           for i, c in enumerate(candidates)])
+        usage = response.usage
+        return cls(
+            masks=masks,
+            scores=np.array([c.score for c in candidates], dtype=np.float32),
+            low_res_logits=logits,
+            best_index=msg.best_index,
+            width=response.width,
+            height=response.height,
+            model=response.model.name,
+            embedding_cached=usage.embedding_cached,
+            encoder_batch_size=usage.encoder_batch_size,
+            usage=Usage.from_proto(usage.usage),
+            proto=msg,
+        )
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """One object's prompts for ``segment_many``. ``labels`` default to 1 (positive) per point."""
+
+    points: Sequence[Point] = ()
+    labels: Optional[Sequence[int]] = None
+    boxes: Union[Box, Sequence[Box], None] = None
+    mask_input: Union[np.ndarray, Segmentation, None] = None
+
+
+PromptSetLike = Union[PromptSet, Mapping]
+
+
+def _boxes(boxes) -> list[Box]:
+    if boxes is None:
+        return []
+    array = np.asarray(boxes, dtype=np.float64)
+    if array.shape == (4,):
+        return [tuple(array)]
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"boxes: expected (x0, y0, x1, y1) or a list of them, got shape {array.shape}")
+    return [tuple(b) for b in array]
+
+
+def _prompt_proto(points, labels, boxes, mask_input, argument: str) -> segmentation_pb2.PromptSet:
+    points = [] if points is None else [tuple(p) for p in points]
+    if any(len(p) != 2 for p in points):
+        raise ValueError(f"{argument}points: each point is (x, y)")
+    labels = [1] * len(points) if labels is None else [int(v) for v in labels]
+    if len(labels) != len(points):
+        raise ValueError(f"{argument}labels: {len(labels)} labels for {len(points)} points")
+    msg = segmentation_pb2.PromptSet(
+        points=[segmentation_pb2.Point(x=float(x), y=float(y), label=label) for (x, y), label in zip(points, labels)],
+        boxes=[segmentation_pb2.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3]) for b in _boxes(boxes)],
+    )
+    if isinstance(mask_input, Segmentation):
+        mask_input = mask_input.logits
+    if mask_input is not None:
+        msg.mask_input.CopyFrom(codec.tensor_from_numpy(np.asarray(mask_input, dtype=np.float32), "mask_input"))
+    return msg
+
+
+def _options(multimask: bool, mask_threshold: Optional[float]) -> segmentation_pb2.SegmentOptions:
+    options = segmentation_pb2.SegmentOptions(multimask=bool(multimask))
+    if mask_threshold is not None:
+        options.mask_threshold = float(mask_threshold)
+    return options
+
+
+class SegmentationClient:
+    """``client.segmentation``: SAM masks. Calls are idempotent and retried on UNAVAILABLE.
+
+    Coordinates are input-image pixels (x right, y down). Every call takes ``timeout``
+    (seconds; default: the client's) and ``cancel`` (an ``atelier.CancelToken``).
+    """
+
+    def __init__(self, transport: _Transport):
+        self._transport = transport
+        self._stub = segmentation_pb2_grpc.SegmentationStub(transport.channel)
+
+    def segment(
+        self,
+        image: ImageLike,
+        points: Optional[Sequence[Point]] = None,
+        labels: Optional[Sequence[int]] = None,
+        boxes: Union[Box, Sequence[Box], None] = None,
+        mask_input: Union[np.ndarray, Segmentation, None] = None,
+        multimask: bool = False,
+        mask_threshold: Optional[float] = None,
+        model: Optional[str] = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Segmentation:
+        """Masks for one object: ``points`` with ``labels`` (1 inside, 0 outside; default all
+        1), at most one box, optionally ``mask_input`` (a previous result or its low-res
+        logits). ``multimask=True`` returns 3 candidates; ``.mask`` is the best one."""
+        request = segmentation_pb2.SegmentRequest(
+            model=common_pb2.ModelRef(name=model or ""),
+            image=to_image_proto(image),
+            prompt=_prompt_proto(points, labels, boxes, mask_input, ""),
+            options=_options(multimask, mask_threshold),
+        )
+        response = self._transport.unary(self._stub.Segment, request, timeout, cancel=cancel)
+        return Segmentation.from_proto(response.result, response)
+
+    def segment_many(
+        self,
+        image: ImageLike,
+        prompt_sets: Iterable[PromptSetLike],
+        multimask: bool = False,
+        mask_threshold: Optional[float] = None,
+        model: Optional[str] = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> list[Segmentation]:
+        """Masks for several objects in one image with one encoder pass. Each prompt set is
+        a ``PromptSet`` or a dict with the same keys (points, labels, boxes, mask_input)."""
+        prompts = []
+        for i, item in enumerate(prompt_sets):
+            item = item if isinstance(item, PromptSet) else PromptSet(**dict(item))
+            prompts.append(_prompt_proto(item.points, item.labels, item.boxes, item.mask_input,
+                                         f"prompt_sets[{i}]."))
+        if not prompts:
+            raise ValueError("prompt_sets: give at least one prompt set")
+        request = segmentation_pb2.SegmentBatchRequest(
+            model=common_pb2.ModelRef(name=model or ""),
+            image=to_image_proto(image),
+            prompts=prompts,
+            options=_options(multimask, mask_threshold),
+        )
+        response = self._transport.unary(self._stub.SegmentBatch, request, timeout, cancel=cancel)
+        return [Segmentation.from_proto(result, response, i) for i, result in enumerate(response.results)]
