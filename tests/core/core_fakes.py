@@ -112,3 +112,25 @@ class FakeInversionApp:
         self.release.set()
         self.executor.shutdown(wait=True)
         self.closed = True
+
+
+def main(argv=None) -> int:
+    """``python core_fakes.py [server flags] [--step-seconds S] [--fail-load]``: serve the fake."""
+    from atelier.core.config import ServerConfig
+    from atelier.core.server import serve
+
+    def add_arguments(parser):
+        parser.add_argument("--step-seconds", type=float, default=0.05)
+        parser.add_argument("--fail-load", action="store_true")
+
+    config = ServerConfig.from_args(argv, "inversion", add_arguments=add_arguments)
+    app = FakeInversionApp(max_queue=config.max_queue, step_seconds=config.extras["step_seconds"])
+    if config.extras["fail_load"]:
+        def failing_load():
+            raise RuntimeError("weights missing")
+        app.load = failing_load
+    return serve(app, config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -173,9 +173,9 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
             server.stop(0)
             raise
     running = RunningServer(app, config, server, port, health_servicer, readiness, metrics, metrics_http)
-    threading.Thread(target=running._load, name=f"load-{app.name}", daemon=True).start()
     _LOG.info("%s: listening on %s:%d, metrics on %s; loading models", app.name, config.host, port,
               running.metrics_port if metrics_http else "(disabled)")
+    threading.Thread(target=running._load, name=f"load-{app.name}", daemon=True).start()
     return running
 
 
