@@ -246,6 +246,9 @@ def test_reflection_lists_the_services(harness):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"atelier.v1.Inversion", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    received = 'grpc_server_msg_received_total{grpc_method="ServerReflectionInfo",' \
+               'grpc_service="grpc.reflection.v1alpha.ServerReflection",grpc_type="bidi_stream"} 1.0'
+    assert _wait_for(lambda: received in _handled(harness)[1])
 
 
 def _handled(harness):
@@ -270,7 +273,11 @@ def test_metrics_endpoint_counts_handled_calls_with_codes(harness):
     harness.app.step_seconds = 0.02
     with pytest.raises(grpc.RpcError):
         list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=100_000), timeout=0.3))
+    cancelled = harness.stub.Invert(inversion_pb2.InvertRequest(steps=100_000), timeout=10)
+    next(cancelled)
+    cancelled.cancel()
     expected = {
+        ("Invert", "server_stream", "Canceled"): 1,
         ("Invert", "server_stream", "OK"): 2,
         ("Invert", "server_stream", "InvalidArgument"): 1,
         ("Invert", "server_stream", "DeadlineExceeded"): 1,
@@ -280,7 +287,7 @@ def test_metrics_endpoint_counts_handled_calls_with_codes(harness):
     assert _wait_for(lambda: all(_handled(harness)[0].get(k) == v for k, v in expected.items())), _handled(harness)[0]
     text = _handled(harness)[1]
     assert 'grpc_server_started_total{grpc_method="Invert",grpc_service="atelier.v1.Inversion",' \
-           'grpc_type="server_stream"} 4.0' in text
+           'grpc_type="server_stream"} 5.0' in text
     assert "grpc_server_handling_seconds_bucket" in text
     assert 'atelier_unet_evaluations_total{kind="forward"}' in text
     assert 'atelier_queue_depth{service="inversion"} 0.0' in text

@@ -154,10 +154,18 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     on_termination()
                 return outcome
 
+            def counted(requests):
+                for request in requests:
+                    metrics.msg_received.labels(*labels).inc()
+                    yield request
+
+            def arguments(request):
+                return counted(request) if handler.request_streaming else request
+
             if streaming_response:
                 def stream_behavior(request, context):
                     outcome = begin(context)
-                    for response in behavior(request, context):
+                    for response in behavior(arguments(request), context):
                         metrics.msg_sent.labels(*labels).inc()
                         yield response
                     outcome["finished"] = True
@@ -166,7 +174,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             def unary_behavior(request, context):
                 outcome = begin(context)
-                response = behavior(request, context)
+                response = behavior(arguments(request), context)
                 metrics.msg_sent.labels(*labels).inc()
                 outcome["finished"] = True
                 return response

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import grpc
 import prometheus_client
@@ -179,12 +179,20 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
     return running
 
 
-def serve(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> int:
+def serve(
+    app: App,
+    config: ServerConfig,
+    metrics: Optional[Metrics] = None,
+    on_started: Optional[Callable[[RunningServer], None]] = None,
+) -> int:
     """Run until SIGTERM/SIGINT, then drain and stop. Returns the exit status:
-    0 after a clean drain, 1 when the models failed to load."""
+    0 after a clean drain, 1 when the models failed to load. ``on_started`` sees
+    the RunningServer first (e.g. to make health follow an external backend)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     running = start(app, config, metrics)
+    if on_started is not None:
+        on_started(running)
     stop_requested = threading.Event()
 
     def on_signal(signum, _frame):
