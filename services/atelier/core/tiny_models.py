@@ -90,23 +90,33 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_clip_vocab(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level base characters, their ``</w>`` variants, then left-to-right merges per word."""
+    """CLIP-style vocab/merges: byte-level base characters, their ``</w>`` variants, then BPE
+    merges learned on ``words`` until each word is a single token.
+
+    Learned here rather than with tokenizers' BpeTrainer, whose tie-breaking between equally
+    frequent pairs varies from run to run; this loop breaks ties lexicographically.
+    """
     base = list(_bytes_to_unicode().values())
-    tokens = base + [c + "</w>" for c in base]
+    segmented = [list(word[:-1]) + [word[-1] + "</w>"] for word in sorted(set(words))]
     merges: list[tuple[str, str]] = []
-    seen = set(tokens)
-    for word in dict.fromkeys(words):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        prefix = symbols[0]
-        for symbol in symbols[1:]:
-            merge = (prefix, symbol)
-            prefix = prefix + symbol
-            if prefix not in seen:
-                merges.append(merge)
-                tokens.append(prefix)
-                seen.add(prefix)
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in segmented:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for symbols in segmented:
+            i = 0
+            while i < len(symbols) - 1:
+                if (symbols[i], symbols[i + 1]) == best:
+                    symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+                i += 1
+    tokens = base + [c + "</w>" for c in base] + ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}, merges
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}, merges
 
 
 def build_tiny_sd(seed: int = DEFAULT_SEED, configs: dict = SD_CONFIGS):
