@@ -112,6 +112,22 @@ def test_calls_cancelled_or_expired_while_queued_never_run(metrics):
     executor.shutdown()
 
 
+def test_a_withdrawn_call_frees_its_slot_at_once(metrics):
+    executor = ComputeExecutor(max_queue=1, name="svc", metrics=metrics)
+    blocker = Blocker()
+    executor.submit(blocker, CallControl())
+    assert blocker.started.wait(10)
+    withdrawn = executor.submit(lambda: "never", CallControl())
+    with pytest.raises(ResourceExhausted):
+        executor.submit(lambda: None, CallControl())
+    assert withdrawn.cancel()
+    assert executor.queue_depth() == 0 and _sample(metrics, "atelier_queue_depth", service="svc") == 0
+    replacement = executor.submit(lambda: "ran", CallControl())
+    blocker.release.set()
+    assert replacement.result(10) == "ran" and withdrawn.cancelled()
+    executor.shutdown()
+
+
 def test_errors_reach_the_caller_and_the_worker_survives(metrics):
     executor = ComputeExecutor(max_queue=2, name="t", metrics=metrics)
 

@@ -137,7 +137,7 @@ def test_invalid_argument_carries_field_violations(harness):
     assert _violations(caught.value)[0][0] == "tensor.shape"
 
 
-def test_not_found_and_internal_errors(harness):
+def test_not_found_and_internal_errors(harness, caplog):
     with pytest.raises(grpc.RpcError) as caught:
         list(harness.stub.Invert(inversion_pb2.InvertRequest(model={"name": "nope"}, steps=2), timeout=10))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in caught.value.details()
@@ -145,6 +145,9 @@ def test_not_found_and_internal_errors(harness):
         list(harness.stub.Invert(inversion_pb2.InvertRequest(prompt="boom", steps=2), timeout=10))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in caught.value.details() and "incident" in caught.value.details()
+    incident = caught.value.details().split("incident ")[1].split(")")[0]
+    logged = [r for r in caplog.records if incident in r.getMessage()]
+    assert logged and "secret internal detail" in str(logged[0].exc_info[1])
 
 
 def _run_until_stopped(harness, stop):
@@ -186,17 +189,28 @@ def test_full_queue_is_resource_exhausted():
         assert next(running).progress.step == 1  # on the executor, waiting inside step 1
         queued = harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=30)
         queued_events = []
-        reader = threading.Thread(target=lambda: queued_events.extend(queued))
+        def read_queued():
+            try:
+                queued_events.extend(queued)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.CANCELLED
+
+        reader = threading.Thread(target=read_queued)
         reader.start()
         assert _wait_for(lambda: harness.app.executor.queue_depth() == 1)
         with pytest.raises(grpc.RpcError) as caught:
             list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=10))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "already waiting" in caught.value.details()
+        # A queued call whose client gives up leaves the queue at once.
+        queued.cancel()
+        reader.join(10)
+        assert _wait_for(lambda: harness.app.executor.queue_depth() == 0)
+        replacement = harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=30)
         harness.app.release.set()
         assert list(running)[-1].HasField("result")
-        reader.join(10)
-        assert queued_events[-1].HasField("result")
+        assert list(replacement)[-1].result.usage.unet_forward_evaluations == 2
+        assert queued_events == [] and harness.evaluations() == 4
     finally:
         harness.close()
 

@@ -56,7 +56,19 @@ class ComputeExecutor:
             self._queue_depth.set(len(self._waiting))
             self._ensure_worker()
             self._condition.notify()
+        future.add_done_callback(self._forget_if_cancelled)
         return future
+
+    def _forget_if_cancelled(self, future: Future) -> None:
+        """A future cancelled while waiting gives its queue slot back at once."""
+        if not future.cancelled():
+            return
+        with self._condition:
+            for entry in self._waiting:
+                if entry[2] is future:
+                    self._waiting.remove(entry)
+                    self._queue_depth.set(len(self._waiting))
+                    break
 
     def queue_depth(self) -> int:
         with self._condition:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import CancelledError, Future
 from typing import Any, Callable, Iterator, Optional
 
 import grpc
 
 from atelier.core.control import CallControl, ProgressEvent
+from atelier.core.errors import Cancelled
 from atelier.core.executor import ComputeExecutor
 
 __all__ = ["stream_call", "unary_call", "control_for_context"]
@@ -55,7 +57,7 @@ def stream_call(
     """Generator for a server-streaming RPC: progress messages, then exactly one result."""
     events: queue.SimpleQueue = queue.SimpleQueue()
     control = control_for_context(context, executor, on_progress=events.put)
-    future = executor.submit(lambda: work(control), control)
+    future = _submit(context, executor, work, control)
     # The worker always resolves the future (result, error, or skipped when the
     # call ended while queued), so this loop always ends.
     future.add_done_callback(lambda _: events.put(_WORK_DONE))
@@ -64,7 +66,7 @@ def stream_call(
         if event is _WORK_DONE:
             break
         yield progress_message(event)
-    result = future.result()
+    result = _result(future)
     yield result_message(result, control)
 
 
@@ -75,4 +77,20 @@ def unary_call(
 ) -> Any:
     """Run ``work(control)`` on the executor and return its result (unary RPCs)."""
     control = control_for_context(context, executor)
-    return executor.submit(lambda: work(control), control).result()
+    return _result(_submit(context, executor, work, control))
+
+
+def _result(future: Future) -> Any:
+    try:
+        return future.result()
+    except CancelledError:  # withdrawn from the queue because the RPC ended
+        raise Cancelled("the call was cancelled while waiting for the executor") from None
+
+
+def _submit(context, executor: ComputeExecutor, work, control: CallControl) -> Future:
+    future = executor.submit(lambda: work(control), control)
+    # A call that ends while still queued leaves the queue at once (cancel() is a
+    # no-op once the work runs; then the control stops it at its next unet()).
+    if not context.add_callback(future.cancel):
+        future.cancel()
+    return future
