@@ -180,3 +180,16 @@ def test_queue_time_is_separate_from_compute_time(metrics):
     # elapsed() counts from the start of compute: it cannot exceed the time since then.
     assert compute_elapsed <= finished - control.started_at
     executor.shutdown()
+
+
+def test_device_memory_is_exported_only_with_cuda(metrics):
+    import torch
+
+    if not torch.cuda.is_available():
+        assert metrics.registry.get_sample_value("atelier_device_memory_bytes",
+                                                 {"device": "cuda:0", "kind": "allocated"}) is None
+        pytest.skip("no CUDA device: nothing to export (process memory is process_resident_memory_bytes)")
+    block = torch.empty(64 * 1024 * 1024, dtype=torch.uint8, device="cuda:0")
+    allocated = metrics.registry.get_sample_value("atelier_device_memory_bytes", {"device": "cuda:0", "kind": "allocated"})
+    reserved = metrics.registry.get_sample_value("atelier_device_memory_bytes", {"device": "cuda:0", "kind": "reserved"})
+    assert allocated >= block.numel() and reserved >= allocated
