@@ -8,7 +8,6 @@ small class.
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
@@ -18,8 +17,6 @@ from atelier.core.errors import ResourceExhausted
 from atelier.core.metrics import Metrics, default_metrics
 
 __all__ = ["ComputeExecutor"]
-
-_LOG = logging.getLogger(__name__)
 
 
 class ComputeExecutor:
