@@ -63,11 +63,14 @@ class CallControl:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def check(self) -> None:
-        """Raise ``Cancelled`` or ``DeadlineExceeded`` when the call should stop."""
-        if self.is_cancelled():
-            raise Cancelled("the call was cancelled")
+        """Raise ``DeadlineExceeded`` or ``Cancelled`` when the call should stop.
+
+        The deadline is checked first: gRPC also cancels a call whose deadline
+        passed, and the deadline is the more useful reason to report."""
         if self.expired():
             raise DeadlineExceeded("the deadline expired before the work finished")
+        if self.is_cancelled():
+            raise Cancelled("the call was cancelled")
 
     def unet(self, backward: bool = False) -> None:
         """Check, then count one UNet evaluation (``backward``: a forward+backward pass)."""
