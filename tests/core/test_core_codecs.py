@@ -234,3 +234,15 @@ def test_config_flags_env_and_extras():
     for argv, env in [(["--model", "nosource"], {}), ([], {"ATELIER_PORT": "x"}), (["--max-queue", "-1"], {})]:
         with pytest.raises(SystemExit):
             ServerConfig.from_args(argv, "inversion", environ=env)
+
+
+def test_client_and_server_keepalive_agree():
+    from atelier.sdk import channel_options as co
+
+    client = dict(co.client_options())
+    server = dict(ServerConfig(service="inversion").grpc_options())
+    # The server must accept pings at least as often as clients send them, or it
+    # answers GOAWAY "too_many_pings" and long streams die.
+    assert server["grpc.http2.min_ping_interval_without_data_ms"] < client["grpc.keepalive_time_ms"]
+    assert server["grpc.keepalive_permit_without_calls"] == client["grpc.keepalive_permit_without_calls"] == 1
+    assert client["grpc.max_receive_message_length"] == server["grpc.max_send_message_length"] > 4 * 1024 * 1024
