@@ -52,7 +52,7 @@ def local_encoder(predictor: SamPredictor) -> EncodeBatch:
 def triton_encoder(client) -> EncodeBatch:
     """``client.encode(np (B,3,S,S)) -> np (B,C,s,s)`` (a TritonImageEncoder) as an EncodeBatch."""
     def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(client.encode(pixel_values.numpy()))
+        return torch.tensor(client.encode(pixel_values.numpy()))  # copies: tritonclient arrays are read-only
     return encode
 
 
