@@ -16,6 +16,16 @@ pytestmark = pytest.mark.timeout(120)
 PROMPT = "a red circle on a striped background"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny 8x8 UNets gain nothing from a second thread, and on a shared machine an
+    # oversubscribed OpenMP pool is an order of magnitude slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def model():
     return ModelRegistry().load_sd("toy")
