@@ -1,0 +1,127 @@
+"""SPDInv vs DDIM inversion: wall time, UNet evaluations, fixed-point residuals.
+
+Runs side by side in one process on the registry's default model at 64x64:
+  ddim          reference DDIM inversion (+ batched residual diagnostics)
+  spdinv        Atelier's SPDInv (loss checked before each AdamW step)
+  spdinv-ref    the reference loop order (step, then check; leeruibin/SPDInv SPD_loop),
+                reproduced here only to measure what checking first saves
+
+  .venv/bin/python bench/bench_spdinv.py [--steps 25 50] [--rounds 25] [--threshold 5e-6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from atelier.core import diffusion
+from atelier.core.control import CallControl
+from atelier.core.imaging import pil_to_tensor
+from atelier.core.models import ModelRegistry
+from atelier.inversion.inversion import invert
+
+PROMPT = "a red circle on a striped blue background"
+
+
+def test_scene(size: int = 64) -> torch.Tensor:
+    canvas = Image.new("RGB", (size, size), (40, 60, 200))
+    draw = ImageDraw.Draw(canvas)
+    for x in range(0, size, 8):
+        draw.rectangle([x, 0, x + 3, size], fill=(230, 230, 240))
+    draw.ellipse([size * 0.25, size * 0.25, size * 0.75, size * 0.75], fill=(220, 30, 30))
+    return pil_to_tensor(canvas)
+
+
+def reference_order_spdinv(model, image, prompt, steps, rounds, lr, threshold):
+    """The reference SPD_loop's order: AdamW step first, then compare the pre-step loss."""
+    control = CallControl()
+    cond = model.encode_prompt([prompt])
+    latent_prev = model.encode_image(image).float()
+    chain, used = [latent_prev], []
+    started = time.perf_counter()
+    for t, alpha_prev, alpha_t in diffusion.inversion_schedule(model, steps):
+        c1, c2 = diffusion.inversion_coefficients(alpha_prev, alpha_t)
+        with torch.no_grad():
+            start = c1 * latent_prev + c2 * diffusion.unet_eps(model, latent_prev, t, cond, control).float()
+        latent = start.clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([latent], lr=lr)  # torch default weight_decay=1e-2, as the reference
+        taken = 0
+        for _ in range(rounds):
+            optimizer.zero_grad()
+            eps = diffusion.unet_eps(model, latent, t, cond, control, backward=True).float()
+            loss = F.mse_loss(latent, c1 * latent_prev + c2 * eps)
+            loss.backward()
+            optimizer.step()
+            taken += 1
+            if loss.item() < threshold:
+                break
+        latent_prev = latent.detach()
+        chain.append(latent_prev)
+        used.append(taken)
+    seconds = time.perf_counter() - started
+    return chain, used, seconds, control
+
+
+@torch.no_grad()
+def residuals_of(model, chain, prompt, steps):
+    """Fixed-point residual of each z_t in ``chain`` (not timed, not counted)."""
+    cond = model.encode_prompt([prompt])
+    control = CallControl()
+    out = []
+    for i, (t, alpha_prev, alpha_t) in enumerate(diffusion.inversion_schedule(model, steps)):
+        c1, c2 = diffusion.inversion_coefficients(alpha_prev, alpha_t)
+        eps = diffusion.unet_eps(model, chain[i + 1].to(model.device), t, cond, control).float()
+        out.append(F.mse_loss(chain[i + 1].to(eps.device), c1 * chain[i].to(eps.device) + c2 * eps).item())
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="toy")
+    parser.add_argument("--steps", type=int, nargs="+", default=[25, 50])
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--threshold", type=float, default=5e-6)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on shared CPUs)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    registry = ModelRegistry()
+    model = registry.load_sd(args.model)
+    image = test_scene()
+    print(f"model {args.model} ({registry.resolve(args.model)}), device {model.device} {model.dtype}, "
+          f"threads {torch.get_num_threads()}, K={args.rounds}, delta={args.threshold:g}, lr={args.lr:g}")
+    invert(model, image, PROMPT, method="ddim", steps=2)  # warm-up
+
+    header = (f"{'method':<11} {'steps':>5} {'wall s':>8} {'x ddim':>7} {'fwd':>6} {'fwd+bwd':>8} {'bwd run':>8} "
+              f"{'rounds med':>10} {'mean residual':>14} {'median resid':>13}")
+    print(header)
+    print("-" * len(header))
+    for steps in args.steps:
+        rows = []
+        for method in ("ddim", "spdinv"):
+            out = invert(model, image, PROMPT, method=method, steps=steps, control=CallControl(),
+                         max_rounds=args.rounds, learning_rate=args.lr, loss_threshold=args.threshold)
+            rows.append((method, out.seconds, out.forward_evaluations, out.backward_evaluations, sum(out.rounds),
+                         out.rounds, out.residuals))
+        chain, used, seconds, control = reference_order_spdinv(model, image, PROMPT, steps, args.rounds, args.lr,
+                                                               args.threshold)
+        rows.append(("spdinv-ref", seconds, control.forward_evaluations, control.backward_evaluations, sum(used),
+                     used, residuals_of(model, chain, PROMPT, steps)))
+        ddim_seconds = rows[0][1]
+        for method, seconds, forward, backward, passes, rounds, residuals in rows:
+            print(f"{method:<11} {steps:>5} {seconds:>8.2f} {seconds / ddim_seconds:>7.1f} {forward:>6} {backward:>8} "
+                  f"{passes:>8} {statistics.median(rounds):>10.0f} {statistics.fmean(residuals):>14.3g} "
+                  f"{statistics.median(residuals):>13.3g}")
+    print("fwd: forward-only UNet calls; fwd+bwd: calls made with autograd (an upper bound on backward "
+          "passes); bwd run: backward passes actually run (= optimiser steps)")
+
+
+if __name__ == "__main__":
+    main()
