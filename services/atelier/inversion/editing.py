@@ -33,7 +33,7 @@ class EditOutput:
 
 
 @dataclass
-class _PlannedP2P:
+class PlannedP2P:
     mode: str
     cross_edit: object
     blend_weights: torch.Tensor | None = None
@@ -44,7 +44,7 @@ def _check_fraction(violations, name: str, value: float) -> None:
         violations.append((name, f"must be a number in [0, 1], got {value!r}"))
 
 
-def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParams, max_len: int) -> _PlannedP2P:
+def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParams, max_len: int) -> PlannedP2P:
     """Validate the P2P request and build the mode's cross-attention edit (raises InvalidArgument)."""
     violations: list[tuple[str, str]] = []
     if not target_prompt.strip():
@@ -100,7 +100,7 @@ def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParam
         cross_edit = None
     if params.reweight:
         cross_edit = reweight_edit(equalizer(target, params.reweight, max_len)[None], cross_edit)
-    return _PlannedP2P(mode, cross_edit, blend_weights)
+    return PlannedP2P(mode, cross_edit, blend_weights)
 
 
 def _check_common(violations, z_T: torch.Tensor, steps: int, guidance: float, engine: str) -> None:
@@ -112,6 +112,19 @@ def _check_common(violations, z_T: torch.Tensor, steps: int, guidance: float, en
         violations.append(("guidance_scale", f"must be finite, got {guidance!r}"))
     if z_T.ndim != 4 or z_T.shape[0] != 1:
         violations.append(("z_t", f"expected one latent of shape (1, C, h, w), got {tuple(z_T.shape)}"))
+
+
+def make_controller(sites, steps: int, plan: PlannedP2P | None, p2p: P2PParams, masactrl: MasaCtrlParams):
+    """The engine's controller for one edit: P2P when a plan is given, else MasaCtrl."""
+    if plan is None:
+        return MutualSelfAttention(sites, masactrl)
+    local_blend = None
+    if plan.blend_weights is not None:
+        local_blend = LocalBlend(plan.blend_weights, p2p.blend_threshold,
+                                 start_step=int(p2p.blend_start_fraction * steps))
+    return P2PController(plan.cross_edit, cross_steps=int(p2p.cross_replace_fraction * steps),
+                         self_steps=int(p2p.self_replace_fraction * steps), self_sites=self_replace_sites(sites),
+                         local_blend=local_blend, local_blend_sites=blend_sites(sites))
 
 
 def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps: int, engine: str = "p2p",
@@ -132,10 +145,10 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     if violations:
         raise InvalidArgument.many(violations)
 
-    embeddings = model.encode_prompt([source_prompt, target_prompt])  # (2, L, D)
-    uncond = embeddings[:1].expand_as(embeddings)
-    plan = plan_p2p(model.tokenizer, source_prompt, target_prompt, p2p, embeddings.shape[1]) \
+    plan = plan_p2p(model.tokenizer, source_prompt, target_prompt, p2p, model.tokenizer.model_max_length) \
         if engine == "p2p" else None
+    embeddings = model.encode_prompt([source_prompt, target_prompt])  # (2, L, D), L = model_max_length
+    uncond = embeddings[:1].expand_as(embeddings)
 
     layout = BatchLayout(branches=2, groups=("uncond", "cond") if guidance != 1.0 else ("cond",))
     latents = z_T.to(model.device, model.dtype).expand(2, *z_T.shape[1:]).clone()
@@ -143,19 +156,7 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     scheduler = model.new_scheduler()
     scheduler.set_timesteps(steps, device=model.device)
     with torch.no_grad(), controlled_attention(model.unet) as sites:
-        if plan is not None:
-            local_blend = None
-            if plan.blend_weights is not None:
-                local_blend = LocalBlend(plan.blend_weights, p2p.blend_threshold,
-                                         start_step=int(p2p.blend_start_fraction * steps))
-            controller = P2PController(
-                plan.cross_edit,
-                cross_steps=int(p2p.cross_replace_fraction * steps),
-                self_steps=int(p2p.self_replace_fraction * steps),
-                self_sites=self_replace_sites(sites), local_blend=local_blend,
-                local_blend_sites=blend_sites(sites))
-        else:
-            controller = MutualSelfAttention(sites, masactrl)
+        controller = make_controller(sites, steps, plan, p2p, masactrl)
         for i, t in enumerate(scheduler.timesteps):
             eps = guided_eps(model, latents, t, embeddings, uncond, guidance, control,
                              cross_attention_kwargs=attention_kwargs(controller, i, layout, latent_size))
