@@ -1,0 +1,109 @@
+"""Train the f8 AutoencoderKL on on-the-fly world scenes (L1 + MSE + edge + small KL).
+
+    python -m atelier.toyworld.train_vae --steps 3500 --out .cache/toyworld/vae
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from . import world
+from .train_common import (HELD_OUT_SEED, VAE_CONFIG, WORK_DIR, Logger, cosine_lr, load_checkpoint,
+                           psnr, save_checkpoint, seed_everything)
+
+
+def edge_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
+    return (dx(x) - dx(y)).abs().mean() + (dy(x) - dy(y)).abs().mean()
+
+
+def training_scenes(step: int, batch_size: int, crop: int | None = None) -> torch.Tensor:
+    """A batch of scenes; with ``crop``, one random crop (multiple of 8) per scene."""
+    x = world.to_tensor_batch(world.batch(1000 + step, batch_size, concept_fraction=0.15))
+    if crop is None:
+        return x
+    g = torch.Generator().manual_seed(step)
+    offsets = torch.randint(0, (world.SIZE - crop) // 8 + 1, (batch_size, 2), generator=g) * 8
+    return torch.stack([im[:, y:y + crop, x0:x0 + crop] for im, (y, x0) in zip(x, offsets.tolist())])
+
+
+@torch.no_grad()
+def evaluate_psnr(vae: AutoencoderKL, n: int = 256) -> float:
+    vae.eval()
+    x = world.to_tensor_batch(world.batch(HELD_OUT_SEED + 1, n, concept_fraction=0.15))
+    out = []
+    for chunk in x.split(64):
+        rec = vae.decode(vae.encode(chunk).latent_dist.mode()).sample
+        out.append(psnr((rec.clamp(-1, 1) + 1) / 2, (chunk + 1) / 2))
+    vae.train()
+    return torch.cat(out).mean().item()
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, n: int = 1024) -> float:
+    x = world.to_tensor_batch(world.batch(HELD_OUT_SEED + 2, n, concept_fraction=0.15))
+    z = torch.cat([vae.encode(c).latent_dist.mode() for c in x.split(128)])
+    return z.std().item()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3500)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-6)
+    ap.add_argument("--edge-weight", type=float, default=0.5)
+    ap.add_argument("--crop", type=int, default=32, help="train on crops (cheaper) before ...")
+    ap.add_argument("--full-from", type=float, default=0.85, help="... this fraction of the steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=WORK_DIR / "vae")
+    args = ap.parse_args(argv)
+
+    seed_everything(args.seed)
+    log = Logger("vae")
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    ckpt_path = WORK_DIR / "vae_ckpt.pt"
+    start = 0
+    if (ckpt := load_checkpoint(ckpt_path)) is not None:
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        torch.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        log(f"resumed at step {start}")
+    log(f"params {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
+    vae.train()
+    for step in range(start, args.steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.steps, args.lr)
+        full = step >= args.full_from * args.steps
+        x = training_scenes(step, args.batch_size, None if full else args.crop)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.edge_weight * edge_l1(rec, x)
+                + args.kl_weight * post.kl().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            log(f"step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        if (step + 1) % 500 == 0 or step + 1 == args.steps:
+            save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(),
+                            rng=torch.get_rng_state(), step=step + 1)
+            log(f"step {step + 1} held-out PSNR {evaluate_psnr(vae, 128):.2f} dB")
+    vae.eval()
+    std = latent_std(vae)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(args.out)
+    log(f"final held-out PSNR {evaluate_psnr(vae):.2f} dB, latent std {std:.3f}, "
+        f"scaling_factor {1.0 / std:.4f}; saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
