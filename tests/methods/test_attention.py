@@ -147,3 +147,17 @@ def test_batch_layout_rows():
     layout = BatchLayout(branches=2)
     assert layout.size == 4 and layout.row(0, "uncond") == 0 and layout.row(1, "cond") == 3
     assert layout.split(torch.arange(4)).tolist() == [[0, 1], [2, 3]]
+
+
+def test_overlapping_installs_keep_control_until_the_last_leaves(unet, inputs):
+    before = dict(unet.attn_processors)
+    first, second = controlled_attention(unet), controlled_attention(unet)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert all(isinstance(p, ControlledAttnProcessor) for p in unet.attn_processors.values())
+    recorder = AttentionRecorder()
+    run(unet, inputs, recorder)
+    assert recorder.maps
+    second.__exit__(None, None, None)
+    assert all(unet.attn_processors[name] is before[name] for name in before)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -274,13 +276,32 @@ def attention_sites(unet) -> list[AttentionSite]:
     return sites
 
 
+# Installation bookkeeping per UNet (not per-call state): overlapping users of one shared UNet
+# keep the controlled processors until the last one leaves, which restores the originals.
+_installs: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_installs_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def controlled_attention(unet) -> Iterator[list[AttentionSite]]:
-    """Install a `ControlledAttnProcessor` on every attention module; restore the previous ones on exit."""
-    original = dict(unet.attn_processors)
+    """Install a `ControlledAttnProcessor` on every attention module; restore the previous ones on exit.
+
+    Re-entrant and safe for overlapping calls on one UNet. Installed processors behave exactly like
+    diffusers' defaults for calls that carry no `attention_control`.
+    """
     sites = attention_sites(unet)
-    unet.set_attn_processor({f"{site.name}.processor": ControlledAttnProcessor(site) for site in sites})
+    with _installs_lock:
+        entry = _installs.get(unet)
+        if entry is None:
+            original = dict(unet.attn_processors)
+            unet.set_attn_processor({f"{site.name}.processor": ControlledAttnProcessor(site) for site in sites})
+            entry = _installs[unet] = [0, original]
+        entry[0] += 1
     try:
         yield sites
     finally:
-        unet.set_attn_processor(dict(original))
+        with _installs_lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _installs[unet]
+                unet.set_attn_processor(dict(entry[1]))
