@@ -25,7 +25,7 @@ def make_image(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarra
 def reference(predictor, pixels: np.ndarray, prompt, multimask: bool = False):
     """The in-process answer for one image and prompt: encoder alone (batch 1), then decode."""
     prepared = predictor.prepare(PILImage.fromarray(pixels))
-    embedding = predictor.encode(prepared.pixel_values[None])[0]
+    embedding = predictor.encode(predictor.pixel_values(prepared)[None])[0]
     return predictor.decode(embedding, prepared, prompt, multimask=multimask)
 
 

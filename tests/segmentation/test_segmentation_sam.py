@@ -41,7 +41,7 @@ PROMPTS = {
 def test_decode_on_cached_embedding_equals_transformers_end_to_end(predictor, image, kind, multimask):
     prompt = PROMPTS[kind]
     prepared = predictor.prepare(PILImage.fromarray(image))
-    embedding = predictor.encode(prepared.pixel_values[None])[0]
+    embedding = predictor.encode(predictor.pixel_values(prepared)[None])[0]
     got = predictor.decode(embedding, prepared, prompt, multimask=multimask)
 
     want_masks, want_scores, want_logits = _transformers_end_to_end(predictor, image, prompt, multimask)
@@ -56,7 +56,7 @@ def test_decode_on_cached_embedding_equals_transformers_end_to_end(predictor, im
 
 def test_previous_low_res_mask_is_used_like_transformers_input_masks(predictor, image):
     prepared = predictor.prepare(PILImage.fromarray(image))
-    embedding = predictor.encode(prepared.pixel_values[None])[0]
+    embedding = predictor.encode(predictor.pixel_values(prepared)[None])[0]
     first = predictor.decode(embedding, prepared, PROMPTS["points"], multimask=True)
     previous = first.low_res_logits[first.best_index]
     refined_prompt = Prompt.of([(10, 20), (60, 5)], [1, 0], mask_input=previous)

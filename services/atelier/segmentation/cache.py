@@ -57,6 +57,12 @@ class EmbeddingCache(Generic[V]):
             self._stats.hit()
             return entry[0]
 
+    def peek(self, key: str) -> Optional[V]:
+        """The cached value or None, without counting or reordering."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
+
     def put(self, key: str, value: V) -> bool:
         """Store ``value``, evicting least recently used entries to fit. False if too large."""
         size = int(self._nbytes(value))

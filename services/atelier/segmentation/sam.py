@@ -43,9 +43,10 @@ class Prompt:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """An image ready for the encoder, plus what the decoder needs to map back."""
+    """An input image and what the decoder needs to map masks back to it. The encoder's
+    pixels are computed only on a cache miss (``SamPredictor.pixel_values``)."""
 
-    pixel_values: torch.Tensor  # (3, S, S) float32, normalised and padded
+    image: PILImage.Image  # RGB
     original_size: tuple[int, int]  # (H, W) of the input
     reshaped_size: tuple[int, int]  # (h, w) after resizing the longest side to S
     content_key: str  # hash of the RGB pixels: the embedding-cache key
@@ -158,13 +159,20 @@ class SamPredictor:
     # ------------------------------------------------------------------ encoder side
     def prepare(self, image: PILImage.Image) -> PreparedImage:
         rgb = image.convert("RGB")
-        encoded = self.processor.image_processor(images=[rgb], return_tensors="pt")
-        return PreparedImage(
-            pixel_values=encoded["pixel_values"][0].to(torch.float32),
-            original_size=tuple(int(v) for v in encoded["original_sizes"][0]),
-            reshaped_size=tuple(int(v) for v in encoded["reshaped_input_sizes"][0]),
-            content_key=content_key(rgb),
-        )
+        height, width = rgb.height, rgb.width
+        # SamImageProcessor's resize rule (longest side to S, rounded); pixel_values() checks it.
+        scale = self.input_size / max(height, width)
+        reshaped = (int(height * scale + 0.5), int(width * scale + 0.5))
+        return PreparedImage(image=rgb, original_size=(height, width), reshaped_size=reshaped,
+                             content_key=content_key(rgb))
+
+    def pixel_values(self, prepared: PreparedImage) -> torch.Tensor:
+        """The encoder input (3, S, S) float32: SamProcessor's resize, rescale, normalise, pad."""
+        encoded = self.processor.image_processor(images=[prepared.image], return_tensors="pt")
+        reshaped = tuple(int(v) for v in encoded["reshaped_input_sizes"][0])
+        if reshaped != prepared.reshaped_size:
+            raise RuntimeError(f"resize rule mismatch: processor {reshaped}, ours {prepared.reshaped_size}")
+        return encoded["pixel_values"][0].to(torch.float32)
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -101,31 +101,34 @@ class Segmenter:
     def embedding(self, prepared: PreparedImage, control: Optional[CallControl] = None) -> tuple[torch.Tensor, int]:
         """The image embedding and the encoder batch size it came from (0: from the cache)."""
         key = prepared.content_key
+        pixels = None
         while True:
             with self._lock:
-                cached = self.cache.get(key)
+                cached = self.cache.get(key) if pixels is None else self.cache.peek(key)
                 if cached is not None:
                     return cached, 0
                 future = self._in_flight.get(key)
-                owner = future is None
+                owner = future is None and pixels is not None
                 if owner:
-                    future = self.batcher.submit(prepared.pixel_values, control)
+                    future = self.batcher.submit(pixels, control)
                     self._in_flight[key] = future
                     future.add_done_callback(lambda done, key=key: self._settle(key, done))
             if owner:
-                embedding, batch_size = wait_for(future, control)
-                return embedding, batch_size
+                return wait_for(future, control)
+            if future is None:
+                # Preprocess outside the lock, then look again: another caller may have started.
+                pixels = self.predictor.pixel_values(prepared)
+                continue
             # Joined another caller's run: never cancel it on our behalf; retry if its owner did.
             try:
-                embedding, batch_size = wait_for(_Shared(future), control)
-                return embedding, batch_size
+                return wait_for(_Shared(future), control)
             except _OwnerCancelled:
                 continue
 
     def warm_up(self) -> None:
         """One encoder + decoder run on a blank image (first-call costs), outside cache and stats."""
         prepared = self.predictor.prepare(PILImage.new("RGB", (self.predictor.input_size,) * 2))
-        embedding = self._encode_batch(prepared.pixel_values[None])[0]
+        embedding = self._encode_batch(self.predictor.pixel_values(prepared)[None])[0]
         self.predictor.decode(embedding, prepared, Prompt.of([(0, 0)], [1]))
 
     # ------------------------------------------------------------------ whole call
