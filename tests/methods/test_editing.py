@@ -141,8 +141,11 @@ def test_p2p_windows_and_layers_follow_the_fractions(model):
         controller = make_controller(sites, 10, plan, P2PParams(), MasaCtrlParams())
     cross = next(s for s in sites if s.is_cross)
     low_self = next(s for s in sites if s.name in self_replace_sites(sites))
-    assert [controller.wants(cross, i) for i in (0, 7, 8)] == [True, True, False]     # 0.8 of 10
-    assert [controller.wants(low_self, i) for i in (0, 5, 6)] == [True, True, False]  # 0.6 of 10
+    assert [controller.wants(cross, i) for i in (0, 7, 8)] == [True, True, False]     # int(0.8 * 11)
+    assert [controller.wants(low_self, i) for i in (0, 5, 6)] == [True, True, False]  # int(0.6 * 10)
+    with controlled_attention(model.unet) as sites:
+        short = make_controller(sites, 4, plan, P2PParams(), MasaCtrlParams())
+    assert short.cross_steps == 4 and short.self_steps == 2  # the reference's alpha table has steps + 1 rows
     # The tiny UNet's attention resolutions are 8x8 (level 0) and 4x4 (level 1): self-attention is
     # replaced at the lower one, LocalBlend reads the 4x4 down/up cross-attention (2 + 3 layers).
     assert {s.level for s in sites if s.name in self_replace_sites(sites)} == {1}

@@ -122,7 +122,9 @@ def make_controller(sites, steps: int, plan: PlannedP2P | None, p2p: P2PParams, 
     if plan.blend_weights is not None:
         local_blend = LocalBlend(plan.blend_weights, p2p.blend_threshold,
                                  start_step=int(p2p.blend_start_fraction * steps))
-    return P2PController(plan.cross_edit, cross_steps=int(p2p.cross_replace_fraction * steps),
+    # The reference's windows: cross over int(f * (steps + 1)) steps (its alpha table has steps + 1
+    # rows), self over int(f * steps).
+    return P2PController(plan.cross_edit, cross_steps=int(p2p.cross_replace_fraction * (steps + 1)),
                          self_steps=int(p2p.self_replace_fraction * steps), self_sites=self_replace_sites(sites),
                          local_blend=local_blend, local_blend_sites=blend_sites(sites))
 
