@@ -60,11 +60,32 @@ def test_rounds_respect_k_and_delta(spdinv):
     for rounds, residual in zip(spdinv.rounds, spdinv.residuals):
         if rounds < 10:  # stopped early: only because the loss met delta
             assert residual < 5e-6
-    # Evaluation accounting: one DDIM-estimate forward per step; one autograd evaluation per
-    # optimiser step plus the check that stopped it; a plain final check after K steps.
-    exhausted = sum(r == 10 for r in spdinv.rounds)
-    assert spdinv.forward_evaluations == STEPS + exhausted
-    assert spdinv.backward_evaluations == sum(spdinv.rounds) + (STEPS - exhausted)
+    assert (spdinv.forward_evaluations, spdinv.backward_evaluations) == expected_counts(spdinv.rounds, 10)
+
+
+def expected_counts(rounds, max_rounds):
+    """(forward, autograd) UNet calls: one forward for eps(z_0, t_1); per step, one autograd
+    evaluation per optimiser step plus the check that stopped them (the first check carries the
+    next step's eps), or K autograd evaluations and a plain final check that carries it; a plain
+    forward for the next step's eps after an early stop that followed optimiser steps."""
+    forward, backward = 1, 0
+    for i, r in enumerate(rounds):
+        backward += r if r == max_rounds else r + 1
+        forward += 1 if r == max_rounds else int(0 < r and i < len(rounds) - 1)
+    return forward, backward
+
+
+def test_early_stop_after_some_rounds(model, image, ddim, spdinv):
+    # A delta between what DDIM and 10 AdamW steps reach at some step forces early stops mid-way.
+    step = max(range(1, STEPS), key=lambda i: ddim.residuals[i] / max(spdinv.residuals[i], 1e-12))
+    delta = (ddim.residuals[step] * spdinv.residuals[step]) ** 0.5
+    out = invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
+                 max_rounds=10, loss_threshold=delta)
+    assert any(0 < r < 10 for r in out.rounds), out.rounds
+    for rounds, residual in zip(out.rounds, out.residuals):
+        if rounds < 10:
+            assert residual < delta
+    assert (out.forward_evaluations, out.backward_evaluations) == expected_counts(out.rounds, 10)
 
 
 @torch.no_grad()
@@ -92,6 +113,7 @@ def test_zero_rounds_budget_is_ddim(model, image, ddim):
     out = invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
                  max_rounds=0, loss_threshold=0.0)
     assert out.rounds == [0] * STEPS and out.backward_evaluations == 0
+    assert out.forward_evaluations == STEPS + 1  # as cheap as DDIM with its diagnostics
     torch.testing.assert_close(out.chain, ddim.chain, rtol=0, atol=1e-5)
 
 

@@ -93,35 +93,44 @@ def _spdinv_chain(model, z0, cond, schedule, control, max_rounds, learning_rate,
 
     Unlike the reference, the loss is checked BEFORE each optimiser step, so a z_t that already
     meets delta (the DDIM estimate included) is kept as is, and the returned z_t is always the
-    one whose residual was measured. Evaluations that may need a gradient run with autograd and
-    count as forward+backward (when the check then passes, the backward is skipped, so that
-    count is an upper bound); after K steps the final check is a plain forward.
-    The latent is optimised in float32 even when the UNet runs in fp16.
+    one whose residual was measured. The first check of a step (often the only one) and the
+    final check after K steps also carry eps(z_t, t_next), the next step's DDIM estimate, in
+    the same UNet batch, so a step that needs no optimisation costs one UNet call, as in DDIM.
+    Evaluations that may need a gradient run with autograd and count as forward+backward (when
+    the check then passes the backward is skipped, so that count is an upper bound; the
+    backward passes actually run equal sum(rounds)). The latent is optimised in float32 even
+    when the UNet runs in fp16.
     """
     chain, residuals, rounds = [z0], [], []
     total = len(schedule)
+    eps_next = _eps(model, z0, [schedule[0][0]], cond, control)
     for i, (t, alpha_prev, alpha_t) in enumerate(schedule):
         z_prev = chain[-1]
+        next_t = [schedule[i + 1][0]] if i + 1 < total else []
         c1, c2 = diffusion.inversion_coefficients(alpha_prev, alpha_t)
-        with torch.no_grad():
-            latent = c1 * z_prev + c2 * _eps(model, z_prev, [t], cond, control)  # the DDIM estimate
-        latent.requires_grad_(True)
+        latent = (c1 * z_prev + c2 * eps_next).requires_grad_(True)  # the DDIM estimate
         optimizer = torch.optim.AdamW([latent], lr=learning_rate, weight_decay=weight_decay)
-        steps_taken = 0
+        steps_taken, eps_next = 0, None
         while True:
             may_step = steps_taken < max_rounds
+            carries_next = steps_taken == 0 or not may_step
             with torch.set_grad_enabled(may_step):
-                eps = _eps(model, latent, [t], cond, control, backward=may_step)
-                loss = _fixed_point_residual(latent, z_prev, eps, c1, c2)
+                eps = _eps(model, latent, [t] + (next_t if carries_next else []), cond, control, backward=may_step)
+                loss = _fixed_point_residual(latent, z_prev, eps[:1], c1, c2)
             if not may_step or loss.item() < loss_threshold:
+                if carries_next:
+                    eps_next = eps[1:].detach()
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # eps[1:] is not in the loss: the gradient is eps(z_t, t)'s alone
             optimizer.step()
             steps_taken += 1
+        latent = latent.detach()
+        if eps_next is None and next_t:  # stopped early after some steps: the next estimate needs eps
+            eps_next = _eps(model, latent, next_t, cond, control)
         residuals.append(loss.item())
         rounds.append(steps_taken)
-        chain.append(latent.detach())
+        chain.append(latent)
         control.progress("invert", i + 1, total,
                          f"spdinv t={t} rounds={steps_taken} residual={residuals[-1]:.3g}")
     return chain, residuals, rounds
