@@ -209,6 +209,34 @@ def test_masactrl_before_start_step_is_plain_sampling(model, z_T):
     torch.testing.assert_close(early.source_image, late.source_image, atol=1e-5, rtol=0)
 
 
+def test_masactrl_queries_attend_to_the_source_keys_and_values(model, z_T):
+    class MutualCheck(AttentionController):
+        def __init__(self, inner):
+            self.inner, self.checked = inner, []
+
+        def attend(self, call):
+            if not self.inner.wants(call.site, call.step):
+                return call.attend()
+            q, k, v = (call.layout.split(x) for x in (call.query, call.key, call.value))
+            probs = (torch.matmul(q, k[:, :1].transpose(-1, -2)) * call.scale).softmax(-1)  # source keys
+            expected = torch.matmul(probs, v[:, :1]).reshape(call.query.shape)
+            actual = self.inner.attend(call)
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+            own = call.layout.split(call.attend())[:, 0]
+            torch.testing.assert_close(call.layout.split(actual)[:, 0], own, atol=1e-5, rtol=0)  # source rows
+            self.checked.append(call.site.name)
+            return actual
+
+    embeddings = model.encode_prompt(["a red circle", "a blue square"])
+    latents = torch.cat([z_T, torch.randn_like(z_T)])  # distinct branches
+    with controlled_attention(model.unet) as sites:
+        check = MutualCheck(MutualSelfAttention(sites, MasaCtrlParams(start_step=0)))
+        with torch.no_grad():
+            guided_eps(model, latents, 900, embeddings, embeddings[:1], 7.5, CallControl(),
+                       attention_kwargs(check, 0, BatchLayout(branches=2), (8, 8)))
+    assert len(check.checked) == 4 and set(check.checked) == check.inner.layers
+
+
 def test_masactrl_layers_follow_the_reference_numbering(model):
     assert first_controlled_layer(10, 16) == 10 and first_controlled_layer(0, 11) == 0
     with controlled_attention(model.unet) as sites:
