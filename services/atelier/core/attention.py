@@ -1,6 +1,6 @@
 """One attention mechanism for every attention-editing method, on diffusers' processor API.
 
-`controlled_attention(unet)` installs an `ControlledAttnProcessor` on every `Attention` module
+`controlled_attention(unet)` installs a `ControlledAttnProcessor` on every `Attention` module
 of a UNet (restoring the previous processors on exit). A processor is stateless apart from the
 `AttentionSite` it serves; per-call state reaches it through `cross_attention_kwargs`:
 
@@ -154,7 +154,8 @@ class AttentionCall:
 class AttentionController:
     """Base controller: decides per site and step whether to act, then computes the attention.
 
-    Subclasses override `wants` (cheap filter; a False keeps the fast default path) and `attend`.
+    Subclasses override `wants` (cheap filter; a False keeps the fast default path), `attend`,
+    and optionally `after_step`.
     `attend` returns (batch, heads, queries, head_dim); the processor applies the output projection.
     """
 
@@ -163,6 +164,10 @@ class AttentionController:
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         return call.attend()
+
+    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        """Sampler hook after each denoising step (P2P's LocalBlend edits the latents here)."""
+        return latents
 
 
 @dataclass

@@ -54,6 +54,3 @@ class MutualSelfAttention(AttentionController):
             return rows[:, :1].expand_as(rows).reshape(tensor.shape)
 
         return call.attend(key=from_source(call.key), value=from_source(call.value))
-
-    def after_step(self, step: int, latents: torch.Tensor) -> torch.Tensor:
-        return latents
