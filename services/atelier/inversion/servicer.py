@@ -1,0 +1,299 @@
+"""Inversion service: proto <-> method translation only (no tensor math here)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import torch
+
+from atelier.core import codecs
+from atelier.core.errors import InvalidArgument
+from atelier.core.models import ModelRegistry
+from atelier.core.streaming import stream_call
+from atelier.inversion.editing import MasaCtrlParams, P2PParams, edit
+from atelier.inversion.inversion import invert
+from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
+
+SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
+
+_METHODS = {
+    inversion_pb2.INVERSION_METHOD_UNSPECIFIED: "spdinv",
+    inversion_pb2.DDIM: "ddim",
+    inversion_pb2.SPDINV: "spdinv",
+}
+_METHOD_ENUMS = {"ddim": inversion_pb2.DDIM, "spdinv": inversion_pb2.SPDINV}
+_ENGINES = {
+    inversion_pb2.EDIT_ENGINE_UNSPECIFIED: "p2p",
+    inversion_pb2.P2P: "p2p",
+    inversion_pb2.MASACTRL: "masactrl",
+}
+_P2P_MODES = {
+    inversion_pb2.P2POptions.MODE_UNSPECIFIED: "auto",
+    inversion_pb2.P2POptions.REPLACE: "replace",
+    inversion_pb2.P2POptions.REFINE: "refine",
+    inversion_pb2.P2POptions.REWEIGHT: "reweight",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Request limits: what a single call may ask of the service."""
+
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 1000  # the scheduler's training timesteps: more is meaningless
+    max_spdinv_rounds: int = 1000
+    max_prompt_chars: int = 2000
+
+
+@dataclasses.dataclass
+class InvertJob:
+    model: str
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    prompt: str
+    method: str
+    steps: int
+    return_chain: bool
+    spdinv: dict
+
+
+@dataclasses.dataclass
+class EditJob:
+    model: str
+    invert_job: InvertJob | None  # invert first, in the same call
+    z_t: torch.Tensor | None  # (1, 4, h, w) float32
+    source_prompt: str
+    steps: int
+    width: int
+    height: int
+    target_prompt: str
+    engine: str
+    guidance: float
+    p2p: P2PParams
+    masactrl: MasaCtrlParams
+    return_source: bool
+
+
+class InversionServicer(inversion_pb2_grpc.InversionServicer):
+    def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits()):
+        self._registry = registry
+        self._executor = executor
+        self._default_model = default_model
+        self._limits = limits
+
+    # ---- RPCs -------------------------------------------------------------
+    def Invert(self, request, context):
+        # Errors raised here or in the work are mapped to statuses by the error interceptor.
+        job = self._parse_invert(request, prefix="")
+        yield from stream_call(
+            context,
+            self._executor,
+            lambda control: self._run_invert(job, control),
+            lambda event: inversion_pb2.InvertEvent(progress=_progress(event)),
+            lambda result, control: inversion_pb2.InvertEvent(result=_inversion_result(job, result, control)),
+        )
+
+    def Edit(self, request, context):
+        job = self._parse_edit(request)
+        yield from stream_call(
+            context,
+            self._executor,
+            lambda control: self._run_edit(job, control),
+            lambda event: inversion_pb2.EditEvent(progress=_progress(event)),
+            lambda result, control: inversion_pb2.EditEvent(result=_edit_result(job, result, control)),
+        )
+
+    # ---- work (runs on the compute executor) ------------------------------
+    def _run_invert(self, job: InvertJob, control):
+        model = self._registry.load_sd(job.model)
+        return invert(
+            model, job.image.to(device=model.device, dtype=model.dtype), job.prompt, method=job.method, steps=job.steps, control=control, **job.spdinv
+        )
+
+    def _run_edit(self, job: EditJob, control):
+        model = self._registry.load_sd(job.model)
+        if job.invert_job is not None:
+            z_t = self._run_invert(job.invert_job, control).chain[-1:]
+        else:
+            z_t = job.z_t.to(device=model.device, dtype=model.dtype)
+        return edit(
+            model,
+            z_t,
+            job.source_prompt,
+            job.target_prompt,
+            job.steps,
+            engine=job.engine,
+            guidance=job.guidance,
+            p2p=job.p2p,
+            masactrl=job.masactrl,
+            control=control,
+        )
+
+    # ---- request parsing (cheap, before the call is queued) -------------
+    def _model_name(self, ref: common_pb2.ModelRef, field: str) -> str:
+        name = ref.name or self._default_model
+        self._registry.resolve(name)  # NotFound for unknown names
+        return name
+
+    def _steps(self, request, field: str) -> int:
+        steps = request.steps if request.HasField("steps") else 50
+        if not 1 <= steps <= self._limits.max_steps:
+            raise InvalidArgument(field, f"must be between 1 and {self._limits.max_steps}, got {steps}")
+        return steps
+
+    def _prompt(self, text: str, field: str) -> str:
+        if len(text) > self._limits.max_prompt_chars:
+            raise InvalidArgument(field, f"longer than {self._limits.max_prompt_chars} characters")
+        return text
+
+    def _parse_invert(self, request: inversion_pb2.InvertRequest, prefix: str) -> InvertJob:
+        if not request.HasField("image"):
+            raise InvalidArgument(prefix + "image", "an image is required")
+        image = codecs.image_to_torch(
+            request.image, field=prefix + "image", max_pixels=self._limits.max_pixels, multiple_of=8
+        )
+        if request.method not in _METHODS:
+            raise InvalidArgument(prefix + "method", f"unknown inversion method {request.method}")
+        opts = request.spdinv
+        spdinv = {}
+        if opts.HasField("max_rounds"):
+            if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
+                raise InvalidArgument(
+                    prefix + "spdinv.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}"
+                )
+            spdinv["max_rounds"] = opts.max_rounds
+        for name in ("learning_rate", "loss_threshold", "weight_decay"):
+            if opts.HasField(name):
+                value = getattr(opts, name)
+                if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
+                    raise InvalidArgument(f"{prefix}spdinv.{name}", f"must be a finite positive number, got {value}")
+                spdinv[name] = value
+        return InvertJob(
+            model=self._model_name(request.model, prefix + "model"),
+            image=image,
+            prompt=self._prompt(request.prompt, prefix + "prompt"),
+            method=_METHODS[request.method],
+            steps=self._steps(request, prefix + "steps"),
+            return_chain=request.return_chain,
+            spdinv=spdinv,
+        )
+
+    def _parse_edit(self, request: inversion_pb2.EditRequest) -> EditJob:
+        source = request.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument("source", "set either inversion (a result of Invert) or invert (a request)")
+        invert_job, z_t = None, None
+        if source == "invert":
+            invert_job = self._parse_invert(request.invert, prefix="invert.")
+            model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
+            height, width = invert_job.image.shape[2:]
+        else:
+            inv = request.inversion
+            model = self._model_name(inv.model if inv.model.name else request.model, "inversion.model")
+            prompt = self._prompt(inv.prompt, "inversion.prompt")
+            steps = inv.steps
+            if not 1 <= steps <= self._limits.max_steps:
+                raise InvalidArgument("inversion.steps", f"must be between 1 and {self._limits.max_steps}")
+            z_t = codecs.tensor_to_torch(inv.z_t, field="inversion.z_t", shape=(1, 4, None, None)).float()
+            height, width = inv.height, inv.width
+            if (height, width) != (z_t.shape[2] * 8, z_t.shape[3] * 8):
+                raise InvalidArgument("inversion.width", "width/height do not match z_t's spatial size x 8")
+            if height * width > self._limits.max_pixels:
+                raise InvalidArgument("inversion.z_t", f"larger than {self._limits.max_pixels} pixels")
+            if not torch.isfinite(z_t).all():
+                raise InvalidArgument("inversion.z_t", "contains NaN or infinite values")
+        if request.model.name and request.model.name != model:
+            raise InvalidArgument("model", f"differs from the inversion's model {model!r}")
+        engine = _ENGINES.get(request.engine)
+        if engine is None:
+            raise InvalidArgument("engine", f"unknown editing engine {request.engine}")
+        target = self._prompt(request.target_prompt, "target_prompt")
+        if not target.strip():
+            raise InvalidArgument("target_prompt", "must not be empty")
+        guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
+        if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
+            raise InvalidArgument("guidance_scale", f"must be between 0 and 50, got {guidance}")
+        return EditJob(
+            model=model,
+            invert_job=invert_job,
+            z_t=z_t,
+            source_prompt=prompt,
+            steps=steps,
+            width=width,
+            height=height,
+            target_prompt=target,
+            engine=engine,
+            guidance=guidance,
+            p2p=_p2p_params(request.p2p),
+            masactrl=_masactrl_params(request.masactrl, steps),
+            return_source=request.return_source,
+        )
+
+
+def _fraction(opts, name: str, default: float) -> float:
+    value = getattr(opts, name) if opts.HasField(name) else default
+    if not 0.0 <= value <= 1.0:
+        raise InvalidArgument(f"p2p.{name}", f"must be within [0, 1], got {value}")
+    return value
+
+
+def _p2p_params(opts: inversion_pb2.P2POptions) -> P2PParams:
+    if opts.mode not in _P2P_MODES:
+        raise InvalidArgument("p2p.mode", f"unknown mode {opts.mode}")
+    for word, weight in opts.reweight.items():
+        if not np.isfinite(weight):
+            raise InvalidArgument(f"p2p.reweight[{word}]", "must be finite")
+    return P2PParams(
+        mode=_P2P_MODES[opts.mode],
+        cross_replace_fraction=_fraction(opts, "cross_replace_fraction", 0.8),
+        self_replace_fraction=_fraction(opts, "self_replace_fraction", 0.6),
+        reweight=dict(opts.reweight),
+        blend_words=list(opts.blend_words),
+        blend_threshold=_fraction(opts, "blend_threshold", 0.3),
+    )
+
+
+def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions, steps: int) -> MasaCtrlParams:
+    # Defaults are the reference's (step 4, layer 10); only explicit values are range-checked.
+    start_step = opts.start_step if opts.HasField("start_step") else 4
+    start_layer = opts.start_layer if opts.HasField("start_layer") else 10
+    if opts.HasField("start_step") and not 0 <= start_step <= steps:
+        raise InvalidArgument("masactrl.start_step", f"must be between 0 and steps ({steps}), got {start_step}")
+    return MasaCtrlParams(start_step=start_step, start_layer=start_layer)
+
+
+def _progress(event) -> common_pb2.Progress:
+    return common_pb2.Progress(
+        stage=event.stage,
+        step=event.step,
+        total=event.total,
+        message=event.message,
+        elapsed_seconds=event.elapsed_seconds,
+    )
+
+
+def _inversion_result(job: InvertJob, out, control) -> inversion_pb2.InversionResult:
+    height, width = job.image.shape[2:]
+    chain = out.chain.detach().float().cpu()
+    result = inversion_pb2.InversionResult(
+        model=common_pb2.ModelRef(name=job.model),
+        prompt=job.prompt,
+        method=_METHOD_ENUMS[job.method],
+        steps=job.steps,
+        width=width,
+        height=height,
+        z_t=codecs.tensor_from_torch(chain[-1:], name="z_T"),
+        usage=codecs.usage_to_proto(control),
+    )
+    if job.return_chain:
+        result.chain.CopyFrom(codecs.tensor_from_torch(chain, name="chain"))
+    for index, (timestep, residual, rounds) in enumerate(zip(out.timesteps, out.residuals, out.rounds), 1):
+        result.diagnostics.add(index=index, timestep=int(timestep), residual=float(residual), rounds=int(rounds))
+    return result
+
+
+def _edit_result(job: EditJob, out, control) -> inversion_pb2.EditResult:
+    result = inversion_pb2.EditResult(image=codecs.image_from_torch(out.image), usage=codecs.usage_to_proto(control))
+    if job.return_source and out.source_image is not None:
+        result.source_image.CopyFrom(codecs.image_from_torch(out.source_image))
+    return result
