@@ -179,3 +179,15 @@ def test_expired_deadline_runs_no_unet(model, image):
     with UNetCallCounter(model.unet) as counter, pytest.raises(DeadlineExceeded):
         diffusion.sample(model, torch.zeros(1, 4, 8, 8), model.encode_prompt([PROMPT]), None, 4, 1.0, control)
     assert counter.calls == 0
+
+
+def test_invalid_arguments_name_the_field(model, image):
+    from atelier.core.errors import InvalidArgument
+
+    for kwargs, field in ((dict(method="nti"), "method"), (dict(steps=0), "steps"), (dict(steps=1001), "steps")):
+        with pytest.raises(InvalidArgument) as error:
+            invert(model, image, PROMPT, **kwargs)
+        assert error.value.violations[0][0] == field
+    with pytest.raises(InvalidArgument) as error:
+        invert(model, image[:, :, :60], PROMPT, method="ddim", steps=2)
+    assert error.value.violations[0][0] == "image"

@@ -44,7 +44,9 @@ def inversion_coefficients(alpha_prev, alpha_t) -> tuple[float, float]:
 
 
 def _as_tensor(alpha, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(alpha, dtype=torch.float32, device=like.device).to(like.dtype)
+    # A 0-dim float32 tensor: square roots in float32, and (as in diffusers) a 0-dim operand
+    # does not promote an fp16 latent.
+    return torch.as_tensor(alpha, dtype=torch.float32, device=like.device)
 
 
 def step_alphas(scheduler, timestep) -> tuple[float, float]:

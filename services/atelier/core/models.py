@@ -19,6 +19,7 @@ import torch
 
 from . import tiny_models
 from .device import pick_device
+from .errors import NotFound
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 DEFAULT_ENTRIES = {"toy": "builtin:toy", "toy-sam": "builtin:toy-sam"}
@@ -138,8 +139,6 @@ class ModelRegistry:
 
     def resolve(self, name: str) -> str:
         """A loadable source for ``name``: a local folder path, or a hub id. NotFound if unknown."""
-        from .errors import NotFound
-
         if name not in self.entries:
             raise NotFound(f"unknown model {name!r}; known: {', '.join(self.names())}")
         source = self.entries[name]
@@ -175,8 +174,6 @@ class ModelRegistry:
             except OSError as error:
                 if is_local:
                     raise
-                from .errors import NotFound
-
                 raise NotFound(f"model {name!r}: hub id {source!r} is not in the local cache and "
                                f"downloads are disabled (set ATELIER_ALLOW_DOWNLOADS=1)") from error
             model.load_seconds = time.perf_counter() - started  # includes building the tiny fallback

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core import diffusion
+from ..core.control import CallControl
+from ..core.errors import InvalidArgument
 from .types import InversionOutput
 
 METHODS = ("ddim", "spdinv")
@@ -28,12 +30,16 @@ def invert(model, image: torch.Tensor, prompt: str, method: str = "spdinv", step
     AdamW's ``weight_decay`` (the reference builds ``torch.optim.AdamW([latent], lr=lr)``, so
     torch's default decay 1e-2 acts on the latent; kept as a parameter with that default).
     """
-    if control is None:
-        from ..core.control import CallControl
-
-        control = CallControl()
+    control = CallControl() if control is None else control
     if method not in METHODS:
-        raise ValueError(f"unknown inversion method {method!r}; choose one of {METHODS}")
+        raise InvalidArgument("method", f"unknown inversion method {method!r}; choose one of {METHODS}")
+    train_steps = model.scheduler_config.get("num_train_timesteps", 1000)
+    if not 1 <= steps <= train_steps:
+        raise InvalidArgument("steps", f"must be between 1 and {train_steps}")
+    if max_rounds < 0:
+        raise InvalidArgument("max_rounds", "must not be negative")
+    if image.dim() != 4 or image.shape[:2] != (1, 3) or image.shape[2] % 8 or image.shape[3] % 8:
+        raise InvalidArgument("image", f"expected (1, 3, H, W) with H, W multiples of 8, got {tuple(image.shape)}")
     started = time.perf_counter()
     forward_before, backward_before = control.forward_evaluations, control.backward_evaluations
     z0 = model.encode_image(image).float()
