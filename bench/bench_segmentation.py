@@ -1,6 +1,6 @@
 """Segmentation service throughput and latency, side by side in one run.
 
-Real gRPC on loopback through the SDK; one server per configuration (local encoder or
+Real gRPC on loopback through the SDK; one server process per configuration (local encoder or
 Triton, micro-batching on or off), each driven by 1, 4 and 16 concurrent clients, with
 fresh images (embedding-cache miss: the encoder runs) and one repeated image (cache hit:
 prompt encoder + mask decoder only). Triton rows need .venv-triton (make triton-venv).
@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -22,14 +26,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_images(count: int, size: int, seed: int) -> list[np.ndarray]:
+def make_images(count: int, size: int, seed: int) -> list:
+    """Distinct random images, pre-encoded as raw RGB8 so the timed loop measures the
+    service, not the client's PNG compression."""
+    from atelier.sdk import codec
+
     rng = np.random.default_rng(seed)
-    return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(count)]
+    return [codec.image_from_array((rng.random((size, size, 3)) * 255).astype(np.uint8), "raw")
+            for _ in range(count)]
 
 
 def drive(client, images: list[np.ndarray], concurrency: int) -> dict:
     """Send one request per image from ``concurrency`` threads; latency per request."""
-    latencies, batch_sizes, cached = [], [], []
+    latencies, batch_sizes = [], []
     lock, next_index = threading.Lock(), iter(range(len(images)))
 
     def worker():
@@ -39,13 +48,12 @@ def drive(client, images: list[np.ndarray], concurrency: int) -> dict:
             if index is None:
                 return
             started = time.perf_counter()
-            result = client.segmentation.segment(images[index], points=[(images[index].shape[1] // 2, 10)],
+            result = client.segmentation.segment(images[index], points=[(images[index].width // 2, 10)],
                                                  multimask=True)
             elapsed = time.perf_counter() - started
             with lock:
                 latencies.append(elapsed)
                 batch_sizes.append(result.encoder_batch_size)
-                cached.append(result.embedding_cached)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -54,50 +62,70 @@ def drive(client, images: list[np.ndarray], concurrency: int) -> dict:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    ordered = sorted(latencies)
-    encoded = [b for b in batch_sizes if b > 0]
-    return {
-        "requests": len(latencies),
-        "rps": len(latencies) / wall,
-        "p50_ms": 1000 * statistics.median(ordered),
-        "p95_ms": 1000 * ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))],
-        "mean_encoder_batch": statistics.mean(encoded) if encoded else 0.0,
-        "cache_hit_rate": sum(cached) / len(cached),
-    }
+    return {"rps": len(latencies) / wall, "latencies": latencies, "batch_sizes": batch_sizes}
 
 
-def start_service(stack: ExitStack, backend: str, max_batch_size: int, triton_url: str | None, max_queue: int):
+def start_service(stack: ExitStack, backend: str, max_batch_size: int, triton_url: str | None, sam_source: str,
+                  max_queue: int, torch_threads: int):
+    """``python -m atelier.segmentation`` in its own process (so the load generator's GIL
+    does not slow the server), on a free loopback port; an SDK client once it is SERVING."""
     import atelier
-    from prometheus_client import CollectorRegistry
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from atelier.core.config import ServerConfig
-    from atelier.core.metrics import Metrics
-    from atelier.core.server import start
-    from atelier.segmentation.app import SegmentationApp, SegmentationSettings
-    from atelier.segmentation.segmenter import BatchingOptions
+    from atelier.segmentation.triton_launcher import free_port
 
-    config = ServerConfig(service="segmentation", host="127.0.0.1", port=0, metrics_port=-1, max_queue=max_queue,
-                          grace_seconds=2)
-    settings = SegmentationSettings(backend=backend, triton_url=triton_url or "127.0.0.1:8001",
-                                    batching=BatchingOptions(max_batch_size=max_batch_size, max_wait_seconds=0.005,
-                                                             max_queue=256))
-    metrics = Metrics(CollectorRegistry())
-    app = SegmentationApp(config, settings, metrics)
-    running = start(app, config, metrics)
-    stack.callback(running.stop, 2)
-    if not running.wait_loaded(300) or running.load_error is not None:
-        raise RuntimeError(f"segmentation service failed to load: {running.load_error}")
-    client = atelier.Client(running.address, timeout=120, retries=0)
+    port = free_port()
+    command = [sys.executable, "-m", "atelier.segmentation", "--host", "127.0.0.1", "--port", str(port),
+               "--metrics-port", "-1", "--max-queue", str(max_queue), "--grace-seconds", "2",
+               "--model", f"toy-sam={sam_source}", "--backend", backend, "--max-batch-size", str(max_batch_size),
+               "--encoder-queue", "256"]
+    if triton_url:
+        command += ["--triton-url", triton_url]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop():
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    stack.callback(stop)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{' '.join(command)} exited:\n{process.stderr.read().decode()[-3000:]}")
+            try:
+                if check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{address} not SERVING after 300 s")
+            time.sleep(0.2)
+    client = atelier.Client(address, timeout=120, retries=0)
     stack.callback(client.close)
     return client
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=48, help="requests per cell")
+    parser.add_argument("--requests", type=int, default=32, help="requests per cell and round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (medians reported)")
+    parser.add_argument("--sam", help="SamModel folder (default: the registry's toy-sam)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--triton-venv", default=str(ROOT / ".venv-triton"))
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="intra-op threads for the service and the Triton stub (torch's default spins "
+                             "badly on a shared 2-core machine: 400 ms instead of 6 ms per encoder call)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -108,33 +136,50 @@ def main(argv=None) -> int:
     else:
         print(f"(no Triton rows: {args.triton_venv} is absent; run `make triton-venv`)")
 
+    from atelier.core.models import ModelRegistry
+
+    sam_source = args.sam or ModelRegistry().resolve("toy-sam")
     rows = []
-    seed = 0
-    with ExitStack() as outer:
+    cells: dict[tuple, list[dict]] = {}
+    with ExitStack() as stack:
         triton_url = None
         if have_triton:
-            from atelier.core.models import ModelRegistry
             from atelier.segmentation.triton_launcher import TritonServer
 
-            triton = TritonServer(args.triton_venv, sam_path=ModelRegistry().resolve("toy-sam"))
-            outer.enter_context(triton)
+            triton = TritonServer(args.triton_venv, sam_path=sam_source,
+                                  extra_env={"OMP_NUM_THREADS": str(args.torch_threads)})
+            stack.enter_context(triton)
             triton_url = triton.grpc_url
-        for backend, max_batch in configs:
-            with ExitStack() as stack:
-                client = start_service(stack, backend, max_batch, triton_url, max_queue=max(args.concurrency) + 4)
-                hot = make_images(1, args.size, seed=10_000)
-                drive(client, hot * 4, 1)  # warm the connection, the model and the cache entry
-                for concurrency in args.concurrency:
-                    for workload in ("miss", "hit"):
+        # All servers up at once; cells interleave across configurations and repeat, so slow
+        # drift of a shared machine's load hits every configuration alike.
+        clients = {config: start_service(stack, config[0], config[1], triton_url, sam_source,
+                                         max_queue=max(args.concurrency) + 4, torch_threads=args.torch_threads)
+                   for config in configs}
+        hot = make_images(1, args.size, seed=10_000)
+        for client in clients.values():
+            drive(client, hot * 4, 1)  # warm the connection, the model and the cache entry
+        seed = 0
+        for round_index in range(args.rounds):
+            for concurrency in args.concurrency:
+                for workload in ("miss", "hit"):
+                    for (backend, max_batch), client in clients.items():
                         seed += 1
                         images = make_images(args.requests, args.size, seed) if workload == "miss" \
                             else hot * args.requests
-                        row = {"backend": backend, "batching": "on" if max_batch > 1 else "off",
-                               "clients": concurrency, "cache": workload, **drive(client, images, concurrency)}
-                        rows.append(row)
-                        print(f"{backend:6} batching {row['batching']:3}  {concurrency:2} clients  {workload:4}  "
-                              f"{row['rps']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  "
-                              f"batch {row['mean_encoder_batch']:.2f}", flush=True)
+                        key = (backend, "on" if max_batch > 1 else "off", concurrency, workload)
+                        cells.setdefault(key, []).append(drive(client, images, concurrency))
+            print(f"round {round_index + 1}/{args.rounds} done", flush=True)
+    for (backend, batching, concurrency, workload), runs in cells.items():
+        latencies = sorted(v for run in runs for v in run["latencies"])
+        encoded = [b for run in runs for b in run["batch_sizes"] if b > 0]
+        rows.append({
+            "backend": backend, "batching": batching, "clients": concurrency, "cache": workload,
+            "rps": statistics.median(run["rps"] for run in runs),
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))],
+            "mean_encoder_batch": statistics.mean(encoded) if encoded else 0.0,
+        })
+    rows.sort(key=lambda r: (r["backend"], r["batching"] == "off", r["clients"], r["cache"] == "hit"))
 
     print()
     print("| backend | batching | clients | cache | req/s | p50 ms | p95 ms | mean encoder batch |")
@@ -145,7 +190,7 @@ def main(argv=None) -> int:
     ratios = []
     index = {(r["backend"], r["batching"], r["clients"], r["cache"]): r for r in rows}
     for c in args.concurrency:
-        for backend in {b for b, _ in configs}:
+        for backend in sorted({b for b, _ in configs}):
             on, off = index.get((backend, "on", c, "miss")), index.get((backend, "off", c, "miss"))
             hit = index.get((backend, "on", c, "hit"))
             if on and off and hit:

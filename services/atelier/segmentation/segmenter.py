@@ -72,7 +72,7 @@ class Segmenter:
         self._encode_batch = encode_batch or local_encoder(predictor)
         self._decode_executor = decode_executor
         self.cache: EmbeddingCache[torch.Tensor] = EmbeddingCache(options.cache_bytes, _tensor_bytes, cache_stats)
-        self.batcher: MicroBatcher[torch.Tensor, torch.Tensor] = MicroBatcher(
+        self.batcher: MicroBatcher[tuple[str, torch.Tensor], torch.Tensor] = MicroBatcher(
             self._run_encoder, max_batch_size=options.max_batch_size, max_wait_seconds=options.max_wait_seconds,
             max_queue=options.max_queue, name=name, stats=batch_stats)
         self._in_flight: dict[str, object] = {}  # content key -> Future: one encoder run per image at a time
@@ -86,17 +86,19 @@ class Segmenter:
         return self.predictor.low_res_size
 
     # ------------------------------------------------------------------ encoder
-    def _run_encoder(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
-        embeddings = self._encode_batch(torch.stack(pixel_values)).to(self.predictor.device)
-        # Clones, so a cached embedding does not pin the whole batch's storage.
-        return [embedding.clone() for embedding in embeddings]
-
-    def _settle(self, key: str, future) -> None:
-        with self._lock:
-            self._in_flight.pop(key, None)
-        if not future.cancelled() and future.exception() is None:
-            embedding, _ = future.result()
+    def _run_encoder(self, items: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        embeddings = self._encode_batch(torch.stack([pixels for _, pixels in items])).to(self.predictor.device)
+        # Clones, so a cached embedding does not pin the whole batch's storage. Cached before
+        # the callers are woken, so a caller's next request for the same image always hits.
+        results = [embedding.clone() for embedding in embeddings]
+        for (key, _), embedding in zip(items, results):
             self.cache.put(key, embedding)
+        return results
+
+    def _forget(self, key: str, future) -> None:
+        with self._lock:
+            if self._in_flight.get(key) is future:
+                del self._in_flight[key]
 
     def embedding(self, prepared: PreparedImage, control: Optional[CallControl] = None) -> tuple[torch.Tensor, int]:
         """The image embedding and the encoder batch size it came from (0: from the cache)."""
@@ -110,9 +112,9 @@ class Segmenter:
                 future = self._in_flight.get(key)
                 owner = future is None and pixels is not None
                 if owner:
-                    future = self.batcher.submit(pixels, control)
+                    future = self.batcher.submit((key, pixels), control)
                     self._in_flight[key] = future
-                    future.add_done_callback(lambda done, key=key: self._settle(key, done))
+                    future.add_done_callback(lambda done, key=key: self._forget(key, done))
             if owner:
                 return wait_for(future, control)
             if future is None:
