@@ -28,6 +28,7 @@ from atelier.sdk.errors import (
 from atelier.sdk.common import Usage
 from atelier.sdk.inversion import EditResult, Inversion, InversionClient, StepDiagnostics
 from atelier.sdk.progress import CancelToken, Progress
+from atelier.sdk.segmentation import PromptSet, Segmentation, SegmentationClient
 from atelier.sdk.transport import RetryPolicy
 
 __all__ = [
@@ -40,6 +41,9 @@ __all__ = [
     "InversionClient",
     "StepDiagnostics",
     "EditResult",
+    "Segmentation",
+    "SegmentationClient",
+    "PromptSet",
     "Usage",
     "CodecError",
     "AtelierError",
