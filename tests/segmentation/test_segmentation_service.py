@@ -58,7 +58,7 @@ def test_batch_form_runs_one_encoder_pass_for_many_prompt_sets(service, predicto
     pixels = make_image(12)
     prompt_sets = [
         {"points": [(10, 10)]},
-        atelier.sdk.segmentation.PromptSet(points=[(70, 40), (20, 20)], labels=[1, 0]),
+        atelier.PromptSet(points=[(70, 40), (20, 20)], labels=[1, 0]),
         {"boxes": (30, 10, 75, 45)},
     ]
     executions = service.segmenter.batcher.executions
