@@ -7,7 +7,7 @@ TRITON_VENV ?= .venv-triton
 TRITON_PY := $(TRITON_VENV)/bin/python
 TRITON_REPOSITORY ?= deploy/triton-repository
 
-.PHONY: triton-venv triton-serve
+.PHONY: triton-venv triton-serve triton-clean
 
 $(TRITON_VENV)/.installed: mk/triton.mk
 	$(PYTHON) -m venv $(TRITON_VENV)
@@ -26,3 +26,6 @@ triton-serve: $(TRITON_VENV)/.installed $(VENV)/.installed
 
 # The test target builds the Triton venv first so the Triton-path tests run instead of skipping.
 test: $(TRITON_VENV)/.installed
+
+triton-clean:
+	rm -rf $(TRITON_VENV)
