@@ -80,6 +80,19 @@ def residuals_of(model, chain, prompt, steps):
     return out
 
 
+@torch.no_grad()
+def reconstruction_psnr(model, chain, prompt, steps, guidance):
+    """PSNR (dB) of regenerating from z_T against the VAE's own reconstruction of z_0.
+
+    The unconditional branch is the empty prompt (with the source prompt as unconditional,
+    as the editing engines use, CFG reduces to guidance 1 for a reconstruction).
+    """
+    cond, uncond = model.encode_prompt([prompt]), model.encode_prompt([""])
+    regenerated = diffusion.sample(model, chain[-1:], cond, uncond, steps, guidance, CallControl())
+    error = torch.mean((model.decode_latents(regenerated) - model.decode_latents(chain[:1])) ** 2)
+    return float(10 * torch.log10(1 / error))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy")
@@ -87,6 +100,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threshold", type=float, default=5e-6)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5],
+                        help="guidances for the (reported) reconstruction PSNR")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on shared CPUs)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -103,11 +118,13 @@ def main(argv=None):
               f"{'rounds med':>10} {'mean residual':>14} {'median resid':>13}")
     print(header)
     print("-" * len(header))
+    chains = {}
     for steps in args.steps:
         rows = []
         for method in ("ddim", "spdinv"):
             out = invert(model, image, PROMPT, method=method, steps=steps, control=CallControl(),
                          max_rounds=args.rounds, learning_rate=args.lr, loss_threshold=args.threshold)
+            ddim_chain, spdinv_chain = (out.chain, None) if method == "ddim" else (ddim_chain, out.chain)
             rows.append((method, out.seconds, out.forward_evaluations, out.backward_evaluations, sum(out.rounds),
                          out.rounds, out.residuals))
         chain, used, seconds, control = reference_order_spdinv(model, image, PROMPT, steps, args.rounds, args.lr,
@@ -119,8 +136,16 @@ def main(argv=None):
             print(f"{method:<11} {steps:>5} {seconds:>8.2f} {seconds / ddim_seconds:>7.1f} {forward:>6} {backward:>8} "
                   f"{passes:>8} {statistics.median(rounds):>10.0f} {statistics.fmean(residuals):>14.3g} "
                   f"{statistics.median(residuals):>13.3g}")
+        chains[steps] = {"ddim": ddim_chain, "spdinv": spdinv_chain, "spdinv-ref": torch.cat(chain).float().cpu()}
     print("fwd: forward-only UNet calls; fwd+bwd: calls made with autograd (an upper bound on backward "
           "passes); bwd run: backward passes actually run (= optimiser steps)")
+    print("\nreconstruction PSNR (dB) vs the VAE reconstruction of z_0, regenerated from z_T "
+          "(reported, not a goal of inversion alone):")
+    for steps, by_method in chains.items():
+        for guidance in args.guidance:
+            cells = [f"{method} {reconstruction_psnr(model, chain, PROMPT, steps, guidance):6.2f}"
+                     for method, chain in by_method.items()]
+            print(f"  steps {steps:>3} guidance {guidance:>4}: " + "   ".join(cells))
 
 
 if __name__ == "__main__":
