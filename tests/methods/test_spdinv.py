@@ -149,3 +149,17 @@ def test_reconstruction_error_report(model, image, ddim, spdinv):
         print(f"\n{out.method}: mean residual {sum(out.residuals) / STEPS:.3g}, rounds {out.rounds}, "
               f"reconstruction latent MSE {latent_mse:.3g}, image MSE {image_mse:.3g}")
         assert torch.isfinite(z0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_smoke(image):
+    model = ModelRegistry(device=torch.device("cuda"), dtype=torch.float16).load_sd("toy")
+    assert next(model.unet.parameters()).dtype == torch.float16
+    for method in ("ddim", "spdinv"):
+        out = invert(model, image.cuda().half(), PROMPT, method=method, steps=STEPS, control=CallControl(),
+                     max_rounds=5)
+        assert out.chain.dtype == torch.float32 and out.chain.device.type == "cpu"
+        assert torch.isfinite(out.chain).all() and all(r == r for r in out.residuals)
+    z0 = diffusion.sample(model, out.z_T, model.encode_prompt([PROMPT]), model.encode_prompt([""]), STEPS, 7.5,
+                          CallControl())
+    assert z0.dtype == torch.float16 and torch.isfinite(z0).all()
