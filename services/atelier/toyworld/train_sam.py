@@ -1,11 +1,11 @@
 """Train a tiny transformers SamModel on world scenes with point and box prompts.
 
-Image size 128 (world images upsampled 2x by the SamProcessor), patch 8: a 16x16 embedding
-grid, so the decoder's low-resolution masks are 64x64, the world's own resolution.
+Image size 64 (the world's own), patch 8: an 8x8 embedding grid and 32x32 low-resolution
+masks, upsampled bilinearly to 64x64 (as SamProcessor.post_process_masks does) for the loss.
 Loss: BCE + dice on the single-mask output, SAM's min-over-three for the multimask output,
 MSE for the IoU head.
 
-    python -m atelier.toyworld.train_sam --steps 3000 --out .cache/toyworld/toy-sam
+    python -m atelier.toyworld.train_sam --steps 2000 --out .cache/toyworld/toy-sam
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, Sa
 from . import world
 from .train_common import WORK_DIR, Logger, cosine_lr, load_checkpoint, save_checkpoint, seed_everything
 
-IMAGE_SIZE = 128
+IMAGE_SIZE = 64
 PATCH = 8
 SAM_CONFIG = dict(
     vision=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, mlp_dim=384,
                 patch_size=PATCH, image_size=IMAGE_SIZE, output_channels=64, num_pos_feats=32,
-                window_size=8, global_attn_indexes=[1, 3]),
+                window_size=4, global_attn_indexes=[1, 3]),
     prompt=dict(hidden_size=64, image_size=IMAGE_SIZE, patch_size=PATCH, mask_input_channels=16),
     decoder=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=256,
                  iou_head_hidden_dim=64, attention_downsample_rate=2),
@@ -62,6 +62,14 @@ def prompts_for(scenes: list[world.Scene], rng: np.random.Generator):
             torch.tensor(boxes, dtype=torch.float32))
 
 
+def upsample(logits: torch.Tensor) -> torch.Tensor:
+    """Low-resolution mask logits (..., h, w) -> world resolution, bilinear."""
+    shape = logits.shape
+    up = F.interpolate(logits.reshape(-1, 1, *shape[-2:]), size=(world.SIZE, world.SIZE),
+                       mode="bilinear", align_corners=False)
+    return up.reshape(*shape[:-2], world.SIZE, world.SIZE)
+
+
 def mask_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample BCE + dice; logits and target (B, H, W)."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2))
@@ -79,7 +87,7 @@ def iou_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def prompt_loss(model: SamModel, embeddings: torch.Tensor, target: torch.Tensor, **prompt) -> torch.Tensor:
     single = model(image_embeddings=embeddings, multimask_output=False, **prompt)
     multi = model(image_embeddings=embeddings, multimask_output=True, **prompt)
-    s_logits, m_logits = single.pred_masks[:, 0, 0], multi.pred_masks[:, 0]
+    s_logits, m_logits = upsample(single.pred_masks[:, 0, 0]), upsample(multi.pred_masks[:, 0])
     loss = mask_losses(s_logits, target).mean()
     per_mask = torch.stack([mask_losses(m_logits[:, j], target) for j in range(m_logits.shape[1])], 1)
     loss = loss + per_mask.min(1).values.mean()
@@ -109,15 +117,15 @@ def evaluate(model: SamModel, processor: SamProcessor, n: int = 128, seed: int =
                                         input_labels=torch.ones(n, 1, 1, dtype=torch.long))),
                          ("box", dict(input_boxes=(boxes * scale)[:, None]))):
         out = model(image_embeddings=emb, multimask_output=False, **prompt)
-        res[name] = iou_of(out.pred_masks[:, 0, 0], target).mean().item()
+        res[name] = iou_of(upsample(out.pred_masks[:, 0, 0]), target).mean().item()
     model.train()
     return res
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "toy-sam")

@@ -4,7 +4,10 @@ A fixed pool of scenes is encoded once (posterior mean and std); each step sampl
 from the stored posterior. Epsilon prediction, SD-1.x scaled_linear DDPM betas, 10% caption
 dropout for classifier-free guidance, EMA of both trained models.
 
-    python -m atelier.toyworld.train_sd --vae .cache/toyworld/vae --steps 5000
+The pool is encoded with <work>/vae-encoder (the VAE frozen-encoder snapshot, same latent
+space and scaling_factor as the final VAE); the exported pipeline carries the final VAE.
+
+    python -m atelier.toyworld.train_sd --steps 2000
 """
 from __future__ import annotations
 
@@ -66,11 +69,12 @@ def export_pipeline(vae, text_encoder, tokenizer, unet, out: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--vae", type=Path, default=WORK_DIR / "vae")
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--vae-encoder", type=Path, default=WORK_DIR / "vae-encoder")
+    ap.add_argument("--vae", type=Path, default=WORK_DIR / "vae", help="final VAE, for the export")
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=8e-4)
-    ap.add_argument("--pool-size", type=int, default=60_000)
+    ap.add_argument("--pool-size", type=int, default=20_000)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
@@ -80,7 +84,7 @@ def main(argv=None) -> None:
 
     seed_everything(args.seed)
     log = Logger("sd")
-    vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(args.vae_encoder).eval().requires_grad_(False)
     tokenizer = build_tokenizer()
     text_encoder = build_text_encoder(tokenizer)
     unet = UNet2DConditionModel(**UNET_CONFIG)
@@ -145,7 +149,10 @@ def main(argv=None) -> None:
     ema_u, ema_t = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     ema_unet.copy_to(ema_u.parameters())
     ema_text.copy_to(ema_t.parameters())
-    export_pipeline(vae, ema_t.eval(), tokenizer, ema_u.eval(), args.out)
+    final_vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    if final_vae.config.scaling_factor != vae.config.scaling_factor:
+        raise SystemExit("the final VAE's scaling_factor differs from the encoder snapshot's")
+    export_pipeline(final_vae, ema_t.eval(), tokenizer, ema_u.eval(), args.out)
     log(f"saved pipeline to {args.out}")
 
 

@@ -1,6 +1,10 @@
 """Train the f8 AutoencoderKL on on-the-fly world scenes (L1 + MSE + edge + small KL).
 
-    python -m atelier.toyworld.train_vae --steps 3500 --out .cache/toyworld/vae
+At --freeze-encoder-at the encoder is frozen and saved (with its scaling_factor) to
+<work>/vae-encoder: the latent space is final from then on, so the UNet can train on it
+while the decoder keeps improving (decoder-only fine-tuning, as SD's ft-MSE VAE did).
+
+    python -m atelier.toyworld.train_vae --steps 2600 --out .cache/toyworld/vae
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ def main(argv=None) -> None:
     ap.add_argument("--edge-weight", type=float, default=0.5)
     ap.add_argument("--crop", type=int, default=32, help="train on crops (cheaper) before ...")
     ap.add_argument("--full-from", type=float, default=0.85, help="... this fraction of the steps")
+    ap.add_argument("--freeze-encoder-at", type=int, default=800)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "vae")
     args = ap.parse_args(argv)
@@ -77,8 +82,16 @@ def main(argv=None) -> None:
         start = ckpt["step"]
         log(f"resumed at step {start}")
     log(f"params {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
+    encoder_dir = args.out.parent / "vae-encoder"
     vae.train()
     for step in range(start, args.steps):
+        if step == args.freeze_encoder_at or (step > args.freeze_encoder_at and step == start):
+            freeze_encoder(vae)
+            if step == args.freeze_encoder_at:
+                vae.register_to_config(scaling_factor=1.0 / latent_std(vae))
+                vae.save_pretrained(encoder_dir)
+                log(f"encoder frozen at step {step}, scaling_factor "
+                    f"{vae.config.scaling_factor:.4f}; saved to {encoder_dir}")
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, args.steps, args.lr)
         full = step >= args.full_from * args.steps
@@ -89,7 +102,7 @@ def main(argv=None) -> None:
                 + args.kl_weight * post.kl().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], 1.0)
         opt.step()
         if step % 50 == 0:
             log(f"step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
@@ -98,11 +111,19 @@ def main(argv=None) -> None:
                             rng=torch.get_rng_state(), step=step + 1)
             log(f"step {step + 1} held-out PSNR {evaluate_psnr(vae, 128):.2f} dB")
     vae.eval()
-    std = latent_std(vae)
-    vae.register_to_config(scaling_factor=1.0 / std)
+    scaling = AutoencoderKL.from_pretrained(encoder_dir).config.scaling_factor
+    vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(args.out)
-    log(f"final held-out PSNR {evaluate_psnr(vae):.2f} dB, latent std {std:.3f}, "
-        f"scaling_factor {1.0 / std:.4f}; saved to {args.out}")
+    log(f"final held-out PSNR {evaluate_psnr(vae):.2f} dB, scaling_factor {scaling:.4f} "
+        f"(latent std {latent_std(vae):.3f}); saved to {args.out}")
+
+
+def freeze_encoder(vae: AutoencoderKL) -> None:
+    """Freeze encoder and quant_conv: the posterior (the latent space) no longer changes."""
+    for module in (vae.encoder, vae.quant_conv):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,19 @@
+# Toy world: trains the embedded default models (toy SD pipeline, toy-sam, toy-evaluator)
+# from scratch on CPU with fixed seeds, then ships them into services/atelier/embedded/.
+# Checkpoints and the latent pool live in .cache/toyworld (resumable; delete it to start over).
+TOYWORLD_WORK ?= .cache/toyworld
+TOYWORLD_THREADS ?= 1
+TOYWORLD_RUN = TOYWORLD_WORK=$(TOYWORLD_WORK) TOYWORLD_THREADS=$(TOYWORLD_THREADS) $(PY) -m
+
+.PHONY: toy-world toy-world-quality
+
+toy-world: $(VENV)/.installed
+	$(TOYWORLD_RUN) atelier.toyworld.train_vae --steps 2600 --full-from 0.88 --out $(TOYWORLD_WORK)/vae
+	$(TOYWORLD_RUN) atelier.toyworld.train_sam --steps 2000 --out $(TOYWORLD_WORK)/toy-sam
+	$(TOYWORLD_RUN) atelier.toyworld.train_sd --vae $(TOYWORLD_WORK)/vae --out $(TOYWORLD_WORK)/toy
+	$(TOYWORLD_RUN) atelier.toyworld.train_evaluator --vae $(TOYWORLD_WORK)/vae --out $(TOYWORLD_WORK)/toy-evaluator
+	$(TOYWORLD_RUN) atelier.toyworld.ship
+
+# The quality test against the shipped models (also part of `make test`).
+toy-world-quality: $(VENV)/.installed
+	$(PY) -m pytest -q tests/toyworld
