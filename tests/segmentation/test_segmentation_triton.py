@@ -91,9 +91,24 @@ def test_concurrent_requests_are_batched_through_triton(service, triton, predict
     assert 0 < executions < inferences
 
 
-def test_triton_going_away_is_unavailable_and_health_follows(service, triton):
+def _wait_for_health(address: str, wanted) -> int:
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        request = health_pb2.HealthCheckRequest(service="atelier.v1.Segmentation")
+        status = None
+        for _ in range(150):
+            status = check(request, timeout=5).status
+            if status == wanted:
+                break
+            threading.Event().wait(0.1)
+        return status
+
+
+def test_triton_going_away_is_unavailable_and_health_follows(service, triton, sam_source):
     # Runs last in this module: it stops the module's Triton (the fixture's teardown then
     # finds it stopped and checks that nothing was left behind).
+    from atelier.segmentation.triton_launcher import TritonServer
+
     cached = make_image(31)
     service.client.segmentation.segment(cached, points=[(5, 5)])
     assert triton.stop() == []
@@ -101,13 +116,12 @@ def test_triton_going_away_is_unavailable_and_health_follows(service, triton):
         service.client.segmentation.segment(make_image(32), points=[(5, 5)])
     # A cached image needs no encoder: it is still served.
     assert service.client.segmentation.segment(cached, points=[(9, 9)]).embedding_cached
-    with grpc.insecure_channel(service.running.address) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check
-        request = health_pb2.HealthCheckRequest(service="atelier.v1.Segmentation")
-        status = None
-        for _ in range(100):
-            status = check(request, timeout=5).status
-            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            threading.Event().wait(0.1)
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert _wait_for_health(service.running.address, not_serving) == not_serving
+
+    # Triton back on the same port: health returns to SERVING and the encoder works again.
+    with TritonServer(TRITON_VENV, sam_path=sam_source, grpc_port=triton.grpc_port) as again:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert _wait_for_health(service.running.address, serving) == serving
+        assert not service.client.segmentation.segment(make_image(33), points=[(5, 5)]).embedding_cached
+    assert again.process.returncode == 0 and again.stop() == []
