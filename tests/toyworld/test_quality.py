@@ -1,0 +1,106 @@
+"""Qualities of the SHIPPED toy-world models (issue 3), loaded offline with stock loaders.
+
+Skips when the shipped folders are absent (`make toy-world` trains and ships them).
+Fuller numbers: bench/toyworld_quality.py.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from atelier.toyworld import quality, world
+from atelier.toyworld.train_common import EMBEDDED
+
+TOY, TOY_SAM, TOY_EVALUATOR = EMBEDDED / "toy", EMBEDDED / "toy-sam", EMBEDDED / "toy-evaluator"
+
+
+def _require(path: Path, marker: str) -> None:
+    if not (path / marker).exists():
+        pytest.skip(f"shipped model {path} is absent (run `make toy-world`)")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    _require(TOY, "model_index.json")
+    torch.set_num_threads(2)
+    p = StableDiffusionPipeline.from_pretrained(TOY, local_files_only=True, safety_checker=None,
+                                                requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from atelier.toyworld.evaluator import load_evaluator
+
+    _require(TOY_EVALUATOR, "config.json")
+    return load_evaluator(TOY_EVALUATOR)
+
+
+@pytest.fixture(scope="module")
+def sam():
+    from transformers import SamModel, SamProcessor
+
+    _require(TOY_SAM, "config.json")
+    return (SamModel.from_pretrained(TOY_SAM, local_files_only=True).eval(),
+            SamProcessor.from_pretrained(TOY_SAM, local_files_only=True))
+
+
+def test_shipped_pipeline_is_standard_and_small(pipe):
+    from diffusers import DDIMScheduler
+
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    cfg = pipe.scheduler.config
+    assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert "CrossAttnDownBlock2D" in pipe.unet.config.down_block_types
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 8  # f8
+    size = sum(f.stat().st_size for root in (TOY, TOY_SAM, TOY_EVALUATOR) for f in root.rglob("*"))
+    assert size < 60e6
+    assert all(not f.name.endswith(".bin") for f in TOY.rglob("*"))  # safetensors only
+
+
+def test_vae_reconstruction_psnr(pipe):
+    assert quality.vae_psnr(pipe.vae, n=128) >= 28.0
+
+
+@pytest.mark.parametrize("through_vae", [False, True], ids=["clean", "vae_round_trip"])
+def test_evaluator_accuracy_per_head(pipe, evaluator, through_vae):
+    with torch.no_grad():
+        acc = quality.evaluator_accuracy(evaluator, pipe.vae if through_vae else None, n=256)
+    assert min(acc.values()) >= 0.99, acc
+
+
+def test_generated_samples_follow_one_object_prompts(pipe, evaluator):
+    prompts = quality.one_object_prompts(48, seed=5)
+    images = quality.generate(pipe, prompts, steps=25, guidance=5.0, seed=0)
+    rates = quality.match_rates(evaluator, images, prompts)
+    assert rates["colour"] >= 0.95, rates
+    assert rates["background_colour"] >= 0.95 and rates["background_kind"] >= 0.95, rates
+    assert rates["shape"] >= 0.90, rates
+
+
+def test_guidance_is_what_makes_samples_follow_prompts(pipe, evaluator):
+    """Sanity check that the measurement can fail: unconditional samples do not match."""
+    prompts = quality.one_object_prompts(24, seed=6)
+    images = quality.generate(pipe, prompts, steps=25, guidance=0.0, seed=0)
+    rates = quality.match_rates(evaluator, images, prompts)
+    assert rates["all"] < 0.5, rates
+
+
+def test_sam_mean_iou(sam):
+    model, processor = sam
+    miou = quality.sam_miou(model, processor, n=128)
+    assert miou["point"] >= 0.90, miou
+    assert miou["box"] >= 0.95, miou
+
+
+def test_world_concepts_are_recognised(evaluator):
+    scenes = [world.draw_concept(name, seed=900 + i) for i, name in enumerate(world.CONCEPT_NAMES * 8)]
+    with torch.no_grad():
+        out = evaluator(world.to_tensor_batch(scenes))
+    names = [world.CONCEPT_NAMES[i] if i < len(world.CONCEPT_NAMES) else "none"
+             for i in out["concept"].argmax(1).tolist()]
+    assert sum(n == s.spec.objects[0].concept for n, s in zip(names, scenes)) / len(scenes) >= 0.95
