@@ -87,6 +87,7 @@ class SegmentationApp:
         self.executor = ComputeExecutor(config.max_queue, "segmentation", metrics=self.metrics)
         self._segmenters: dict[str, Segmenter] = {}
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self._triton = None
         self._stop = threading.Event()
         self._monitor: Optional[threading.Thread] = None
@@ -125,15 +126,21 @@ class SegmentationApp:
 
     # ------------------------------------------------------------------ models
     def segmenter_for(self, name: str) -> tuple[str, Segmenter]:
-        """The Segmenter for a model name ("" = the default), loading it on first use."""
+        """The Segmenter for a model name ("" = the default), loading it on first use.
+
+        Loads run one at a time and outside ``_lock``, so serving loaded models never waits."""
         name = name or self.settings.default_model
         with self._lock:
             if name in self._segmenters:
                 return name, self._segmenters[name]
-            if self._triton is not None and name != self.settings.default_model:
-                raise NotFound(f"model {name!r}: this server runs the image encoder on Triton for "
-                               f"{self.settings.default_model!r} only")
-            source = self.registry.resolve(name)
+        if self._triton is not None and name != self.settings.default_model:
+            raise NotFound(f"model {name!r}: this server runs the image encoder on Triton for "
+                           f"{self.settings.default_model!r} only")
+        source = self.registry.resolve(name)  # NotFound for unknown names
+        with self._load_lock:
+            with self._lock:
+                if name in self._segmenters:
+                    return name, self._segmenters[name]
             predictor = SamPredictor.load(source, name=name, device=self.config.device)
             backend = self.settings.backend
             encode = triton_encoder(self._triton) if self._triton is not None else local_encoder(predictor)
@@ -142,7 +149,8 @@ class SegmentationApp:
                 cache_stats=self.segmentation_metrics.cache_stats(backend),
                 batch_stats=self.segmentation_metrics.batch_stats(backend),
                 name=f"{backend} image encoder ({name})")
-            self._segmenters[name] = segmenter
+            with self._lock:
+                self._segmenters[name] = segmenter
             return name, segmenter
 
     # ------------------------------------------------------------------ health
