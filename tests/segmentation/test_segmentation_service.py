@@ -164,3 +164,15 @@ def test_triton_unreachable_is_unavailable_and_health_says_not_serving(sam_sourc
                 threading.Event().wait(0.1)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert metric_value(down.scrape(), "atelier_segmentation_encoder_backend_ready", backend="triton") == 0
+
+
+def test_sdk_rejects_malformed_arguments_before_sending(service, image):
+    segmentation = service.client.segmentation
+    with pytest.raises(ValueError, match="labels"):
+        segmentation.segment(image, points=[(1, 1), (2, 2)], labels=[1])
+    with pytest.raises(ValueError, match="boxes"):
+        segmentation.segment(image, boxes=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"prompt_sets\[1\].points"):
+        segmentation.segment_many(image, [{"points": [(1, 1)]}, {"points": [(1, 2, 3)]}])
+    with pytest.raises(ValueError, match="prompt_sets"):
+        segmentation.segment_many(image, [])
