@@ -144,3 +144,20 @@ def test_items_whose_caller_gave_up_are_dropped_before_running():
     finally:
         batcher.close()
     assert run.sizes == [1, 1], "the expired and the cancelled item must not have run"
+
+
+def test_with_a_hint_the_worker_waits_only_while_more_items_are_coming():
+    coming = threading.Event()
+    run = _SlowDouble()
+    run.release.set()
+    batcher = MicroBatcher(run, max_batch_size=2, max_wait_seconds=60, more_coming=coming.is_set)
+    try:
+        # Nothing else on its way: the lone item runs at once instead of waiting 60 s for company.
+        assert wait_for(batcher.submit(1), CallControl(deadline=time.monotonic() + 20))[0] == 2
+        coming.set()  # now a second item is announced: the first waits for it
+        first = batcher.submit(2)
+        batcher.submit(3)
+        assert wait_for(first, CallControl(deadline=time.monotonic() + 20)) == (4, 2)
+    finally:
+        batcher.close()
+    assert run.sizes == [1, 2]

@@ -16,8 +16,8 @@ from segmentation_helpers import (HEIGHT, WIDTH, assert_same_masks, make_image, 
 
 @pytest.fixture(scope="module")
 def service(sam_source):
-    # A long max wait makes the concurrency test deterministic: a batch waits for company.
-    with running_service(sam_source, max_wait_seconds=0.3, max_batch_size=8) as handle:
+    # A long fixed wait makes the concurrency test deterministic: a batch waits for company.
+    with running_service(sam_source, max_wait_seconds=0.3, max_batch_size=8, adaptive_wait=False) as handle:
         yield handle
 
 

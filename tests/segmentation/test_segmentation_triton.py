@@ -46,7 +46,7 @@ def triton(sam_source):
 
 @pytest.fixture(scope="module")
 def service(triton, sam_source):
-    with running_service(sam_source, backend="triton", triton_url=triton.grpc_url, max_wait_seconds=0.3,
+    with running_service(sam_source, backend="triton", triton_url=triton.grpc_url, max_wait_seconds=0.3, adaptive_wait=False,
                          triton_timeout_seconds=10, health_interval_seconds=0.2, client_timeout=30) as handle:
         yield handle
 

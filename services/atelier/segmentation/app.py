@@ -44,6 +44,7 @@ class SegmentationSettings:
             max_batch_size=extras.get("max_batch_size", BatchingOptions.max_batch_size),
             max_wait_seconds=extras.get("max_wait_ms", BatchingOptions.max_wait_seconds * 1000) / 1000,
             max_queue=extras.get("encoder_queue", BatchingOptions.max_queue),
+            adaptive_wait=not extras.get("fixed_wait", False),
             cache_bytes=extras.get("cache_bytes", BatchingOptions.cache_bytes),
         )
         return cls(batching=batching, **known)
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per encoder batch; 1 turns micro-batching off [ATELIER_SEGMENTATION_MAX_BATCH]")
     parser.add_argument("--max-wait-ms", type=float, default=b.max_wait_seconds * 1000,
                         help="how long the first image waits for company")
+    parser.add_argument("--fixed-wait", action="store_true",
+                        help="always wait --max-wait-ms for company (Triton's rule); default: only while "
+                             "other calls are on their way to the encoder")
     parser.add_argument("--encoder-queue", type=int, default=b.max_queue, help="images that may wait for the encoder")
     parser.add_argument("--cache-bytes", type=int, default=int(env("ATELIER_SEGMENTATION_CACHE_BYTES", b.cache_bytes)),
                         help="embedding-cache budget in bytes; 0 disables [ATELIER_SEGMENTATION_CACHE_BYTES]")

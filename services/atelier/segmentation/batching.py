@@ -4,7 +4,8 @@ Like Triton's dynamic batcher: the worker takes the first waiting item, then wai
 to ``max_wait_seconds`` for more, up to ``max_batch_size``, and runs them together. The
 queue is bounded (full -> ResourceExhausted); an item whose caller went away (cancelled,
 deadline passed) while queued is dropped before it runs. ``max_batch_size=1`` turns
-batching off (one worker, no waiting). Counts match Triton's: ``executions`` (exec_count)
+batching off (one worker, no waiting). With a ``more_coming`` hint the worker waits only
+while it says more items are on their way, so a lone caller does not pay the wait. Counts match Triton's: ``executions`` (exec_count)
 and ``items`` (inference_count), plus a histogram of batch sizes.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from atelier.core.errors import AtelierError, Cancelled, ResourceExhausted
 __all__ = ["MicroBatcher", "BatchStats", "wait_for"]
 
 _LOG = logging.getLogger(__name__)
+_HINT_POLL_SECONDS = 0.0005
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -39,7 +41,7 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(self, run_batch: Callable[[list[T]], Sequence[R]], max_batch_size: int = 8,
                  max_wait_seconds: float = 0.005, max_queue: int = 64, name: str = "batcher",
-                 stats: Optional[BatchStats] = None):
+                 stats: Optional[BatchStats] = None, more_coming: Optional[Callable[[], bool]] = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_seconds < 0 or max_queue < 1:
@@ -50,6 +52,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_queue = max_queue
         self.name = name
         self._stats = stats or BatchStats()
+        self._more_coming = more_coming
         self._waiting: collections.deque = collections.deque()
         self._condition = threading.Condition()
         self._closed = False
@@ -102,7 +105,12 @@ class MicroBatcher(Generic[T, R]):
                 remaining = flush_at - time.monotonic()
                 if remaining <= 0 or self._closed:
                     break
-                self._condition.wait(remaining)
+                if self._more_coming is None:
+                    self._condition.wait(remaining)
+                elif self._more_coming():
+                    self._condition.wait(min(remaining, _HINT_POLL_SECONDS))  # the hint can turn False silently
+                else:
+                    break
             self._stats.queue_depth(len(self._waiting))
         runnable = []
         for item, control, future in batch:

@@ -30,6 +30,9 @@ EncodeBatch = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) -> (B, C, s
 class BatchingOptions:
     max_batch_size: int = 8  # 1 turns micro-batching off
     max_wait_seconds: float = 0.005
+    # Wait for company only while other calls are on their way to the encoder (validating,
+    # preprocessing): a lone caller then skips the wait. False: always wait, like Triton.
+    adaptive_wait: bool = True
     max_queue: int = 64
     cache_bytes: int = 256 * 1024 * 1024  # 0 turns the embedding cache off
 
@@ -74,7 +77,9 @@ class Segmenter:
         self.cache: EmbeddingCache[torch.Tensor] = EmbeddingCache(options.cache_bytes, _tensor_bytes, cache_stats)
         self.batcher: MicroBatcher[tuple[str, torch.Tensor], torch.Tensor] = MicroBatcher(
             self._run_encoder, max_batch_size=options.max_batch_size, max_wait_seconds=options.max_wait_seconds,
-            max_queue=options.max_queue, name=name, stats=batch_stats)
+            max_queue=options.max_queue, name=name, stats=batch_stats,
+            more_coming=(lambda: self._arriving > 0) if options.adaptive_wait else None)
+        self._arriving = 0  # calls between entry and their encoder submit / cache hit
         self._in_flight: dict[str, object] = {}  # content key -> Future: one encoder run per image at a time
         self._lock = threading.RLock()
 
@@ -100,14 +105,24 @@ class Segmenter:
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
 
-    def embedding(self, prepared: PreparedImage, control: Optional[CallControl] = None) -> tuple[torch.Tensor, int]:
+    def _arrived(self, arrival: list) -> None:
+        """Count a call out of the arriving set, once (``arrival`` is its one-element flag)."""
+        if arrival:
+            arrival.pop()
+            with self._lock:
+                self._arriving -= 1
+
+    def embedding(self, prepared: PreparedImage, control: Optional[CallControl] = None,
+                  arrival: Optional[list] = None) -> tuple[torch.Tensor, int]:
         """The image embedding and the encoder batch size it came from (0: from the cache)."""
         key = prepared.content_key
+        arrival = arrival if arrival is not None else []
         pixels = None
         while True:
             with self._lock:
                 cached = self.cache.get(key) if pixels is None else self.cache.peek(key)
                 if cached is not None:
+                    self._arrived(arrival)
                     return cached, 0
                 future = self._in_flight.get(key)
                 owner = future is None and pixels is not None
@@ -115,6 +130,8 @@ class Segmenter:
                     future = self.batcher.submit((key, pixels), control)
                     self._in_flight[key] = future
                     future.add_done_callback(lambda done, key=key: self._forget(key, done))
+                if future is not None:
+                    self._arrived(arrival)
             if owner:
                 return wait_for(future, control)
             if future is None:
@@ -143,10 +160,16 @@ class Segmenter:
         control = control or CallControl()
         started = time.monotonic()
         width, height = image.size
-        validate_prompts(prompts, width, height, self.low_res_size, prompt_fields)
-        control.check()
-        prepared = self.predictor.prepare(image)
-        embedding, batch_size = self.embedding(prepared, control)
+        arrival = [True]
+        with self._lock:
+            self._arriving += 1
+        try:
+            validate_prompts(prompts, width, height, self.low_res_size, prompt_fields)
+            control.check()
+            prepared = self.predictor.prepare(image)
+            embedding, batch_size = self.embedding(prepared, control, arrival)
+        finally:
+            self._arrived(arrival)
         queue_seconds = 0.0
 
         decode_started: list[float] = []
