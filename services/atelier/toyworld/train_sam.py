@@ -26,7 +26,7 @@ PATCH = 8
 SAM_CONFIG = dict(
     vision=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, mlp_dim=384,
                 patch_size=PATCH, image_size=IMAGE_SIZE, output_channels=64, num_pos_feats=32,
-                window_size=4, global_attn_indexes=[1, 3]),
+                window_size=4, global_attn_indexes=[1, 3], initializer_range=0.02),  # default 1e-10
     prompt=dict(hidden_size=64, image_size=IMAGE_SIZE, patch_size=PATCH, mask_input_channels=16),
     decoder=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=256,
                  iou_head_hidden_dim=64, attention_downsample_rate=2),
