@@ -58,7 +58,8 @@ SD_CONFIGS = {
 SAM_CONFIG = dict(
     vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, mlp_dim=128, patch_size=16,
                 image_size=256, output_channels=32, num_pos_feats=16, window_size=4,
-                global_attn_indexes=[1]),  # num_pos_feats = output_channels / 2 (shared pos. embedding)
+                global_attn_indexes=[1],  # num_pos_feats = output_channels / 2 (shared pos. embedding)
+                initializer_range=0.02),  # transformers defaults the vision init to 1e-10: constant embeddings
     prompt=dict(hidden_size=32, image_size=256, patch_size=16, mask_input_channels=8),
     decoder=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_dim=64,
                  iou_head_hidden_dim=32, attention_downsample_rate=2),
