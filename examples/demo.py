@@ -11,19 +11,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import atelier
 
 
-def scene(size: int = 64) -> Image.Image:
-    """A red circle on a blue background, in the embedded toy world's vocabulary."""
-    image = Image.new("RGB", (size, size), (40, 70, 200))
-    draw = ImageDraw.Draw(image)
-    r = size // 4
-    c = size // 2
-    draw.ellipse((c - r, c - r, c + r, c + r), fill=(210, 40, 40))
-    return image
+def scene() -> Image.Image:
+    """A toy-world scene (rendered by atelier.toyworld.world): a red circle on a blue background."""
+    return Image.open(Path(__file__).with_name("scene.png")).convert("RGB")
 
 
 def main() -> int:
