@@ -22,6 +22,7 @@ from . import world
 from .train_common import WORK_DIR, Logger, cosine_lr, load_checkpoint, save_checkpoint, seed_everything
 
 IMAGE_SIZE = 64
+POSITIONAL_SCALE = 1.5
 PATCH = 8
 SAM_CONFIG = dict(
     vision=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, mlp_dim=384,
@@ -42,7 +43,13 @@ def build_sam() -> tuple[SamModel, SamProcessor]:
     processor = SamProcessor(image_processor=SamImageProcessor(
         size={"longest_edge": IMAGE_SIZE}, pad_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         mask_size={"longest_edge": low}, mask_pad_size={"height": low, "width": low}))
-    return SamModel(config), processor
+    model = SamModel(config)
+    # transformers initialises the prompt/image positional frequencies with std hidden_size // 2
+    # (48 here: aliased noise over a 64 px image); SAM's own default is 1.
+    with torch.no_grad():
+        pe = model.shared_image_embedding.positional_embedding
+        pe.copy_(POSITIONAL_SCALE * torch.randn(pe.shape, generator=torch.Generator().manual_seed(0)))
+    return model, processor
 
 
 def prompts_for(scenes: list[world.Scene], rng: np.random.Generator):
