@@ -65,6 +65,9 @@ def main(argv=None) -> None:
     ap.add_argument("--crop", type=int, default=32, help="train on crops (cheaper) before ...")
     ap.add_argument("--full-from", type=float, default=0.85, help="... this fraction of the steps")
     ap.add_argument("--freeze-encoder-at", type=int, default=800)
+    ap.add_argument("--decoder-steps", type=int, default=0,
+                    help="then this many decoder-only full-resolution steps, own cosine schedule")
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "vae")
     args = ap.parse_args(argv)
@@ -84,7 +87,8 @@ def main(argv=None) -> None:
     log(f"params {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
     encoder_dir = args.out.parent / "vae-encoder"
     vae.train()
-    for step in range(start, args.steps):
+    total = args.steps + args.decoder_steps
+    for step in range(start, total):
         if step == args.freeze_encoder_at or (step > args.freeze_encoder_at and step == start):
             freeze_encoder(vae)
             if step == args.freeze_encoder_at:
@@ -93,7 +97,8 @@ def main(argv=None) -> None:
                 log(f"encoder frozen at step {step}, scaling_factor "
                     f"{vae.config.scaling_factor:.4f}; saved to {encoder_dir}")
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.steps, args.lr)
+            g["lr"] = (cosine_lr(step, args.steps, args.lr) if step < args.steps else
+                       cosine_lr(step - args.steps, args.decoder_steps, args.decoder_lr, warmup=50))
         full = step >= args.full_from * args.steps
         x = training_scenes(step, args.batch_size, None if full else args.crop)
         post = vae.encode(x).latent_dist
@@ -106,16 +111,24 @@ def main(argv=None) -> None:
         opt.step()
         if step % 50 == 0:
             log(f"step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
-        if (step + 1) % 500 == 0 or step + 1 == args.steps:
+        if (step + 1) % 250 == 0 or step + 1 in (args.steps, total):
             save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(),
                             rng=torch.get_rng_state(), step=step + 1)
             log(f"step {step + 1} held-out PSNR {evaluate_psnr(vae, 128):.2f} dB")
+        if step + 1 == args.steps and args.decoder_steps:
+            export(vae, encoder_dir, args.out.parent / "vae-phase1", log)
+    export(vae, encoder_dir, args.out, log)
+
+
+def export(vae: AutoencoderKL, encoder_dir: Path, out: Path, log) -> None:
+    """Save with the encoder snapshot's scaling_factor (the latent space the UNet learns)."""
     vae.eval()
     scaling = AutoencoderKL.from_pretrained(encoder_dir).config.scaling_factor
     vae.register_to_config(scaling_factor=scaling)
-    vae.save_pretrained(args.out)
-    log(f"final held-out PSNR {evaluate_psnr(vae):.2f} dB, scaling_factor {scaling:.4f} "
-        f"(latent std {latent_std(vae):.3f}); saved to {args.out}")
+    vae.save_pretrained(out)
+    log(f"held-out PSNR {evaluate_psnr(vae):.2f} dB, scaling_factor {scaling:.4f} "
+        f"(latent std {latent_std(vae):.3f}); saved to {out}")
+    vae.train()
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:
