@@ -32,7 +32,7 @@ class WorldEvaluator(nn.Module):
         super().__init__()
         self.config = {"width": width, "embedding_dim": embedding_dim}
         w = width
-        self.features = nn.Sequential(_block(3, w, 1), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
+        self.features = nn.Sequential(_block(3, w, 2), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
                                       _block(4 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         f = 4 * w
         self.shape = nn.Linear(f, len(world.SHAPES))

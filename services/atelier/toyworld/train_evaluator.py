@@ -1,6 +1,6 @@
 """Train the world evaluator on clean, blurred and VAE round-tripped scenes.
 
-    python -m atelier.toyworld.train_evaluator --vae .cache/toyworld/vae --steps 1500
+    python -m atelier.toyworld.train_evaluator --vae .cache/toyworld/vae --steps 1200
 """
 from __future__ import annotations
 
@@ -88,9 +88,10 @@ def held_out(n: int, vae: AutoencoderKL | None, seed: int = 0):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vae", type=Path, default=WORK_DIR / "vae")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--more-steps", type=int, default=0, help="then a second cosine cycle at lr/4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "toy-evaluator")
     args = ap.parse_args(argv)
@@ -109,9 +110,13 @@ def main(argv=None) -> None:
         start = ckpt["step"]
     gen = torch.Generator().manual_seed(args.seed + start)
     model.train()
-    for step in range(start, args.steps):
+    total = args.steps + args.more_steps
+    for step in range(start, total):
+        if step == args.steps:  # the second cycle's draws do not depend on where a run resumed
+            gen = torch.Generator().manual_seed(args.seed + args.steps)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.steps, args.lr)
+            g["lr"] = (cosine_lr(step, args.steps, args.lr) if step < args.steps else
+                       cosine_lr(step - args.steps, args.more_steps, args.lr / 4, warmup=50))
         scenes = world.batch(3_000_000 + step, args.batch_size, concept_fraction=0.25)
         x = degrade(world.to_tensor_batch(scenes), vae, gen)
         loss = head_losses(model(x), labels_for(scenes))
@@ -120,7 +125,7 @@ def main(argv=None) -> None:
         opt.step()
         if step % 50 == 0:
             log(f"step {step} loss {loss.item():.4f}")
-        if (step + 1) % 500 == 0 or step + 1 == args.steps:
+        if (step + 1) % 250 == 0 or step + 1 in (args.steps, total):
             save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
             _, xd, y = held_out(256, vae)
             log(f"step {step + 1} held-out accuracy (degraded) {accuracy(model, xd, y)}")

@@ -5,7 +5,7 @@ masks, upsampled bilinearly to 64x64 (as SamProcessor.post_process_masks does) f
 Loss: BCE + dice on the single-mask output, SAM's min-over-three for the multimask output,
 MSE for the IoU head.
 
-    python -m atelier.toyworld.train_sam --steps 2000 --out .cache/toyworld/toy-sam
+    python -m atelier.toyworld.train_sam --steps 6000 --out .cache/toyworld/toy-sam
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def evaluate(model: SamModel, processor: SamProcessor, n: int = 128, seed: int =
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch-size", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
