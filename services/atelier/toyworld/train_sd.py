@@ -7,7 +7,7 @@ dropout for classifier-free guidance, EMA of both trained models.
 The pool is encoded with <work>/vae-encoder (the VAE frozen-encoder snapshot, same latent
 space and scaling_factor as the final VAE); the exported pipeline carries the final VAE.
 
-    python -m atelier.toyworld.train_sd --steps 2000
+    python -m atelier.toyworld.train_sd --steps 3000
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vae-encoder", type=Path, default=WORK_DIR / "vae-encoder")
     ap.add_argument("--vae", type=Path, default=WORK_DIR / "vae", help="final VAE, for the export")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--pool-size", type=int, default=20_000)
