@@ -32,9 +32,9 @@ class WorldEvaluator(nn.Module):
         super().__init__()
         self.config = {"width": width, "embedding_dim": embedding_dim}
         w = width
-        self.features = nn.Sequential(_block(3, w, 2), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
-                                      _block(4 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        f = 4 * w
+        self.trunk = nn.Sequential(_block(3, w, 2), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
+                                   _block(4 * w, 4 * w, 2))
+        f = 8 * w  # average and max pooled: max keeps each object's evidence apart
         self.shape = nn.Linear(f, len(world.SHAPES))
         self.colour = nn.Linear(f, len(world.COLOURS))
         self.count = nn.Linear(f, 2)
@@ -45,7 +45,8 @@ class WorldEvaluator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (B,3,64,64) in [-1,1]. Returns logits per head and the unit embedding."""
-        h = self.features(x)
+        t = self.trunk(x)
+        h = torch.cat([t.mean((2, 3)), t.amax((2, 3))], 1)
         emb = F.normalize(self.embedding(h), dim=-1)
         concept = 16.0 * emb @ F.normalize(self.prototypes, dim=-1).T
         return {"shape": self.shape(h), "colour": self.colour(h), "count": self.count(h),
@@ -80,25 +81,44 @@ class Reading:
     embedding: torch.Tensor
 
 
+def predicted_sets(out: dict[str, torch.Tensor], head: str) -> torch.Tensor:
+    """Multi-hot prediction for ``shape``/``colour``: the top class, plus the runner-up when
+    the count head says two objects and its logit is positive (two objects may share one)."""
+    logits = out[head]
+    top2 = logits.topk(2, dim=1)
+    pred = torch.zeros_like(logits, dtype=torch.bool)
+    pred[torch.arange(len(logits)), top2.indices[:, 0]] = True
+    second = (out["count"].argmax(1) == 1) & (top2.values[:, 1] > 0)
+    pred[torch.arange(len(logits))[second], top2.indices[second, 1]] = True
+    return pred
+
+
 @torch.no_grad()
 def read_images(model: WorldEvaluator, images: torch.Tensor) -> list[Reading]:
-    """images: (B,3,64,64) in [-1,1] (or [0,1] uint8-like floats scaled by the caller)."""
+    """images: (B,3,64,64) in [-1,1]."""
     out = model(images)
+    shapes, colours = predicted_sets(out, "shape"), predicted_sets(out, "colour")
     readings = []
     for i in range(images.shape[0]):
-        count = int(out["count"][i].argmax()) + 1
-        shape_order = out["shape"][i].argsort(descending=True).tolist()
-        colour_order = out["colour"][i].argsort(descending=True).tolist()
-        shapes = [world.SHAPES[j] for j in shape_order[:count]
-                  if j == shape_order[0] or out["shape"][i, j] > 0]
-        colours = [world.COLOUR_NAMES[j] for j in colour_order[:count]
-                   if j == colour_order[0] or out["colour"][i, j] > 0]
         readings.append(Reading(
-            shapes=shapes, colours=colours, count=count,
+            shapes=[world.SHAPES[j] for j in shapes[i].nonzero()[:, 0].tolist()],
+            colours=[world.COLOUR_NAMES[j] for j in colours[i].nonzero()[:, 0].tolist()],
+            count=int(out["count"][i].argmax()) + 1,
             background_kind=world.BACKGROUND_KINDS[int(out["background_kind"][i].argmax())],
             background_colour=world.BACKGROUND_COLOUR_NAMES[int(out["background_colour"][i].argmax())],
             concept=CONCEPT_CLASSES[int(out["concept"][i].argmax())], embedding=out["embedding"][i]))
     return readings
+
+
+def head_accuracy(out: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-head accuracy as read: shape/colour sets and count on ordinary scenes, the rest on all."""
+    ordinary = y["ordinary"].bool()
+    acc = {h: (predicted_sets(out, h)[ordinary] == y[h][ordinary].bool()).all(1).float().mean().item()
+           for h in ("shape", "colour")}
+    acc["count"] = (out["count"][ordinary].argmax(1) == y["count"][ordinary]).float().mean().item()
+    for h in ("background_kind", "background_colour", "concept"):
+        acc[h] = (out[h].argmax(1) == y[h]).float().mean().item()
+    return acc
 
 
 def labels_for(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import world
-from .evaluator import WorldEvaluator, labels_for, read_images
+from .evaluator import WorldEvaluator, head_accuracy, labels_for, read_images
 from .train_common import HELD_OUT_SEED, psnr
 
 QUALITY_SEED = HELD_OUT_SEED + 700
@@ -30,15 +30,7 @@ def evaluator_accuracy(evaluator: WorldEvaluator, vae=None, n: int = 256, seed: 
     x = world.to_tensor_batch(scenes)
     if vae is not None:
         x = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(64)]).clamp(-1, 1)
-    y = labels_for(scenes)
-    out = evaluator(x)
-    ordinary = y["ordinary"].bool()
-    acc = {h: ((out[h][ordinary] > 0) == y[h][ordinary].bool()).all(1).float().mean().item()
-           for h in ("shape", "colour")}
-    acc["count"] = (out["count"][ordinary].argmax(1) == y["count"][ordinary]).float().mean().item()
-    for h in ("background_kind", "background_colour", "concept"):
-        acc[h] = (out[h].argmax(1) == y[h]).float().mean().item()
-    return acc
+    return head_accuracy(evaluator(x), labels_for(scenes))
 
 
 def one_object_prompts(n: int, seed: int = 0) -> list[str]:

@@ -1,6 +1,6 @@
 """Train the world evaluator on clean, blurred and VAE round-tripped scenes.
 
-    python -m atelier.toyworld.train_evaluator --vae .cache/toyworld/vae --steps 1200
+    python -m atelier.toyworld.train_evaluator --vae .cache/toyworld/vae-phase1 --steps 2000
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from . import world
-from .evaluator import CONCEPT_CLASSES, WorldEvaluator, labels_for
+from .evaluator import CONCEPT_CLASSES, WorldEvaluator, head_accuracy, labels_for
 from .train_common import (HELD_OUT_SEED, WORK_DIR, Logger, cosine_lr, load_checkpoint, save_checkpoint,
                            seed_everything)
 
@@ -64,19 +64,12 @@ def head_losses(out: dict, y: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model: WorldEvaluator, x: torch.Tensor, y: dict) -> dict[str, float]:
-    """Per-head accuracy; shape/colour/count on ordinary scenes, set match for multi-label."""
+    """Per-head accuracy as read (see evaluator.head_accuracy)."""
     model.eval()
     out = {k: torch.cat(v) for k, v in
            zip(HEADS, zip(*[[model(c)[h] for h in HEADS] for c in x.split(128)]))}
     model.train()
-    ordinary = y["ordinary"].bool()
-    acc = {}
-    for head in ("shape", "colour"):
-        acc[head] = ((out[head][ordinary] > 0) == y[head][ordinary].bool()).all(1).float().mean().item()
-    acc["count"] = (out["count"][ordinary].argmax(1) == y["count"][ordinary]).float().mean().item()
-    for head in ("background_kind", "background_colour", "concept"):
-        acc[head] = (out[head].argmax(1) == y[head]).float().mean().item()
-    return acc
+    return head_accuracy(out, y)
 
 
 def held_out(n: int, vae: AutoencoderKL | None, seed: int = 0):
@@ -88,7 +81,7 @@ def held_out(n: int, vae: AutoencoderKL | None, seed: int = 0):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vae", type=Path, default=WORK_DIR / "vae")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--more-steps", type=int, default=0, help="then a second cosine cycle at lr/4")
