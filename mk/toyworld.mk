@@ -10,7 +10,7 @@ TOYWORLD_RUN = TOYWORLD_WORK=$(TOYWORLD_WORK) TOYWORLD_THREADS=$(TOYWORLD_THREAD
 toy-world: $(VENV)/.installed
 	$(TOYWORLD_RUN) atelier.toyworld.train_vae --steps 2600 --full-from 0.88 --freeze-encoder-at 800 --decoder-steps 1500 --out $(TOYWORLD_WORK)/vae
 	$(TOYWORLD_RUN) atelier.toyworld.train_sam --steps 6000 --out $(TOYWORLD_WORK)/toy-sam
-	$(TOYWORLD_RUN) atelier.toyworld.train_sd --steps 3000 --vae $(TOYWORLD_WORK)/vae --out $(TOYWORLD_WORK)/toy
+	$(TOYWORLD_RUN) atelier.toyworld.train_sd --steps 3000 --more-steps 1200 --vae $(TOYWORLD_WORK)/vae --out $(TOYWORLD_WORK)/toy
 	$(TOYWORLD_RUN) atelier.toyworld.train_evaluator --vae $(TOYWORLD_WORK)/vae-phase1 --steps 2000 --out $(TOYWORLD_WORK)/toy-evaluator
 	$(TOYWORLD_RUN) atelier.toyworld.ship
 

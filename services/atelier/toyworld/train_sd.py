@@ -7,7 +7,7 @@ dropout for classifier-free guidance, EMA of both trained models.
 The pool is encoded with <work>/vae-encoder (the VAE frozen-encoder snapshot, same latent
 space and scaling_factor as the final VAE); the exported pipeline carries the final VAE.
 
-    python -m atelier.toyworld.train_sd --steps 3000
+    python -m atelier.toyworld.train_sd --steps 3000 --more-steps 1200
 """
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--more-steps", type=int, default=0, help="then a second cosine cycle at lr/2")
     ap.add_argument("--pool-size", type=int, default=20_000)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--ema-decay", type=float, default=0.999)
@@ -116,9 +117,14 @@ def main(argv=None) -> None:
         gen = np.random.default_rng(args.seed + start)
         unet.train()
         text_encoder.train()
-        for step in range(start, args.steps):
+        total = args.steps + args.more_steps
+        for step in range(start, total):
+            if step == args.steps:  # the second cycle's draws do not depend on where a run resumed
+                gen = np.random.default_rng(args.seed + args.steps)
+                torch.manual_seed(args.seed + args.steps)
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, args.steps, args.lr, warmup=200)
+                g["lr"] = (cosine_lr(step, args.steps, args.lr, warmup=200) if step < args.steps else
+                           cosine_lr(step - args.steps, args.more_steps, args.lr / 2, warmup=50))
             idx = torch.from_numpy(gen.integers(0, len(pool["ids"]), args.batch_size))
             mean, std = pool["mean"][idx].float(), pool["std"][idx].float()
             latents = (mean + std * torch.randn_like(mean)) * scale
@@ -139,7 +145,7 @@ def main(argv=None) -> None:
             ema_text.step(text_encoder.parameters())
             if step % 25 == 0:
                 log(f"step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
-            if (step + 1) % 250 == 0 or step + 1 == args.steps:
+            if (step + 1) % 250 == 0 or step + 1 in (args.steps, total):
                 save_checkpoint(ckpt_path, unet=unet.state_dict(), text=text_encoder.state_dict(),
                                 opt=opt.state_dict(), ema_unet=ema_unet.state_dict(),
                                 ema_text=ema_text.state_dict(), rng=torch.get_rng_state(),
