@@ -15,9 +15,14 @@ TOY, TOY_SAM, TOY_EVALUATOR = EMBEDDED / "toy", EMBEDDED / "toy-sam", EMBEDDED /
 
 # Issue 3's targets. Where the shipped models fall short, FLOORS (a little under what they
 # measured) guard against regressions and the test reports the gap as an expected failure.
-TARGETS = {"vae_psnr": 28.0, "evaluator": 0.99, "sample_colour": 0.95, "sample_background": 0.95,
-           "sample_shape": 0.90, "sam_point": 0.90, "sam_box": 0.95}
-FLOORS = {"sam_point": 0.84, "sam_box": 0.85}
+TARGETS = {"vae_psnr": 28.0, "evaluator_clean": 0.99, "evaluator_vae_round_trip": 0.99,
+           "sample_colour": 0.95, "sample_background": 0.95, "sample_shape": 0.90, "sam_point": 0.90,
+           "sam_box": 0.95}
+# Measured on the shipped models (2026-11-21): VAE 26.47 dB; evaluator through the VAE 0.63
+# (background kind: the VAE washes out stripes); samples colour 0.92, background kind 0.69;
+# SAM 0.867 (point), 0.879 (box).
+FLOORS = {"vae_psnr": 25.5, "evaluator_vae_round_trip": 0.55, "sample_colour": 0.85,
+          "sample_background": 0.60, "sam_point": 0.84, "sam_box": 0.85}
 
 
 def check(name: str, value: float, detail=None) -> None:
@@ -85,7 +90,7 @@ def test_evaluator_accuracy_per_head(pipe, evaluator, through_vae):
     with torch.no_grad():
         acc = quality.evaluator_accuracy(evaluator, pipe.vae if through_vae else None, n=256)
     worst = min(acc, key=acc.get)
-    check("evaluator", acc[worst], acc)
+    check("evaluator_vae_round_trip" if through_vae else "evaluator_clean", acc[worst], acc)
 
 
 def test_generated_samples_follow_one_object_prompts(pipe, evaluator):
