@@ -43,7 +43,6 @@ def pipe():
     from diffusers import StableDiffusionPipeline
 
     _require(TOY, "model_index.json")
-    torch.set_num_threads(2)
     p = StableDiffusionPipeline.from_pretrained(TOY, local_files_only=True, safety_checker=None,
                                                 requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
