@@ -10,7 +10,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ["gpu", "cpu-dev"]
+OVERLAYS = ["gpu", "cpu-dev", "triton"]
 SERVICE_PORTS = {"atelier-inversion": 50051, "atelier-segmentation": 50052}
 
 
@@ -41,7 +41,9 @@ def test_overlay_validates_strictly(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployments_probe_health_and_drain(overlay: str) -> None:
     deployments = {d["metadata"]["name"]: d for d in _build(overlay) if d["kind"] == "Deployment"}
+    triton = deployments.pop("atelier-triton", None)
     assert set(deployments) == set(SERVICE_PORTS)
+    assert (triton is not None) == (overlay == "triton")
     for name, dep in deployments.items():
         spec = dep["spec"]["template"]["spec"]
         container = spec["containers"][0]
@@ -51,9 +53,15 @@ def test_deployments_probe_health_and_drain(overlay: str) -> None:
         assert spec["terminationGracePeriodSeconds"] > grace
         assert container["readinessProbe"]["grpc"]["port"] == SERVICE_PORTS[name]
         assert int(env["ATELIER_PORT"]) == SERVICE_PORTS[name]
-        if overlay == "gpu":
+        if overlay in ("gpu", "triton"):
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
             assert env["ATELIER_DEVICE"] == "cuda"
+        if overlay == "triton" and name == "atelier-segmentation":
+            assert env["ATELIER_SEGMENTATION_BACKEND"] == "triton"
+            host, port = env["ATELIER_TRITON_URL"].split(":")
+            served = triton["spec"]["template"]["spec"]["containers"][0]
+            assert host == "atelier-triton" and f"--grpc-port={port}" in served["args"]
+            assert served["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 
 def test_prometheus_rules_check_and_unit_tests() -> None:
