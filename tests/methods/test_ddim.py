@@ -9,32 +9,10 @@ import torch
 from atelier.core import diffusion
 from atelier.core.control import CallControl
 from atelier.core.errors import Cancelled, DeadlineExceeded
-from atelier.core.models import ModelRegistry
 from atelier.inversion.inversion import invert
 
 pytestmark = pytest.mark.timeout(120)
 PROMPT = "a red circle on a striped background"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny 8x8 UNets gain nothing from a second thread, and on a shared machine an
-    # oversubscribed OpenMP pool is an order of magnitude slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return ModelRegistry().load_sd("toy")
-
-
-@pytest.fixture(scope="module")
-def image():
-    torch.manual_seed(0)
-    return torch.rand(1, 3, 64, 64) * 2 - 1
 
 
 class UNetCallCounter:

@@ -14,27 +14,6 @@ PROMPT = "a red circle on a striped background"
 STEPS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny 8x8 UNets gain nothing from a second thread, and on a shared machine an
-    # oversubscribed OpenMP pool is an order of magnitude slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return ModelRegistry().load_sd("toy")
-
-
-@pytest.fixture(scope="module")
-def image():
-    torch.manual_seed(0)
-    return torch.rand(1, 3, 64, 64) * 2 - 1
-
-
 @pytest.fixture(scope="module")
 def ddim(model, image):
     return invert(model, image, PROMPT, method="ddim", steps=STEPS, control=CallControl())
