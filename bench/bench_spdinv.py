@@ -15,13 +15,14 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from atelier.core import diffusion
 from atelier.core.control import CallControl
-from atelier.core.imaging import pil_to_tensor
+from atelier.core.codecs import array_to_torch
 from atelier.core.models import ModelRegistry
 from atelier.inversion.inversion import invert
 
@@ -34,7 +35,7 @@ def test_scene(size: int = 64) -> torch.Tensor:
     for x in range(0, size, 8):
         draw.rectangle([x, 0, x + 3, size], fill=(230, 230, 240))
     draw.ellipse([size * 0.25, size * 0.25, size * 0.75, size * 0.75], fill=(220, 30, 30))
-    return pil_to_tensor(canvas)
+    return array_to_torch(np.asarray(canvas.convert("RGB")))
 
 
 def reference_order_spdinv(model, image, prompt, steps, rounds, lr, threshold):

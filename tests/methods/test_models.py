@@ -11,7 +11,7 @@ from PIL import Image
 from atelier.core import tiny_models
 from atelier.core.device import pick_device
 from atelier.core.errors import NotFound
-from atelier.core.imaging import pil_to_tensor, tensor_to_pil
+from atelier.core.codecs import array_to_torch, torch_to_array
 from atelier.core.models import ModelRegistry, parse_model_entries
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,9 +136,8 @@ def test_pick_device(monkeypatch):
         pick_device(dtype="fp8")
 
 
-def test_imaging_round_trip():
+def test_array_torch_round_trip():
     pixels = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
-    tensor = pil_to_tensor(Image.fromarray(pixels))
+    tensor = array_to_torch(pixels)
     assert tensor.shape == (1, 3, 16, 24) and tensor.min() >= -1 and tensor.max() <= 1
-    assert np.array_equal(np.asarray(tensor_to_pil(tensor, value_range=(-1, 1))), pixels)
-    assert np.array_equal(np.asarray(tensor_to_pil((tensor + 1) / 2)), pixels)
+    assert np.array_equal(torch_to_array((tensor + 1) / 2), pixels)

@@ -21,6 +21,8 @@ __all__ = [
     "tensor_from_torch",
     "image_to_torch",
     "image_from_torch",
+    "array_to_torch",
+    "torch_to_array",
     "mask_to_torch",
     "usage_to_proto",
 ]
@@ -89,20 +91,30 @@ def image_to_torch(
         array = codec.image_to_array(msg, field, max_pixels=max_pixels, multiple_of=multiple_of)
     except codec.CodecError as error:
         raise from_codec_error(error) from None
-    pixels = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+    return array_to_torch(array)
+
+
+def array_to_torch(array: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 RGB array -> (1, 3, H, W) float32 in [-1, 1] (the VAE's range)."""
+    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).unsqueeze(0).to(torch.float32)
     return pixels / 127.5 - 1.0
 
 
 def image_from_torch(image: torch.Tensor, encoding: str = "png") -> tensor_pb2.Image:
     """Encode a (1, 3, H, W) or (3, H, W) tensor in [0, 1] as an Image."""
+    return codec.image_from_array(torch_to_array(image), encoding=encoding)
+
+
+def torch_to_array(image: torch.Tensor) -> np.ndarray:
+    """A (1, 3, H, W) or (3, H, W) tensor in [0, 1] -> an (H, W, 3) uint8 RGB array."""
     if image.dim() == 4:
         if image.shape[0] != 1:
-            raise ValueError(f"image_from_torch encodes one image, got a batch of {image.shape[0]}")
+            raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
         image = image[0]
     if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image_from_torch needs (3, H, W), got {tuple(image.shape)}")
+        raise ValueError(f"expected (3, H, W), got {tuple(image.shape)}")
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return codec.image_from_array(pixels.permute(1, 2, 0).cpu().numpy(), encoding=encoding)
+    return pixels.permute(1, 2, 0).cpu().numpy()
 
 
 def mask_to_torch(
