@@ -216,3 +216,14 @@ def test_health_reflection_and_metrics(service):
     text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Invert",grpc_service="atelier.v1.Inversion",grpc_type="server_stream"}' in text
     assert "atelier_model_load_seconds" in text
+
+
+def test_bad_edit_options_are_refused_before_any_compute(service):
+    running, metrics, client = service
+    wait_idle(running)
+    before = unet_evaluations(metrics)
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
+                              steps=5, cross_replace=1.5, start_step=None)
+    assert [f for f, _ in info.value.field_violations] == ["p2p.cross_replace_fraction"]
+    assert unet_evaluations(metrics) == before  # the inversion in the same call never ran

@@ -46,15 +46,7 @@ def _check_fraction(violations, name: str, value: float) -> None:
 
 def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParams, max_len: int) -> PlannedP2P:
     """Validate the P2P request and build the mode's cross-attention edit (raises InvalidArgument)."""
-    violations: list[tuple[str, str]] = []
-    if not target_prompt.strip():
-        violations.append(("target_prompt", "must not be empty for Prompt-to-Prompt"))
-    if params.mode not in MODES:
-        violations.append(("p2p.mode", f"unknown mode {params.mode!r}; expected one of {', '.join(MODES)}"))
-    _check_fraction(violations, "p2p.cross_replace_fraction", params.cross_replace_fraction)
-    _check_fraction(violations, "p2p.self_replace_fraction", params.self_replace_fraction)
-    _check_fraction(violations, "p2p.blend_threshold", params.blend_threshold)
-    _check_fraction(violations, "p2p.blend_start_fraction", params.blend_start_fraction)
+    violations = _p2p_option_violations(target_prompt, params)
     if violations:
         raise InvalidArgument.many(violations)
 
@@ -103,15 +95,40 @@ def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParam
     return PlannedP2P(mode, cross_edit, blend_weights)
 
 
-def _check_common(violations, z_T: torch.Tensor, steps: int, guidance: float, engine: str) -> None:
+def _p2p_option_violations(target_prompt: str, params: P2PParams) -> list[tuple[str, str]]:
+    violations: list[tuple[str, str]] = []
+    if not target_prompt.strip():
+        violations.append(("target_prompt", "must not be empty for Prompt-to-Prompt"))
+    if params.mode not in MODES:
+        violations.append(("p2p.mode", f"unknown mode {params.mode!r}; expected one of {', '.join(MODES)}"))
+    _check_fraction(violations, "p2p.cross_replace_fraction", params.cross_replace_fraction)
+    _check_fraction(violations, "p2p.self_replace_fraction", params.self_replace_fraction)
+    _check_fraction(violations, "p2p.blend_threshold", params.blend_threshold)
+    _check_fraction(violations, "p2p.blend_start_fraction", params.blend_start_fraction)
+    return violations
+
+
+def check_edit_options(target_prompt: str, steps: int, engine: str, guidance: float,
+                       p2p: P2PParams, masactrl: MasaCtrlParams) -> None:
+    """Every check that needs no model (raises InvalidArgument with all violations). The
+    servicer calls it before queueing; the word checks need the tokenizer (``plan_p2p``)."""
+    violations: list[tuple[str, str]] = []
     if engine not in ENGINES:
         violations.append(("engine", f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}"))
     if not isinstance(steps, int) or steps < 1:
         violations.append(("steps", f"must be a positive integer, got {steps!r}"))
     if not math.isfinite(guidance):
         violations.append(("guidance_scale", f"must be finite, got {guidance!r}"))
-    if z_T.ndim != 4 or z_T.shape[0] != 1:
-        violations.append(("z_t", f"expected one latent of shape (1, C, h, w), got {tuple(z_T.shape)}"))
+    if engine == "p2p":
+        violations += _p2p_option_violations(target_prompt, p2p)
+    if engine == "masactrl":
+        if not isinstance(masactrl.start_step, int) or masactrl.start_step < 0:
+            violations.append(("masactrl.start_step", f"must be >= 0, got {masactrl.start_step!r}"))
+        if not isinstance(masactrl.start_layer, int) or not 0 <= masactrl.start_layer <= REFERENCE_LAYER_COUNT:
+            violations.append(("masactrl.start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
+                               f"(Stable Diffusion's self-attention layer numbering), got {masactrl.start_layer!r}"))
+    if violations:
+        raise InvalidArgument.many(violations)
 
 
 def make_controller(sites, steps: int, plan: PlannedP2P | None, p2p: P2PParams, masactrl: MasaCtrlParams):
@@ -136,16 +153,9 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     p2p = p2p or P2PParams()
     masactrl = masactrl or MasaCtrlParams()
     control = control or CallControl()
-    violations: list[tuple[str, str]] = []
-    _check_common(violations, z_T, steps, guidance, engine)
-    if engine == "masactrl":
-        if not isinstance(masactrl.start_step, int) or masactrl.start_step < 0:
-            violations.append(("masactrl.start_step", f"must be >= 0, got {masactrl.start_step!r}"))
-        if not isinstance(masactrl.start_layer, int) or not 0 <= masactrl.start_layer <= REFERENCE_LAYER_COUNT:
-            violations.append(("masactrl.start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
-                               f"(Stable Diffusion's self-attention layer numbering), got {masactrl.start_layer!r}"))
-    if violations:
-        raise InvalidArgument.many(violations)
+    if z_T.ndim != 4 or z_T.shape[0] != 1:
+        raise InvalidArgument("z_t", f"expected one latent of shape (1, C, h, w), got {tuple(z_T.shape)}")
+    check_edit_options(target_prompt, steps, engine, guidance, p2p, masactrl)
 
     plan = plan_p2p(model.tokenizer, source_prompt, target_prompt, p2p, model.tokenizer.model_max_length) \
         if engine == "p2p" else None

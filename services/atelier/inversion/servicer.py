@@ -11,7 +11,7 @@ from atelier.core import codecs
 from atelier.core.errors import InvalidArgument
 from atelier.core.models import ModelRegistry
 from atelier.core.streaming import stream_call
-from atelier.inversion.editing import MasaCtrlParams, P2PParams, edit
+from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
 from atelier.inversion.inversion import invert
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
@@ -208,11 +208,12 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         if engine is None:
             raise InvalidArgument("engine", f"unknown editing engine {request.engine}")
         target = self._prompt(request.target_prompt, "target_prompt")
-        if not target.strip():
-            raise InvalidArgument("target_prompt", "must not be empty")
         guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
             raise InvalidArgument("guidance_scale", f"must be between 0 and 50, got {guidance}")
+        p2p, masactrl = _p2p_params(request.p2p), _masactrl_params(request.masactrl)
+        # The method's own checks, before the call is queued (and before any inversion in it).
+        check_edit_options(target, steps, engine, guidance, p2p, masactrl)
         return EditJob(
             model=model,
             invert_job=invert_job,
@@ -224,42 +225,34 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             target_prompt=target,
             engine=engine,
             guidance=guidance,
-            p2p=_p2p_params(request.p2p),
-            masactrl=_masactrl_params(request.masactrl, steps),
+            p2p=p2p,
+            masactrl=masactrl,
             return_source=request.return_source,
         )
 
 
-def _fraction(opts, name: str, default: float) -> float:
-    value = getattr(opts, name) if opts.HasField(name) else default
-    if not 0.0 <= value <= 1.0:
-        raise InvalidArgument(f"p2p.{name}", f"must be within [0, 1], got {value}")
-    return value
+def _optional(opts, name: str, default):
+    return getattr(opts, name) if opts.HasField(name) else default
 
 
 def _p2p_params(opts: inversion_pb2.P2POptions) -> P2PParams:
     if opts.mode not in _P2P_MODES:
         raise InvalidArgument("p2p.mode", f"unknown mode {opts.mode}")
-    for word, weight in opts.reweight.items():
-        if not np.isfinite(weight):
-            raise InvalidArgument(f"p2p.reweight[{word}]", "must be finite")
+    defaults = P2PParams()
     return P2PParams(
         mode=_P2P_MODES[opts.mode],
-        cross_replace_fraction=_fraction(opts, "cross_replace_fraction", 0.8),
-        self_replace_fraction=_fraction(opts, "self_replace_fraction", 0.6),
+        cross_replace_fraction=_optional(opts, "cross_replace_fraction", defaults.cross_replace_fraction),
+        self_replace_fraction=_optional(opts, "self_replace_fraction", defaults.self_replace_fraction),
         reweight=dict(opts.reweight),
         blend_words=list(opts.blend_words),
-        blend_threshold=_fraction(opts, "blend_threshold", 0.3),
+        blend_threshold=_optional(opts, "blend_threshold", defaults.blend_threshold),
     )
 
 
-def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions, steps: int) -> MasaCtrlParams:
-    # Defaults are the reference's (step 4, layer 10); only explicit values are range-checked.
-    start_step = opts.start_step if opts.HasField("start_step") else 4
-    start_layer = opts.start_layer if opts.HasField("start_layer") else 10
-    if opts.HasField("start_step") and not 0 <= start_step <= steps:
-        raise InvalidArgument("masactrl.start_step", f"must be between 0 and steps ({steps}), got {start_step}")
-    return MasaCtrlParams(start_step=start_step, start_layer=start_layer)
+def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions) -> MasaCtrlParams:
+    defaults = MasaCtrlParams()  # the reference's step 4, layer 10
+    return MasaCtrlParams(start_step=_optional(opts, "start_step", defaults.start_step),
+                          start_layer=_optional(opts, "start_layer", defaults.start_layer))
 
 
 def _progress(event) -> common_pb2.Progress:
