@@ -1,6 +1,7 @@
 """Fuller quality numbers for the shipped toy-world models, and the docs sample grid.
 
     .venv/bin/python bench/toyworld_quality.py [--samples 96] [--grid docs/toy_samples.png]
+        [--models .cache/toyworld/final]   # candidates before `ship` (default: the shipped ones)
 
 Prints JSON: VAE PSNR, evaluator accuracy (clean and through the VAE), generated-sample match
 rates for one-object, two-object and textured-background prompts (25 DDIM steps, guidance 5),
@@ -47,17 +48,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--grid", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", type=Path, default=EMBEDDED,
+                    help="folder holding toy/, toy-sam/ and toy-evaluator/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED / "toy", local_files_only=True,
+    pipe = StableDiffusionPipeline.from_pretrained(args.models / "toy", local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    evaluator = load_evaluator(EMBEDDED / "toy-evaluator")
-    sam = SamModel.from_pretrained(EMBEDDED / "toy-sam", local_files_only=True).eval()
-    processor = SamProcessor.from_pretrained(EMBEDDED / "toy-sam", local_files_only=True)
+    evaluator = load_evaluator(args.models / "toy-evaluator")
+    sam = SamModel.from_pretrained(args.models / "toy-sam", local_files_only=True).eval()
+    processor = SamProcessor.from_pretrained(args.models / "toy-sam", local_files_only=True)
 
-    results = {"vae_psnr_db": quality.vae_psnr(pipe.vae, 256)}
+    results = {"vae_psnr_db": quality.vae_psnr(pipe.vae, 256, by_kind=True)}
     with torch.no_grad():
         results["evaluator_clean"] = quality.evaluator_accuracy(evaluator, None, 1024)
         results["evaluator_vae_round_trip"] = quality.evaluator_accuracy(evaluator, pipe.vae, 1024)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from . import world
-from .evaluator import CONCEPT_CLASSES, WorldEvaluator, head_accuracy, labels_for
+from .evaluator import CONCEPT_CLASSES, WorldEvaluator, head_accuracy, labels_for, load_evaluator
 from .train_common import (HELD_OUT_SEED, WORK_DIR, Logger, cosine_lr, load_checkpoint, save_checkpoint,
                            seed_everything)
 
@@ -85,6 +85,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--more-steps", type=int, default=0, help="then a second cosine cycle at lr/4")
+    ap.add_argument("--init", type=Path, default=None, help="fine-tune this evaluator folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "toy-evaluator")
     args = ap.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
     log = Logger("evaluator")
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False) if args.vae.exists() else None
     log(f"VAE round trips: {'on' if vae is not None else 'off (no VAE)'}; concepts {CONCEPT_CLASSES}")
-    model = WorldEvaluator()
+    model = load_evaluator(args.init).train().requires_grad_(True) if args.init else WorldEvaluator()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     ckpt_path = WORK_DIR / "evaluator_ckpt.pt"
     start = 0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from diffusers.training_utils import EMAModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import world
 from .train_common import (SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, WORK_DIR, Logger,
@@ -78,6 +78,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pool-size", type=int, default=20_000)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="fine-tune the UNet and text encoder of this pipeline folder")
+    ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "toy")
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint's EMA")
@@ -87,8 +90,14 @@ def main(argv=None) -> None:
     log = Logger("sd")
     vae = AutoencoderKL.from_pretrained(args.vae_encoder).eval().requires_grad_(False)
     tokenizer = build_tokenizer()
-    text_encoder = build_text_encoder(tokenizer)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    if args.init:
+        if CLIPTokenizer.from_pretrained(args.init / "tokenizer").get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"{args.init}'s tokenizer differs from the generated one")
+        text_encoder = CLIPTextModel.from_pretrained(args.init / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(args.init / "unet", torch_dtype=torch.float32)
+    else:
+        text_encoder = build_text_encoder(tokenizer)
+        unet = UNet2DConditionModel(**UNET_CONFIG)
     log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params")
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -123,7 +132,7 @@ def main(argv=None) -> None:
                 gen = np.random.default_rng(args.seed + args.steps)
                 torch.manual_seed(args.seed + args.steps)
             for g in opt.param_groups:
-                g["lr"] = (cosine_lr(step, args.steps, args.lr, warmup=200) if step < args.steps else
+                g["lr"] = (cosine_lr(step, args.steps, args.lr, warmup=args.warmup) if step < args.steps else
                            cosine_lr(step - args.steps, args.more_steps, args.lr / 2, warmup=50))
             idx = torch.from_numpy(gen.integers(0, len(pool["ids"]), args.batch_size))
             mean, std = pool["mean"][idx].float(), pool["std"][idx].float()

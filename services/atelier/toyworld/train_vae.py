@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from . import world
+from . import quality, world
 from .train_common import (HELD_OUT_SEED, VAE_CONFIG, WORK_DIR, Logger, cosine_lr, load_checkpoint,
-                           psnr, save_checkpoint, seed_everything)
+                           save_checkpoint, seed_everything)
 
 
 def edge_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,16 +36,13 @@ def training_scenes(step: int, batch_size: int, crop: int | None = None) -> torc
     return torch.stack([im[:, y:y + crop, x0:x0 + crop] for im, (y, x0) in zip(x, offsets.tolist())])
 
 
-@torch.no_grad()
-def evaluate_psnr(vae: AutoencoderKL, n: int = 256) -> float:
+def evaluate_psnr(vae: AutoencoderKL, n: int = 256, by_kind: bool = False):
+    """Held-out PSNR (training seeds' held-out range, not the quality test's)."""
+    was_training = vae.training
     vae.eval()
-    x = world.to_tensor_batch(world.batch(HELD_OUT_SEED + 1, n, concept_fraction=0.15))
-    out = []
-    for chunk in x.split(64):
-        rec = vae.decode(vae.encode(chunk).latent_dist.mode()).sample
-        out.append(psnr((rec.clamp(-1, 1) + 1) / 2, (chunk + 1) / 2))
-    vae.train()
-    return torch.cat(out).mean().item()
+    result = quality.vae_psnr(vae, n, seed=HELD_OUT_SEED + 1, by_kind=by_kind)
+    vae.train(was_training)
+    return result
 
 
 @torch.no_grad()
@@ -68,13 +65,17 @@ def main(argv=None) -> None:
     ap.add_argument("--decoder-steps", type=int, default=0,
                     help="then this many decoder-only full-resolution steps, own cosine schedule")
     ap.add_argument("--decoder-lr", type=float, default=5e-4)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="fine-tune this AutoencoderKL folder instead of starting from scratch")
+    ap.add_argument("--keep-scaling", action="store_true",
+                    help="with --init: keep its scaling_factor (a UNet trained on it stays close)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "vae")
     args = ap.parse_args(argv)
 
     seed_everything(args.seed)
     log = Logger("vae")
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL.from_pretrained(args.init) if args.init else AutoencoderKL(**VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     ckpt_path = WORK_DIR / "vae_ckpt.pt"
     start = 0
@@ -92,10 +93,12 @@ def main(argv=None) -> None:
         if step == args.freeze_encoder_at or (step > args.freeze_encoder_at and step == start):
             freeze_encoder(vae)
             if step == args.freeze_encoder_at:
-                vae.register_to_config(scaling_factor=1.0 / latent_std(vae))
+                std = latent_std(vae)
+                if not (args.init and args.keep_scaling):
+                    vae.register_to_config(scaling_factor=1.0 / std)
                 vae.save_pretrained(encoder_dir)
                 log(f"encoder frozen at step {step}, scaling_factor "
-                    f"{vae.config.scaling_factor:.4f}; saved to {encoder_dir}")
+                    f"{vae.config.scaling_factor:.4f} (1/latent std {1.0 / std:.4f}); saved to {encoder_dir}")
         for g in opt.param_groups:
             g["lr"] = (cosine_lr(step, args.steps, args.lr) if step < args.steps else
                        cosine_lr(step - args.steps, args.decoder_steps, args.decoder_lr, warmup=50))
@@ -114,7 +117,8 @@ def main(argv=None) -> None:
         if (step + 1) % 250 == 0 or step + 1 in (args.steps, total):
             save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(),
                             rng=torch.get_rng_state(), step=step + 1)
-            log(f"step {step + 1} held-out PSNR {evaluate_psnr(vae, 128):.2f} dB")
+            mean, by_kind = evaluate_psnr(vae, 128, by_kind=True)
+            log(f"step {step + 1} held-out PSNR {mean:.2f} dB {by_kind}")
         if step + 1 == args.steps and args.decoder_steps:
             export(vae, encoder_dir, args.out.parent / "vae-phase1", log)
     export(vae, encoder_dir, args.out, log)
