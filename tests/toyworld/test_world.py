@@ -120,3 +120,17 @@ def test_tokenizer_survives_save_and_stock_load(tmp_path):
     assert loaded(caption).input_ids == tok(caption).input_ids
     words = loaded.convert_ids_to_tokens(loaded(caption).input_ids)[1:-1]
     assert [w.removesuffix("</w>") for w in words] == caption.split()  # one token per word
+
+
+@pytest.mark.parametrize("kind", ["striped", "dotted"])
+def test_textures_vary_across_f8_latent_cells(kind):
+    """An f8 VAE's decoder (convolutions, nearest upsampling) is translation-equivariant: a
+    texture whose 8x8 cells all look alike encodes to a constant latent and decodes flat.
+    The world's textures must differ from cell to cell; a plain background does not."""
+    def largest_cell_difference(background_kind):
+        img = world.render(world.SceneSpec((), background_kind, "yellow")).image.astype(np.float32)
+        cells = img.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, -1)
+        return np.abs(cells - cells[0]).mean(1).max()
+
+    assert largest_cell_difference("solid") == 0
+    assert largest_cell_difference(kind) > 10

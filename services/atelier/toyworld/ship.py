@@ -25,6 +25,17 @@ def _store_half(path) -> None:
               metadata={"format": "pt"})
 
 
+def _drop_local_paths(folder) -> None:
+    """Loaders record where a model was read from (``_name_or_path``): a path on the training
+    machine that means nothing in the repository."""
+    import json
+
+    for config in folder.rglob("config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def ship(names=SHIPPED) -> None:
     EMBEDDED.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -34,6 +45,7 @@ def ship(names=SHIPPED) -> None:
         tmp = EMBEDDED / f".{name}.incoming"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
+        _drop_local_paths(tmp)
         for relative in HALF_PRECISION.get(name, ()):
             _store_half(tmp / relative)
         old = EMBEDDED / f".{name}.old"
