@@ -25,13 +25,15 @@ from .train_common import WORK_DIR, Logger, cosine_lr, load_checkpoint, save_che
 IMAGE_SIZE = 64
 POSITIONAL_SCALE = 1.5
 PATCH = 4
+DECODER_HIDDEN = 128  # the upscaling path gets hidden/8 = 16 channels per 64x64 pixel
 SAM_CONFIG = dict(
     vision=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, mlp_dim=384,
-                patch_size=PATCH, image_size=IMAGE_SIZE, output_channels=64, num_pos_feats=32,
-                window_size=4, global_attn_indexes=[1, 3], initializer_range=0.02),  # default 1e-10
-    prompt=dict(hidden_size=64, image_size=IMAGE_SIZE, patch_size=PATCH, mask_input_channels=16),
-    decoder=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=256,
-                 iou_head_hidden_dim=64, attention_downsample_rate=2),
+                patch_size=PATCH, image_size=IMAGE_SIZE, output_channels=DECODER_HIDDEN,
+                num_pos_feats=DECODER_HIDDEN // 2, window_size=4, global_attn_indexes=[1, 3],
+                initializer_range=0.02),  # default 1e-10
+    prompt=dict(hidden_size=DECODER_HIDDEN, image_size=IMAGE_SIZE, patch_size=PATCH, mask_input_channels=16),
+    decoder=dict(hidden_size=DECODER_HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                 mlp_dim=4 * DECODER_HIDDEN, iou_head_hidden_dim=DECODER_HIDDEN, attention_downsample_rate=2),
 )
 
 
