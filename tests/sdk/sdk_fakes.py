@@ -126,7 +126,7 @@ class FakeInversion(inversion_pb2_grpc.InversionServicer):
         yield from self._run(self.edit_behaviour, request, context)
 
 
-def wait_until_terminated(context, bound_seconds: float = 10.0) -> None:
+def wait_until_terminated(context, bound_seconds: float = 30.0) -> None:
     """Block the handler until the RPC ends (cancel or deadline); the bound only prevents a hang."""
     ended = threading.Event()
     context.add_callback(ended.set)

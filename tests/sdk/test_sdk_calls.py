@@ -267,13 +267,20 @@ def test_ctrl_c_while_waiting_for_the_stream_cancels_the_server_call(fake_and_cl
     fake, client = fake_and_client
     fake.invert_behaviour = blocks_after_first_progress
     main_thread = threading.get_ident()
-    interrupter = threading.Thread(
-        target=lambda: fake.started.wait(10) and signal.pthread_kill(main_thread, signal.SIGINT)
-    )
+    sent = threading.Event()
+
+    def interrupt_once_the_server_runs():
+        # Generous bound: on a loaded machine the handler can take seconds to start.
+        if fake.started.wait(60):
+            signal.pthread_kill(main_thread, signal.SIGINT)
+            sent.set()
+
+    interrupter = threading.Thread(target=interrupt_once_the_server_runs)
     interrupter.start()
     with pytest.raises(KeyboardInterrupt) as caught:
         client.inversion.invert(IMAGE, "x")
     interrupter.join()
+    assert sent.is_set()
     assert fake.handler_done.wait(10) and fake.ended_early.is_set()
     assert caught.type is KeyboardInterrupt
 
