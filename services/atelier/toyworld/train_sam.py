@@ -25,7 +25,7 @@ from .train_common import WORK_DIR, Logger, cosine_lr, load_checkpoint, save_che
 IMAGE_SIZE = 64
 POSITIONAL_SCALE = 1.5
 PATCH = 4
-DECODER_HIDDEN = 128  # the upscaling path gets hidden/8 = 16 channels per 64x64 pixel
+DECODER_HIDDEN = 64  # the mask upscaling path gets hidden/8 channels per 64x64 pixel
 SAM_CONFIG = dict(
     vision=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, mlp_dim=384,
                 patch_size=PATCH, image_size=IMAGE_SIZE, output_channels=DECODER_HIDDEN,
