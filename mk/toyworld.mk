@@ -43,8 +43,7 @@ $(TOYWORLD_FINAL)/toy-evaluator/config.json: $(TOYWORLD_FINAL)/vae/config.json \
 		--vae $(TOYWORLD_FINAL)/vae --steps 600 --lr 5e-4 --out $(TOYWORLD_FINAL)/toy-evaluator
 
 $(TOYWORLD_FINAL)/toy-sam/config.json: $(VENV)/.installed
-	$(TOYWORLD_RUN_FINAL) atelier.toyworld.train_sam --steps 4500 --more-steps 2000 \
-		--out $(TOYWORLD_FINAL)/toy-sam
+	$(TOYWORLD_RUN_FINAL) atelier.toyworld.train_sam --steps 4000 --out $(TOYWORLD_FINAL)/toy-sam
 
 toy-world: $(TOYWORLD_FINAL)/toy/model_index.json $(TOYWORLD_FINAL)/toy-sam/config.json \
 		$(TOYWORLD_FINAL)/toy-evaluator/config.json
