@@ -5,6 +5,7 @@ in one rename, so the registry never sees a half-written model.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -28,8 +29,6 @@ def _store_half(path) -> None:
 def _drop_local_paths(folder) -> None:
     """Loaders record where a model was read from (``_name_or_path``): a path on the training
     machine that means nothing in the repository."""
-    import json
-
     for config in folder.rglob("config.json"):
         data = json.loads(config.read_text())
         if data.pop("_name_or_path", None) is not None:

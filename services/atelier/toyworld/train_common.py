@@ -53,6 +53,15 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100, floor: floa
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def two_cycle_lr(step: int, first: int, second: int, peak: float, second_peak: float,
+                 warmup: int = 100) -> float:
+    """A cosine cycle over ``first`` steps, then a second one (50 warm-up steps) at ``second_peak``:
+    the scripts' "more steps" continue from a finished schedule without replaying it."""
+    if step < first:
+        return cosine_lr(step, first, peak, warmup=warmup)
+    return cosine_lr(step - first, second, second_peak, warmup=50)
+
+
 class Logger:
     def __init__(self, name: str):
         self.start = time.time()

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 
 from . import world
 from .evaluator import CONCEPT_CLASSES, WorldEvaluator, head_accuracy, labels_for, load_evaluator
-from .train_common import (HELD_OUT_SEED, WORK_DIR, Logger, cosine_lr, load_checkpoint, save_checkpoint,
+from .train_common import (HELD_OUT_SEED, WORK_DIR, Logger, two_cycle_lr, load_checkpoint, save_checkpoint,
                            seed_everything)
 
 HEADS = ("shape", "colour", "count", "background_kind", "background_colour", "concept")
@@ -109,8 +109,7 @@ def main(argv=None) -> None:
         if step == args.steps:  # the second cycle's draws do not depend on where a run resumed
             gen = torch.Generator().manual_seed(args.seed + args.steps)
         for g in opt.param_groups:
-            g["lr"] = (cosine_lr(step, args.steps, args.lr) if step < args.steps else
-                       cosine_lr(step - args.steps, args.more_steps, args.lr / 4, warmup=50))
+            g["lr"] = two_cycle_lr(step, args.steps, args.more_steps, args.lr, args.lr / 4)
         scenes = world.batch(3_000_000 + step, args.batch_size, concept_fraction=0.25)
         x = degrade(world.to_tensor_batch(scenes), vae, gen)
         loss = head_losses(model(x), labels_for(scenes))

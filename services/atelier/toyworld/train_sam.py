@@ -20,7 +20,7 @@ from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, Sa
                           SamPromptEncoderConfig, SamVisionConfig)
 
 from . import world
-from .train_common import WORK_DIR, Logger, cosine_lr, load_checkpoint, save_checkpoint, seed_everything
+from .train_common import WORK_DIR, Logger, two_cycle_lr, load_checkpoint, save_checkpoint, seed_everything
 
 IMAGE_SIZE = 64
 POSITIONAL_SCALE = 1.5
@@ -162,8 +162,7 @@ def main(argv=None) -> None:
     total = args.steps + args.more_steps
     for step in range(start, total):
         for g in opt.param_groups:
-            g["lr"] = (cosine_lr(step, args.steps, args.lr) if step < args.steps else
-                       cosine_lr(step - args.steps, args.more_steps, args.lr / 3, warmup=50))
+            g["lr"] = two_cycle_lr(step, args.steps, args.more_steps, args.lr, args.lr / 3)
         rng = np.random.default_rng(args.seed * 1_000_003 + step)
         scenes = world.batch(2_000_000 + step, args.batch_size, concept_fraction=0.3)
         target, points, boxes = prompts_for(scenes, rng)

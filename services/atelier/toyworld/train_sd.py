@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import world
 from .train_common import (SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, WORK_DIR, Logger,
-                           cosine_lr, load_checkpoint, save_checkpoint, seed_everything)
+                           two_cycle_lr, load_checkpoint, save_checkpoint, seed_everything)
 from .vocab import build_tokenizer
 
 
@@ -132,8 +132,8 @@ def main(argv=None) -> None:
                 gen = np.random.default_rng(args.seed + args.steps)
                 torch.manual_seed(args.seed + args.steps)
             for g in opt.param_groups:
-                g["lr"] = (cosine_lr(step, args.steps, args.lr, warmup=args.warmup) if step < args.steps else
-                           cosine_lr(step - args.steps, args.more_steps, args.lr / 2, warmup=50))
+                g["lr"] = two_cycle_lr(step, args.steps, args.more_steps, args.lr, args.lr / 2,
+                                       warmup=args.warmup)
             idx = torch.from_numpy(gen.integers(0, len(pool["ids"]), args.batch_size))
             mean, std = pool["mean"][idx].float(), pool["std"][idx].float()
             latents = (mean + std * torch.randn_like(mean)) * scale

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from . import quality, world
-from .train_common import (HELD_OUT_SEED, VAE_CONFIG, WORK_DIR, Logger, cosine_lr, load_checkpoint,
+from .train_common import (HELD_OUT_SEED, VAE_CONFIG, WORK_DIR, Logger, two_cycle_lr, load_checkpoint,
                            save_checkpoint, seed_everything)
 
 
@@ -100,8 +100,7 @@ def main(argv=None) -> None:
                 log(f"encoder frozen at step {step}, scaling_factor "
                     f"{vae.config.scaling_factor:.4f} (1/latent std {1.0 / std:.4f}); saved to {encoder_dir}")
         for g in opt.param_groups:
-            g["lr"] = (cosine_lr(step, args.steps, args.lr) if step < args.steps else
-                       cosine_lr(step - args.steps, args.decoder_steps, args.decoder_lr, warmup=50))
+            g["lr"] = two_cycle_lr(step, args.steps, args.decoder_steps, args.lr, args.decoder_lr)
         full = step >= args.full_from * args.steps
         x = training_scenes(step, args.batch_size, None if full else args.crop)
         post = vae.encode(x).latent_dist
