@@ -5,7 +5,9 @@ from the stored posterior. Epsilon prediction, SD-1.x scaled_linear DDPM betas, 
 dropout for classifier-free guidance, EMA of both trained models.
 
 The pool is encoded with <work>/vae-encoder (the VAE frozen-encoder snapshot, same latent
-space and scaling_factor as the final VAE); the exported pipeline carries the final VAE.
+space and scaling_factor as the final VAE); the exported pipeline carries --vae. `make` trains
+with the snapshot as --vae while the decoder still trains, then exports again with
+--export-only and the final VAE.
 
     python -m atelier.toyworld.train_sd --steps 3000 --more-steps 1200
 """
@@ -116,6 +118,9 @@ def main(argv=None) -> None:
         start = ckpt["step"]
         log(f"resumed at step {start}")
 
+    total = args.steps + args.more_steps
+    if args.export_only and start != total:
+        raise SystemExit(f"{ckpt_path} is at step {start}, not {total}: finish the training first")
     if not args.export_only:
         pool = encode_pool(vae, tokenizer, args.pool_size, seed=args.seed * 1_000_000 + 5_000_000, log=log)
         scale = vae.config.scaling_factor
@@ -126,7 +131,6 @@ def main(argv=None) -> None:
         gen = np.random.default_rng(args.seed + start)
         unet.train()
         text_encoder.train()
-        total = args.steps + args.more_steps
         for step in range(start, total):
             if step == args.steps:  # the second cycle's draws do not depend on where a run resumed
                 gen = np.random.default_rng(args.seed + args.steps)

@@ -3,6 +3,8 @@
 At --freeze-encoder-at the encoder is frozen and saved (with its scaling_factor) to
 <work>/vae-encoder: the latent space is final from then on, so the UNet can train on it
 while the decoder keeps improving (decoder-only fine-tuning, as SD's ft-MSE VAE did).
+``--stop-at-freeze`` exits right there; the same command without it resumes from the
+checkpoint, so `make` can start the UNet while the decoder trains.
 
     python -m atelier.toyworld.train_vae --steps 2600 --out .cache/toyworld/vae
 """
@@ -18,6 +20,11 @@ from diffusers import AutoencoderKL
 from . import quality, world
 from .train_common import (HELD_OUT_SEED, VAE_CONFIG, WORK_DIR, Logger, two_cycle_lr, load_checkpoint,
                            save_checkpoint, seed_everything)
+
+
+# How many held-out scenes measure progress and the latent std (read at call time, so a test
+# of the training mechanics can make them small).
+PROGRESS_SCENES, PSNR_SCENES, LATENT_STD_SCENES = 128, 256, 1024
 
 
 def edge_l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,8 +43,9 @@ def training_scenes(step: int, batch_size: int, crop: int | None = None) -> torc
     return torch.stack([im[:, y:y + crop, x0:x0 + crop] for im, (y, x0) in zip(x, offsets.tolist())])
 
 
-def evaluate_psnr(vae: AutoencoderKL, n: int = 256, by_kind: bool = False):
+def evaluate_psnr(vae: AutoencoderKL, n: int | None = None, by_kind: bool = False):
     """Held-out PSNR (training seeds' held-out range, not the quality test's)."""
+    n = n or PSNR_SCENES
     was_training = vae.training
     vae.eval()
     result = quality.vae_psnr(vae, n, seed=HELD_OUT_SEED + 1, by_kind=by_kind)
@@ -46,7 +54,8 @@ def evaluate_psnr(vae: AutoencoderKL, n: int = 256, by_kind: bool = False):
 
 
 @torch.no_grad()
-def latent_std(vae: AutoencoderKL, n: int = 1024) -> float:
+def latent_std(vae: AutoencoderKL, n: int | None = None) -> float:
+    n = n or LATENT_STD_SCENES
     x = world.to_tensor_batch(world.batch(HELD_OUT_SEED + 2, n, concept_fraction=0.15))
     z = torch.cat([vae.encode(c).latent_dist.mode() for c in x.split(128)])
     return z.std().item()
@@ -69,6 +78,8 @@ def main(argv=None) -> None:
                     help="fine-tune this AutoencoderKL folder instead of starting from scratch")
     ap.add_argument("--keep-scaling", action="store_true",
                     help="with --init: keep its scaling_factor (a UNet trained on it stays close)")
+    ap.add_argument("--stop-at-freeze", action="store_true",
+                    help="exit once the encoder snapshot is saved (run again without it to go on)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=WORK_DIR / "vae")
     args = ap.parse_args(argv)
@@ -92,13 +103,18 @@ def main(argv=None) -> None:
     for step in range(start, total):
         if step == args.freeze_encoder_at or (step > args.freeze_encoder_at and step == start):
             freeze_encoder(vae)
-            if step == args.freeze_encoder_at:
+            if step == args.freeze_encoder_at and not snapshot_matches(vae, encoder_dir):
                 std = latent_std(vae)
                 if not (args.init and args.keep_scaling):
                     vae.register_to_config(scaling_factor=1.0 / std)
                 vae.save_pretrained(encoder_dir)
                 log(f"encoder frozen at step {step}, scaling_factor "
                     f"{vae.config.scaling_factor:.4f} (1/latent std {1.0 / std:.4f}); saved to {encoder_dir}")
+            if args.stop_at_freeze:
+                save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(),
+                                rng=torch.get_rng_state(), step=step)
+                log(f"stopping at the encoder freeze (step {step}); run again without --stop-at-freeze")
+                return
         for g in opt.param_groups:
             g["lr"] = two_cycle_lr(step, args.steps, args.decoder_steps, args.lr, args.decoder_lr)
         full = step >= args.full_from * args.steps
@@ -116,7 +132,7 @@ def main(argv=None) -> None:
         if (step + 1) % 250 == 0 or step + 1 in (args.steps, total):
             save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(),
                             rng=torch.get_rng_state(), step=step + 1)
-            mean, by_kind = evaluate_psnr(vae, 128, by_kind=True)
+            mean, by_kind = evaluate_psnr(vae, PROGRESS_SCENES, by_kind=True)
             log(f"step {step + 1} held-out PSNR {mean:.2f} dB {by_kind}")
         if step + 1 == args.steps and args.decoder_steps:
             export(vae, encoder_dir, args.out.parent / "vae-phase1", log)
@@ -132,6 +148,19 @@ def export(vae: AutoencoderKL, encoder_dir: Path, out: Path, log) -> None:
     log(f"held-out PSNR {evaluate_psnr(vae):.2f} dB, scaling_factor {scaling:.4f} "
         f"(latent std {latent_std(vae):.3f}); saved to {out}")
     vae.train()
+
+
+def snapshot_matches(vae: AutoencoderKL, encoder_dir: Path) -> bool:
+    """Whether ``encoder_dir`` already holds this encoder (a run resumed exactly at the freeze):
+    saving it again would only make its files newer, and `make` retrain the UNet."""
+    if not (encoder_dir / "config.json").exists():
+        return False
+    saved = AutoencoderKL.from_pretrained(encoder_dir)
+    for name in ("encoder", "quant_conv"):
+        mine, theirs = getattr(vae, name).state_dict(), getattr(saved, name).state_dict()
+        if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+            return False
+    return True
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:
