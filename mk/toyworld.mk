@@ -1,53 +1,52 @@
 # Toy world: trains the embedded default models (toy SD pipeline, toy-sam, toy-evaluator)
 # from scratch on CPU with fixed seeds, then ships them into services/atelier/embedded/.
-# Checkpoints and latent pools live in .cache/toyworld (resumable; delete it to start over).
-# Two stages for the SD pipeline and the evaluator: stage 1 trains from scratch in
-# $(TOYWORLD_WORK); stage 2 fine-tunes those in $(TOYWORLD_FINAL) (the VAE learns the textures
-# with its encoder unfrozen, then the UNet and the evaluator adapt to it). SAM trains once, in
-# $(TOYWORLD_FINAL). Independent trainings are separate targets: `make -j3 toy-world` overlaps
-# them, each process on TOYWORLD_THREADS threads.
+# Checkpoints and latent pools live in $(TOYWORLD_WORK) (resumable; delete it to start over).
+# Independent trainings are separate targets that `make toy-world` overlaps (TOYWORLD_JOBS
+# processes, each on TOYWORLD_THREADS threads). The critical path is VAE (until its encoder freezes) -> UNet:
+# the VAE stops at the freeze, the UNet trains on the frozen encoder's latents while the VAE
+# goes on with its decoder, and the pipeline is exported again with the final decoder.
 TOYWORLD_WORK ?= .cache/toyworld
-TOYWORLD_FINAL ?= $(TOYWORLD_WORK)/final
 TOYWORLD_THREADS ?= 1
+TOYWORLD_JOBS ?= 3
 TOYWORLD_RUN = TOYWORLD_WORK=$(TOYWORLD_WORK) TOYWORLD_THREADS=$(TOYWORLD_THREADS) $(PY) -m
-TOYWORLD_RUN_FINAL = TOYWORLD_WORK=$(TOYWORLD_FINAL) TOYWORLD_THREADS=$(TOYWORLD_THREADS) $(PY) -m
+# SAM and the evaluator are off the critical path: niced, they take the CPU the VAE and the UNet
+# leave (three processes on two cores otherwise slow the UNet by a third).
+TOYWORLD_RUN_BESIDE = TOYWORLD_WORK=$(TOYWORLD_WORK) TOYWORLD_THREADS=$(TOYWORLD_THREADS) nice -n 10 $(PY) -m
+TOYWORLD_VAE = atelier.toyworld.train_vae --steps 2000 --full-from 0.7 --freeze-encoder-at 1500 \
+	--decoder-steps 1200 --out $(TOYWORLD_WORK)/vae
+TOYWORLD_SD = atelier.toyworld.train_sd --steps 3000 --more-steps 1200
 
-.PHONY: toy-world toy-world-quality
+.PHONY: toy-world toy-world-models toy-world-quality
 
-# Stage 1: from scratch.
-$(TOYWORLD_WORK)/vae/config.json: $(VENV)/.installed
-	$(TOYWORLD_RUN) atelier.toyworld.train_vae --steps 2600 --full-from 0.88 --freeze-encoder-at 800 \
-		--decoder-steps 1500 --out $(TOYWORLD_WORK)/vae
+$(TOYWORLD_WORK)/vae-encoder/config.json: $(VENV)/.installed
+	$(TOYWORLD_RUN) $(TOYWORLD_VAE) --stop-at-freeze
 
-$(TOYWORLD_WORK)/toy/model_index.json: $(TOYWORLD_WORK)/vae/config.json
-	$(TOYWORLD_RUN) atelier.toyworld.train_sd --steps 3000 --more-steps 1200 --vae $(TOYWORLD_WORK)/vae \
-		--out $(TOYWORLD_WORK)/toy
+$(TOYWORLD_WORK)/vae/config.json: $(TOYWORLD_WORK)/vae-encoder/config.json
+	$(TOYWORLD_RUN) $(TOYWORLD_VAE)
 
+# The UNet and text encoder, exported first with the encoder snapshot's decoder ...
+$(TOYWORLD_WORK)/toy-draft/model_index.json: $(TOYWORLD_WORK)/vae-encoder/config.json
+	$(TOYWORLD_RUN) $(TOYWORLD_SD) --vae $(TOYWORLD_WORK)/vae-encoder --out $(TOYWORLD_WORK)/toy-draft
+
+# ... then with the final one (same encoder, same scaling_factor).
+$(TOYWORLD_WORK)/toy/model_index.json: $(TOYWORLD_WORK)/toy-draft/model_index.json \
+		$(TOYWORLD_WORK)/vae/config.json
+	$(TOYWORLD_RUN) $(TOYWORLD_SD) --export-only --vae $(TOYWORLD_WORK)/vae --out $(TOYWORLD_WORK)/toy
+
+# Round trips through the VAE as it was when its first cycle ended (train_vae saves vae-phase1).
 $(TOYWORLD_WORK)/toy-evaluator/config.json: $(TOYWORLD_WORK)/vae/config.json
-	$(TOYWORLD_RUN) atelier.toyworld.train_evaluator --vae $(TOYWORLD_WORK)/vae-phase1 --steps 2000 \
+	$(TOYWORLD_RUN_BESIDE) atelier.toyworld.train_evaluator --vae $(TOYWORLD_WORK)/vae-phase1 --steps 2000 \
 		--out $(TOYWORLD_WORK)/toy-evaluator
 
-# Stage 2: what ships.
-$(TOYWORLD_FINAL)/vae/config.json: $(TOYWORLD_WORK)/toy/model_index.json
-	$(TOYWORLD_RUN_FINAL) atelier.toyworld.train_vae --init $(TOYWORLD_WORK)/toy/vae --keep-scaling \
-		--steps 500 --full-from 0 --lr 3e-4 --freeze-encoder-at 350 --decoder-steps 1500 \
-		--decoder-lr 3e-4 --out $(TOYWORLD_FINAL)/vae
+$(TOYWORLD_WORK)/toy-sam/config.json: $(VENV)/.installed
+	$(TOYWORLD_RUN_BESIDE) atelier.toyworld.train_sam --steps 4000 --out $(TOYWORLD_WORK)/toy-sam
 
-$(TOYWORLD_FINAL)/toy/model_index.json: $(TOYWORLD_FINAL)/vae/config.json
-	$(TOYWORLD_RUN_FINAL) atelier.toyworld.train_sd --init $(TOYWORLD_WORK)/toy --steps 2000 \
-		--lr 4e-4 --warmup 100 --vae $(TOYWORLD_FINAL)/vae --out $(TOYWORLD_FINAL)/toy
-
-$(TOYWORLD_FINAL)/toy-evaluator/config.json: $(TOYWORLD_FINAL)/vae/config.json \
+toy-world-models: $(TOYWORLD_WORK)/toy/model_index.json $(TOYWORLD_WORK)/toy-sam/config.json \
 		$(TOYWORLD_WORK)/toy-evaluator/config.json
-	$(TOYWORLD_RUN_FINAL) atelier.toyworld.train_evaluator --init $(TOYWORLD_WORK)/toy-evaluator \
-		--vae $(TOYWORLD_FINAL)/vae --steps 600 --lr 5e-4 --out $(TOYWORLD_FINAL)/toy-evaluator
 
-$(TOYWORLD_FINAL)/toy-sam/config.json: $(VENV)/.installed
-	$(TOYWORLD_RUN_FINAL) atelier.toyworld.train_sam --steps 4000 --out $(TOYWORLD_FINAL)/toy-sam
-
-toy-world: $(TOYWORLD_FINAL)/toy/model_index.json $(TOYWORLD_FINAL)/toy-sam/config.json \
-		$(TOYWORLD_FINAL)/toy-evaluator/config.json
-	TOYWORLD_WORK=$(TOYWORLD_FINAL) $(PY) -m atelier.toyworld.ship
+toy-world: $(VENV)/.installed
+	$(MAKE) -j$(TOYWORLD_JOBS) toy-world-models
+	TOYWORLD_WORK=$(TOYWORLD_WORK) $(PY) -m atelier.toyworld.ship
 
 # The quality test against the shipped models (also part of `make test`).
 toy-world-quality: $(VENV)/.installed
