@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 print(f"[launcher] {name} did not stop in 60 s; killing it", flush=True)
                 proc.kill()
+                continue
+            if proc.returncode != 0:
+                print(f"[launcher] {name} exited with status {proc.returncode}", flush=True)
 
 
 if __name__ == "__main__":
