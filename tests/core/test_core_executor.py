@@ -193,3 +193,29 @@ def test_device_memory_is_exported_only_with_cuda(metrics):
     allocated = metrics.registry.get_sample_value("atelier_device_memory_bytes", {"device": "cuda:0", "kind": "allocated"})
     reserved = metrics.registry.get_sample_value("atelier_device_memory_bytes", {"device": "cuda:0", "kind": "reserved"})
     assert allocated >= block.numel() and reserved >= allocated
+
+
+def test_the_worker_drops_a_finished_call_and_shutdown_joins_it(metrics):
+    """An idle worker must not keep the last call's tensors (memory), and close() joins it: a
+    daemon thread still freeing tensors at interpreter exit aborts the process."""
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    executor = ComputeExecutor(max_queue=1, name="t", metrics=metrics)
+    payload = Payload()
+    alive = weakref.ref(payload)
+    future = executor.submit(lambda held=payload: held is not None, CallControl())
+    assert future.result(timeout=10) is True
+    del payload, future
+    for _ in range(100):  # the worker clears the call right after resolving its future
+        gc.collect()
+        if alive() is None:
+            break
+        time.sleep(0.05)
+    assert alive() is None
+    worker = executor._worker
+    executor.shutdown(wait=True, timeout=10)
+    assert not worker.is_alive()

@@ -16,7 +16,11 @@ from atelier.core.control import CallControl
 from atelier.core.errors import ResourceExhausted
 from atelier.core.metrics import Metrics, default_metrics
 
-__all__ = ["ComputeExecutor"]
+__all__ = ["ComputeExecutor", "SHUTDOWN_JOIN_SECONDS"]
+
+# How long a service's close() waits for the worker: after the drain, a call still running was
+# cancelled and stops at its next UNet evaluation.
+SHUTDOWN_JOIN_SECONDS = 30.0
 
 
 class ComputeExecutor:
@@ -75,14 +79,17 @@ class ComputeExecutor:
         with self._condition:
             return bool(self._waiting or self._running)
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop accepting work; queued calls still run (their controls decide)."""
+    def shutdown(self, wait: bool = True, timeout: Optional[float] = None) -> None:
+        """Stop accepting work; queued calls still run (their controls decide). With ``wait``,
+        join the worker (for up to ``timeout`` s): a daemon thread still freeing tensors when
+        the interpreter exits is killed inside torch's C++ deallocator, which aborts the
+        process ("terminate called without an active exception")."""
         with self._condition:
             self._closed = True
             self._condition.notify_all()
             worker = self._worker
         if wait and worker is not None and worker is not threading.current_thread():
-            worker.join()
+            worker.join(timeout)
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
@@ -103,6 +110,9 @@ class ComputeExecutor:
             try:
                 self._run_one(fn, control, future)
             finally:
+                # Drop the call (its closure holds its tensors) now, not when the next call
+                # arrives: an idle worker must not keep the last request's memory.
+                del fn, control, future
                 with self._condition:
                     self._running = 0
                     self._in_flight.set(0)
