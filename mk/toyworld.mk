@@ -22,6 +22,9 @@ TOYWORLD_SD = atelier.toyworld.train_sd --steps 3000 --more-steps 1200
 TOYWORLD_SD_RESTART = atelier.toyworld.train_sd --steps 3000 --more-steps 2200
 
 .PHONY: toy-world toy-world-models toy-world-quality
+# A recipe that fails or is interrupted after its first command wrote the target (toy-draft's
+# two train_sd runs) must not leave it looking done: the next run resumes from the checkpoint.
+.DELETE_ON_ERROR:
 
 $(TOYWORLD_WORK)/vae-encoder/config.json: $(VENV)/.installed
 	$(TOYWORLD_RUN) $(TOYWORLD_VAE) --stop-at-freeze

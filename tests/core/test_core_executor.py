@@ -217,5 +217,5 @@ def test_the_worker_drops_a_finished_call_and_shutdown_joins_it(metrics):
         time.sleep(0.05)
     assert alive() is None
     worker = executor._worker
-    executor.shutdown(wait=True, timeout=10)
+    executor.shutdown()
     assert not worker.is_alive()

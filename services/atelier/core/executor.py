@@ -16,9 +16,9 @@ from atelier.core.control import CallControl
 from atelier.core.errors import ResourceExhausted
 from atelier.core.metrics import Metrics, default_metrics
 
-__all__ = ["ComputeExecutor", "SHUTDOWN_JOIN_SECONDS"]
+__all__ = ["ComputeExecutor"]
 
-# How long a service's close() waits for the worker: after the drain, a call still running was
+# How long shutdown() waits for the worker: after a server's drain, a call still running was
 # cancelled and stops at its next UNet evaluation.
 SHUTDOWN_JOIN_SECONDS = 30.0
 
@@ -79,7 +79,7 @@ class ComputeExecutor:
         with self._condition:
             return bool(self._waiting or self._running)
 
-    def shutdown(self, wait: bool = True, timeout: Optional[float] = None) -> None:
+    def shutdown(self, wait: bool = True, timeout: Optional[float] = SHUTDOWN_JOIN_SECONDS) -> None:
         """Stop accepting work; queued calls still run (their controls decide). With ``wait``,
         join the worker (for up to ``timeout`` s): a daemon thread still freeing tensors when
         the interpreter exits is killed inside torch's C++ deallocator, which aborts the

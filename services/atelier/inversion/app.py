@@ -7,7 +7,7 @@ from typing import Optional
 
 from atelier.core.config import ServerConfig
 from atelier.core.device import pick_device
-from atelier.core.executor import SHUTDOWN_JOIN_SECONDS, ComputeExecutor
+from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
 from atelier.core.models import ModelRegistry
 from atelier.inversion.servicer import SERVICE_NAME, InversionServicer, Limits
@@ -52,4 +52,4 @@ class InversionApp:
         self.metrics.observe_model_load(self.default_model, model.load_seconds)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, timeout=SHUTDOWN_JOIN_SECONDS)
+        self.executor.shutdown()

@@ -12,7 +12,7 @@ from typing import Optional
 
 from atelier.core.config import ServerConfig
 from atelier.core.errors import NotFound
-from atelier.core.executor import SHUTDOWN_JOIN_SECONDS, ComputeExecutor
+from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
 from atelier.core.models import ModelRegistry
 from atelier.segmentation.metrics import segmentation_metrics
@@ -124,7 +124,7 @@ class SegmentationApp:
             segmenters = list(self._segmenters.values())
         for segmenter in segmenters:
             segmenter.close()
-        self.executor.shutdown(wait=True, timeout=SHUTDOWN_JOIN_SECONDS)
+        self.executor.shutdown()
         if self._triton is not None:
             self._triton.close()
 
