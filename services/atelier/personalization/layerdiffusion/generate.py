@@ -22,7 +22,7 @@ from atelier.personalization.training import Concept
 from .conditioning import OBJECT, guidance_schedule
 from .params import MAX_IMAGES, LayerDiffusionParams
 
-METHOD = "layerdiffusion"
+METHOD = "layer_edit"  # the CreateJobRequest oneof field; concept metadata "method"
 UNET_PREFIX = "unet."
 
 
