@@ -187,3 +187,27 @@ def test_bad_inputs_are_named(model):
         with pytest.raises(InvalidArgument) as error:
             LayerDiffusionRun(model, **kwargs)
         assert field in str(error.value), (field, str(error.value))
+
+
+def test_cancel_stops_inside_a_step_and_leaves_the_run_resumable(model):
+    from atelier.core.errors import Cancelled
+
+    image, mask = scene()
+    ref, ref_mask = reference()
+    p = params(embedding_steps=1, finetune_steps=1, num_images=1, num_inference_steps=20)
+    run = LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask, seed=3)
+    run_steps(run, 2)
+    calls = []
+    control = CallControl(is_cancelled=lambda: len(calls) > 3)
+    original = control.unet
+
+    def counting_unet(backward=False):
+        calls.append(backward)
+        original(backward)
+
+    control.unet = counting_unet
+    with pytest.raises(Cancelled):
+        run.step(control)  # the sample step: 20 UNet calls; the 4th is refused
+    assert len(calls) == 4 and run.step_index == 2 and run.images == []
+    run.step(CallControl())
+    assert run.step_index == run.total_steps and len(run.images) == 1
