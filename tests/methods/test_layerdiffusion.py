@@ -160,6 +160,7 @@ def test_ablations_shape_the_run(model):
     (dict(finetune_steps=10 ** 9), "finetune_steps"),
     (dict(object_loss_weight=-1.0), "object_loss_weight"),
     (dict(finetune_mode="qlora"), "finetune_mode"),
+    (dict(lora_rank=0), "lora_rank"),
     (dict(guidance_scale=0.5), "guidance_scale"),
     (dict(object_loss=False, background_loss=False), "background_loss"),
 ])
@@ -211,3 +212,29 @@ def test_cancel_stops_inside_a_step_and_leaves_the_run_resumable(model):
     assert len(calls) == 4 and run.step_index == 2 and run.images == []
     run.step(CallControl())
     assert run.step_index == run.total_steps and len(run.images) == 1
+
+
+def test_lora_mode_trains_only_adapters_resumes_and_generates(model):
+    image, mask = scene()
+    ref, ref_mask = reference()
+    p = params(embedding_steps=1, finetune_steps=2, finetune_mode="lora", finetune_learning_rate=1e-2,
+               num_images=1)
+    straight = LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask, seed=2)
+    reports = run_steps(straight, straight.total_steps)
+    concept = straight.finish()
+    lora = {k: v for k, v in concept.tensors.items() if k.startswith("lora.")}
+    assert lora and not any(k.startswith("unet.") for k in concept.tensors)
+    assert sum(v.numel() for v in lora.values()) < 0.2 * sum(p.numel() for p in model.unet.parameters())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at 0: it trained
+
+    first = LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask, seed=2)
+    run_steps(first, 2)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask, seed=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert [r.losses for r in run_steps(resumed, resumed.total_steps - 2)] == [r.losses for r in reports[2:]]
+    assert all(torch.equal(resumed.finish().tensors[k], v) for k, v in concept.tensors.items())
+    again = generate_with_concept(model, concept, seed=2, num_images=1)
+    assert torch.allclose(again, concept.tensors["result.images"], atol=1e-6)

@@ -24,6 +24,28 @@ from .params import MAX_IMAGES, LayerDiffusionParams
 
 METHOD = "layer_edit"  # the CreateJobRequest oneof field; concept metadata "method"
 UNET_PREFIX = "unet."
+LORA_PREFIX = "lora."
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' DreamBooth-LoRA default
+
+
+def add_lora(unet, rank: int, seed: int) -> list[torch.nn.Parameter]:
+    """LoRA adapters (peft) on every attention projection of ``unet``; returns the trainables.
+
+    peft draws the initial A matrices from torch's global RNG: seeded here, so two runs with
+    one seed start from the same adapters (resume overwrites them anyway)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def trainable_state(unet) -> dict[str, torch.Tensor]:
+    """The parameters that train (all of them, or the LoRA adapters), by name."""
+    return {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
 
 
 def private_unet(model, state: dict[str, torch.Tensor] | None = None,
@@ -98,12 +120,24 @@ def load_concept(model, concept: Concept):
     params = LayerDiffusionParams.from_json(metadata["params"])
     state = {name[len(UNET_PREFIX):]: tensor for name, tensor in concept.tensors.items()
              if name.startswith(UNET_PREFIX)}
+    lora = {name[len(LORA_PREFIX):]: tensor for name, tensor in concept.tensors.items()
+            if name.startswith(LORA_PREFIX)}
     view = model
-    if state:
-        try:
+    try:
+        if state:
             view = with_unet(model, private_unet(model, state))
-        except RuntimeError as error:
-            raise FailedPrecondition(f"concept weights do not fit model {model.name!r}: {error}") from error
+        elif lora:
+            unet = private_unet(model)
+            add_lora(unet, params.lora_rank, 0)
+            named = dict(unet.named_parameters())
+            if set(lora) - set(named):
+                raise RuntimeError(f"unknown LoRA weights {sorted(set(lora) - set(named))[:3]}")
+            with torch.no_grad():
+                for name, tensor in lora.items():
+                    named[name].copy_(tensor)
+            view = with_unet(model, unet.requires_grad_(False))
+    except RuntimeError as error:
+        raise FailedPrecondition(f"concept weights do not fit model {model.name!r}: {error}") from error
     e_object = concept.tensors["embedding.object"].to(model.device, model.dtype)
     e_optimised = concept.tensors["embedding.optimised"].to(model.device, model.dtype)
     return params, e_object, e_optimised, view

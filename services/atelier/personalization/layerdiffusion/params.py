@@ -28,7 +28,7 @@ __all__ = ["LayerDiffusionParams", "MAX_STEPS", "MAX_IMAGES"]
 
 MAX_STEPS = 20_000
 MAX_IMAGES = 16
-FINETUNE_MODES = ("full",)
+FINETUNE_MODES = ("full", "lora")
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,12 @@ class LayerDiffusionParams:
     finetune_steps: int = 250
     finetune_learning_rate: float = 2e-6
     finetune_mode: str = "full"
-    """Which UNet parameters train. The paper does not say; Imagic tunes the whole UNet, which is
-    what we do ("full": fine at toy scale; on SD 1.5 Adam needs ~4x the UNet's size in memory).
-    A LoRA mode for one-GPU SD 1.5 runs is not implemented yet."""
+    """Which UNet parameters train. The paper does not say; Imagic tunes the whole UNet: "full"
+    (the default; fine at toy scale, on SD 1.5 Adam needs ~4x the UNet's size in memory).
+    "lora": LoRA adapters (peft, through diffusers' ``add_adapter``) on every attention
+    projection, rank ``lora_rank``, for one-GPU SD 1.5 runs; LoRA usually wants a larger
+    ``finetune_learning_rate`` (diffusers' DreamBooth-LoRA script uses 1e-4) - an option, not the paper."""
+    lora_rank: int = 4
     object_loss: bool = True
     """L_obj (Table 1 (a) when off)."""
     background_loss: bool = True
@@ -120,6 +123,7 @@ class LayerDiffusionParams:
              "finetune_learning_rate", "must be in (0, 1]")
         need(finite(self.alpha) and 0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         need(self.finetune_mode in FINETUNE_MODES, "finetune_mode", f"must be one of {', '.join(FINETUNE_MODES)}")
+        need(count(self.lora_rank, 1, 256), "lora_rank", "must be an integer in [1, 256]")
         for field in ("object_loss_weight", "background_loss_weight"):
             value = getattr(self, field)
             need(finite(value) and 0 <= value <= 100, field, "must be in [0, 100]")

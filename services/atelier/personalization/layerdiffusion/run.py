@@ -37,7 +37,8 @@ from atelier.core.errors import FailedPrecondition, InvalidArgument
 from atelier.personalization.training import Concept, StepReport
 
 from .conditioning import joint_condition, latent_mask, masked_mse
-from .generate import METHOD, UNET_PREFIX, initial_noise, iterative_guidance_sample, private_unet, with_unet
+from .generate import (LORA_PREFIX, METHOD, UNET_PREFIX, add_lora, initial_noise, iterative_guidance_sample,
+                       private_unet, trainable_state, with_unet)
 from .params import LayerDiffusionParams
 
 Segmenter = Callable[[torch.Tensor], torch.Tensor]  # (1,3,H,W) in [-1,1] -> (1,1,H,W) bool object mask
@@ -117,7 +118,10 @@ class LayerDiffusionRun:
         self.unet = None
         if params.finetune:
             self.unet = private_unet(model, dtype=torch.float32).requires_grad_(True)
-            self.finetune_optimizer = torch.optim.Adam(self.unet.parameters(), lr=params.finetune_learning_rate)
+            trainables = list(self.unet.parameters())
+            if params.finetune_mode == "lora":
+                trainables = add_lora(self.unet, params.lora_rank, self.seed)
+            self.finetune_optimizer = torch.optim.Adam(trainables, lr=params.finetune_learning_rate)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
         self.images: list[torch.Tensor] = []
@@ -164,7 +168,7 @@ class LayerDiffusionRun:
             state["generated_reference_mask"] = self.reference_mask.clone()
         if self.unet is not None and self.step_index > self.phases[0][1] + self.phases[1][1]:
             # before fine-tuning starts the UNet is the base one: not worth a checkpoint's bytes
-            state["unet"] = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+            state["unet"] = {k: v.clone() for k, v in trainable_state(self.unet).items()}
             state["finetune_optimizer"] = self.finetune_optimizer.state_dict()
         return state
 
@@ -184,7 +188,10 @@ class LayerDiffusionRun:
             self.reference_mask = state["generated_reference_mask"].clone()
             self._reference_latent = None
         if "unet" in state:
-            self.unet.load_state_dict(state["unet"])
+            named = dict(self.unet.named_parameters())
+            with torch.no_grad():
+                for name, tensor in state["unet"].items():
+                    named[name].copy_(tensor)
             self.finetune_optimizer.load_state_dict(state["finetune_optimizer"])
 
     def finish(self) -> Concept:
@@ -196,8 +203,12 @@ class LayerDiffusionRun:
             "embedding.optimised": self.optimised_embedding().float().cpu().contiguous(),
         }
         if self.unet is not None:
-            for name, tensor in self.unet.state_dict().items():
-                tensors[UNET_PREFIX + name] = tensor.detach().float().cpu().contiguous()
+            if self.params.finetune_mode == "lora":
+                named = {LORA_PREFIX + k: v for k, v in trainable_state(self.unet).items()}
+            else:
+                named = {UNET_PREFIX + k: v for k, v in self.unet.state_dict().items()}
+            for name, tensor in named.items():
+                tensors[name] = tensor.detach().float().cpu().contiguous()
         if self.images:
             tensors["result.images"] = torch.cat(self.images).float().cpu().contiguous()
         if self.reference is not None:
@@ -290,8 +301,6 @@ class LayerDiffusionRun:
     def _sample_step(self, control: CallControl, within: int) -> dict[str, float]:
         params = self.params
         view = with_unet(self.model, self.unet) if self.unet is not None else self.model
-        if self.unet is not None:
-            self.unet.requires_grad_(False)
         noise = initial_noise(self.model, self.height, self.width, self.seed + within)
         latents = iterative_guidance_sample(view, self.e_a.detach(), self.optimised_embedding(), noise,
                                             params.num_inference_steps, params.guidance_scale,
