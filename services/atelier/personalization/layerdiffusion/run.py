@@ -127,6 +127,7 @@ class LayerDiffusionRun:
         self.images: list[torch.Tensor] = []
         latent_hw = (self.height // model.vae_scale_factor, self.width // model.vae_scale_factor)
         self.latent_hw = latent_hw
+        # the posterior mean, encoded once (Imagic encodes its input once before training too)
         self.image_latent = model.encode_image(self.image).float()
         self.object_weight = latent_mask(self.object_mask, latent_hw).to(model.device)
         self._reference_latent = None
