@@ -2,7 +2,8 @@
 
 ``_Transport`` wraps one channel with the client's settings and runs calls:
 metadata (token) on every call, a deadline per call (covering all retry attempts),
-retries with exponential backoff and jitter on UNAVAILABLE only, mapping of
+retries with exponential backoff and jitter on UNAVAILABLE and on RESOURCE_EXHAUSTED
+that carries a google.rpc.RetryInfo (the server says when to come back), mapping of
 ``grpc.RpcError`` to typed ``AtelierError``s, cancellation (``CancelToken``,
 KeyboardInterrupt, a raising progress callback) and progress delivery.
 """
@@ -19,6 +20,7 @@ from atelier.sdk.errors import (
     AtelierError,
     CancelledError,
     DeadlineExceededError,
+    ResourceExhaustedError,
     StreamProtocolError,
     UnavailableError,
     from_rpc_error,
@@ -30,11 +32,12 @@ __all__ = ["RetryPolicy"]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of calls that fail with UNAVAILABLE before any result arrived.
+    """Retries of calls that fail before any result arrived with UNAVAILABLE, or with
+    RESOURCE_EXHAUSTED carrying a google.rpc.RetryInfo.
 
     Attempt n+1 waits ``min(max_backoff, initial_backoff * multiplier**(n-1))`` scaled
-    by a random factor in ``[1 - jitter, 1]`` (or longer when the server sent a
-    google.rpc.RetryInfo delay). ``max_attempts`` counts the first attempt, so 1
+    by a random factor in ``[1 - jitter, 1]``, or, when the server sent a RetryInfo
+    delay, at least that delay (stretched by up to ``jitter``). ``max_attempts`` counts the first attempt, so 1
     disables retries. The call's deadline bounds the attempts and waits together.
     """
 
@@ -66,9 +69,31 @@ class RetryPolicy:
         ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry_number - 1))
         return ceiling * (1.0 - self.jitter * rng.random())
 
+    def delay(self, error: AtelierError, retry_number: int, rng: random.Random) -> float:
+        """Seconds to wait before retry ``retry_number`` after ``error``.
+
+        A server's RetryInfo delay is a floor: the wait is that delay stretched by up to
+        ``jitter`` (so a burst of refused clients does not come back in lockstep), and
+        never shorter than the exponential backoff.
+        """
+        backoff = self.backoff(retry_number, rng)
+        asked = error.retry_delay
+        if asked is None:
+            return backoff
+        return max(backoff, asked * (1.0 + self.jitter * rng.random()))
+
+
+def is_retryable(error: AtelierError) -> bool:
+    """UNAVAILABLE (server down, loading, draining) and RESOURCE_EXHAUSTED when the server
+    attached RetryInfo (a full queue that will drain); a RESOURCE_EXHAUSTED without it
+    (e.g. a message over the size limit) would fail the same way again."""
+    if isinstance(error, UnavailableError):
+        return True
+    return isinstance(error, ResourceExhaustedError) and error.retry_delay is not None
+
 
 class _RetryableFailure(Exception):
-    """An attempt failed with UNAVAILABLE before any result: the loop may retry it."""
+    """An attempt failed retryably (``is_retryable``) before any result: the loop may retry it."""
 
     def __init__(self, error: AtelierError, cause: BaseException):
         super().__init__(error.message)
@@ -225,12 +250,12 @@ class _Transport:
                 error = failure.error
                 if not retry or attempt_number >= policy.max_attempts:
                     raise error from failure.cause
-                delay = max(policy.backoff(attempt_number, self._rng), error.retry_delay or 0.0)
+                delay = policy.delay(error, attempt_number, self._rng)
                 if deadline is not None and time.monotonic() + delay >= deadline:
                     raise error from failure.cause
             attempt_number += 1
             if sink is not None:
-                message = f"retrying after UNAVAILABLE: {error.message}"
+                message = f"retrying after {error.code.name}: {error.message}"
                 sink(Progress("retry", attempt_number, policy.max_attempts, message))
             if cancel is not None:
                 if cancel._sleep(delay):
@@ -248,7 +273,7 @@ class _Transport:
             raise _caller_cancelled() from None
         except grpc.RpcError as exc:
             error = self._map(exc, cancel)
-            if isinstance(error, UnavailableError):
+            if is_retryable(error):
                 raise _RetryableFailure(error, exc) from None
             raise error from exc
         except BaseException:
@@ -274,7 +299,7 @@ class _Transport:
                 # other event kinds are newer than this SDK: skipped
         except grpc.RpcError as exc:
             error = self._map(exc, cancel)
-            if isinstance(error, UnavailableError) and result is None:
+            if is_retryable(error) and result is None:
                 raise _RetryableFailure(error, exc) from None
             raise error from exc
         except BaseException:
