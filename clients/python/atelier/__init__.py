@@ -1,7 +1,9 @@
 """Atelier Python SDK: ``atelier.Client`` and friends.
 
-``atelier`` is shared by two distributions (this SDK and the server); both
-``__init__`` files extend ``__path__`` the pkgutil way.
+``atelier`` is shared by two distributions. Only this SDK ships ``atelier/__init__.py``
+(it extends ``__path__`` the pkgutil way so the server's portion is found wherever it is
+installed); the server (``atelier.core``, ``atelier.inversion``, ...) is a namespace
+portion without one, so uninstalling the server leaves ``atelier.Client`` working.
 """
 from pkgutil import extend_path
 
