@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from atelier.core.config import ServerConfig
 from atelier.core.interceptors import ErrorInterceptor, MetricsInterceptor, Readiness
 from atelier.core.metrics import Metrics, default_metrics
+from atelier.core.reflection import enable_reflection
 
 __all__ = ["App", "RunningServer", "ServerConfig", "start", "serve"]
 
@@ -155,9 +156,8 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.add_to_server(server)
-    reflection.enable_server_reflection(
-        (*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    # Reflection from descriptors that carry the .proto comments (grpcurl describe shows them).
+    enable_reflection((*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
