@@ -74,8 +74,8 @@ def test_invert_then_edit_round_trip(service):
     assert inv.usage.unet_forward_evaluations + inv.usage.unet_backward_evaluations >= 4
     assert events and events[-1].step == events[-1].total
     edited = client.inversion.edit(inv, "a green circle on a blue background", engine="p2p")
-    assert edited.size == (64, 64) and edited.mode == "RGB"
-    both = client.inversion.edit_result(inv, "a red square on a blue background", engine="masactrl", return_source=True)
+    assert edited.image.size == (64, 64) and edited.image.mode == "RGB" and edited.source_image is None
+    both = client.inversion.edit(inv, "a red square on a blue background", engine="masactrl", return_source=True)
     assert both.image.size == both.source_image.size == (64, 64)
     assert both.usage.unet_forward_evaluations == 4  # one batched UNet call per step
 
@@ -84,7 +84,7 @@ def test_edit_inverts_an_image_in_the_same_call(service):
     _, _, client = service
     edited = client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
                                    method="ddim", num_inference_steps=3)
-    assert edited.size == (64, 64)
+    assert edited.image.size == (64, 64)
 
 
 def test_ddim_chain_is_deterministic_and_spdinv_lowers_the_residual(service):
