@@ -227,3 +227,22 @@ def test_bad_edit_options_are_refused_before_any_compute(service):
                               num_inference_steps=5, cross_replace_fraction=1.5, start_step=None)
     assert [f for f, _ in info.value.field_violations] == ["cross_replace_fraction"]
     assert unet_evaluations(metrics) == before  # the inversion in the same call never ran
+
+
+def test_the_asyncio_client_inverts_and_edits_like_the_sync_one(service):
+    import asyncio
+
+    import atelier.aio
+
+    running, _, client = service
+    want = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3)
+
+    async def main():
+        async with atelier.aio.Client(inversion=running.address, timeout=120) as aio_client:
+            inv = await aio_client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3)
+            edited = await aio_client.inversion.edit(inv, "a green circle on a blue background")
+            return inv, edited
+
+    inv, edited = asyncio.run(main())
+    np.testing.assert_array_equal(inv.z_T, want.z_T)  # DDIM inversion is deterministic
+    assert edited.image.size == (64, 64)

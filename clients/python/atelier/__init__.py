@@ -10,3 +10,4 @@ from pkgutil import extend_path
 __path__ = extend_path(__path__, __name__)
 
 from atelier.sdk import *  # noqa: E402,F401,F403
+from atelier import aio  # noqa: E402,F401  (atelier.aio.Client after a plain `import atelier`)
