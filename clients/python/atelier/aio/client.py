@@ -12,13 +12,20 @@ from types import TracebackType
 from typing import Any, Optional, Union
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from atelier.aio.inversion import AsyncInversionClient
 from atelier.aio.segmentation import AsyncSegmentationClient
 from atelier.aio.transport import AsyncTransport
 from atelier.sdk import channel_options
-from atelier.sdk.client import HEALTH_STATUS_NAMES, Credentials, _Settings, health_of_error
+from atelier.sdk.client import (
+    HEALTH_CHECK,
+    HEALTH_CHECK_CODECS,
+    HEALTH_STATUS_NAMES,
+    Credentials,
+    _Settings,
+    health_of_error,
+)
 from atelier.sdk.transport import DEFAULT_TIMEOUT, RetryPolicy
 
 __all__ = ["Client"]
@@ -91,9 +98,9 @@ class Client:
         targets = self._settings.health_targets()
 
         async def check(address: str, proto_service: str) -> str:
-            stub = health_pb2_grpc.HealthStub(self._channel(address))
+            check = self._channel(address).unary_unary(HEALTH_CHECK, **HEALTH_CHECK_CODECS)
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=proto_service), timeout=timeout,
+                reply = await check(health_pb2.HealthCheckRequest(service=proto_service), timeout=timeout,
                                          metadata=self._settings.metadata)
             except grpc.RpcError as exc:
                 return health_of_error(exc)

@@ -20,7 +20,7 @@ class AsyncInversionClient:
         self._transport = transport
 
     def _stub(self) -> inversion_pb2_grpc.InversionStub:
-        return inversion_pb2_grpc.InversionStub(self._transport.channel)  # type: ignore[no-untyped-call]
+        return inversion_pb2_grpc.InversionStub(self._transport.channel)
 
     async def invert(
         self,

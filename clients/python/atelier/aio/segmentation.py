@@ -29,7 +29,7 @@ class AsyncSegmentationClient:
         self._transport = transport
 
     def _stub(self) -> segmentation_pb2_grpc.SegmentationStub:
-        return segmentation_pb2_grpc.SegmentationStub(self._transport.channel)  # type: ignore[no-untyped-call]
+        return segmentation_pb2_grpc.SegmentationStub(self._transport.channel)
 
     async def segment(
         self,

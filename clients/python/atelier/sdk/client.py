@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from atelier.sdk import channel_options
 from atelier.sdk.transport import DEFAULT_TIMEOUT, RetryPolicy, _Transport
@@ -153,6 +153,14 @@ HEALTH_STATUS_NAMES = {
 }
 
 
+# grpc.health.v1 Health/Check (called through the channel: the health stubs' types lack it).
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_CHECK_CODECS: dict[str, Any] = {
+    "request_serializer": health_pb2.HealthCheckRequest.SerializeToString,
+    "response_deserializer": health_pb2.HealthCheckResponse.FromString,
+}
+
+
 def health_of_error(exc: grpc.RpcError) -> str:
     """A failed Health/Check: the service is unknown there, or the server is not reachable."""
     return "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else f"UNREACHABLE ({exc.code().name})"
@@ -232,9 +240,9 @@ class Client:
         ``"SERVICE_UNKNOWN"``."""
         statuses = {}
         for name, (address, proto_service) in self._settings.health_targets().items():
-            stub = health_pb2_grpc.HealthStub(self._channel(address))  # type: ignore[no-untyped-call]
+            check = self._channel(address).unary_unary(HEALTH_CHECK, **HEALTH_CHECK_CODECS)
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=proto_service), timeout=timeout,
+                reply = check(health_pb2.HealthCheckRequest(service=proto_service), timeout=timeout,
                                    metadata=self._settings.metadata)
                 statuses[name] = HEALTH_STATUS_NAMES.get(reply.status, "UNKNOWN")
             except grpc.RpcError as exc:

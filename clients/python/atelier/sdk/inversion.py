@@ -17,13 +17,13 @@ from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 __all__ = ["InversionClient", "Inversion", "StepDiagnostics", "EditResult", "EditSource", "invert_request",
            "edit_request"]
 
-_METHODS: dict[str, "inversion_pb2.InversionMethod.ValueType"] = {"ddim": inversion_pb2.DDIM,
+_METHODS: dict[str, inversion_pb2.InversionMethod] = {"ddim": inversion_pb2.DDIM,
                                                                    "spdinv": inversion_pb2.SPDINV}
 _METHOD_NAMES: dict[int, str] = {value: name for name, value in _METHODS.items()}
 _METHOD_NAMES[inversion_pb2.INVERSION_METHOD_UNSPECIFIED] = "spdinv"
-_ENGINES: dict[str, "inversion_pb2.EditEngine.ValueType"] = {"p2p": inversion_pb2.P2P,
+_ENGINES: dict[str, inversion_pb2.EditEngine] = {"p2p": inversion_pb2.P2P,
                                                              "masactrl": inversion_pb2.MASACTRL}
-_P2P_MODES: dict[Optional[str], "inversion_pb2.P2POptions.Mode.ValueType"] = {
+_P2P_MODES: dict[Optional[str], inversion_pb2.P2POptions.Mode] = {
     None: inversion_pb2.P2POptions.MODE_UNSPECIFIED,
     "replace": inversion_pb2.P2POptions.REPLACE,
     "refine": inversion_pb2.P2POptions.REFINE,
