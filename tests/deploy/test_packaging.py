@@ -49,7 +49,8 @@ def test_sdk_wheel_is_torch_free_and_carries_the_stubs(tmp_path):
 
 def test_sdk_wheel_is_typed(tmp_path):
     names = set(_wheel(ROOT / "clients" / "python", tmp_path).namelist())
-    assert {"atelier/py.typed", "atelier/v1/inversion_pb2.pyi"} <= names
+    assert {"atelier/py.typed", "atelier/v1/inversion_pb2.pyi", "atelier/v1/atelier.protoset",
+            "atelier/aio/client.py"} <= names
 
 
 def test_only_the_sdk_owns_the_package_init_and_survives_uninstalling_the_server(tmp_path):
