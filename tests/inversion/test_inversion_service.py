@@ -246,3 +246,17 @@ def test_the_asyncio_client_inverts_and_edits_like_the_sync_one(service):
     inv, edited = asyncio.run(main())
     np.testing.assert_array_equal(inv.z_T, want.z_T)  # DDIM inversion is deterministic
     assert edited.image.size == (64, 64)
+
+
+def test_edit_of_an_image_names_the_edit_arguments(service):
+    _, _, client = service
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(60), "a green circle on a blue background", source_prompt=PROMPT)
+    assert [f.split(".")[0] for f, _ in info.value.field_violations] == ["source"]  # not invert.image
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
+                              num_inference_steps=0)
+    assert [f for f, _ in info.value.field_violations] == ["num_inference_steps"]
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt="x" * 5000)
+    assert [f for f, _ in info.value.field_violations] == ["source_prompt"]
