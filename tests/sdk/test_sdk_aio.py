@@ -162,3 +162,57 @@ def test_a_closed_client_refuses_calls(servers):
 
     with pytest.raises(RuntimeError, match="closed"):
         run(main())
+
+
+def test_a_cancel_token_cancels_from_another_thread(servers):
+    import threading
+
+    fake, _, address = servers()
+
+    def stall(request, context, attempt):
+        wait_until_terminated(context)
+        yield from ()
+
+    fake.invert_behaviour = stall
+    token = atelier.CancelToken()
+    threading.Thread(target=lambda: fake.started.wait(30) and token.cancel(), daemon=True).start()
+
+    async def main():
+        async with atelier.aio.Client(address) as client:
+            await client.inversion.invert(IMAGE, "x", cancel=token)
+
+    with pytest.raises(atelier.CancelledError, match="cancelled by the caller"):
+        run(main())
+    assert fake.ended_early.wait(10)
+
+    async def again():  # a cancelled token fails later calls before sending
+        async with atelier.aio.Client(address) as client:
+            await client.segmentation.segment(IMAGE, points=[(1, 1)], cancel=token)
+
+    with pytest.raises(atelier.CancelledError):
+        run(again())
+    assert fake.attempts == 1
+
+
+def test_a_cancel_token_interrupts_the_retry_backoff(servers):
+    fake, _, address = servers()
+
+    def loading(request, context, attempt):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "loading")
+        yield  # pragma: no cover
+
+    fake.invert_behaviour = loading
+    token = atelier.CancelToken()
+    slow = atelier.RetryPolicy(max_attempts=3, initial_backoff=30.0, max_backoff=30.0, jitter=0.0)
+
+    async def main():
+        async with atelier.aio.Client(address, retries=slow) as client:
+            def on_progress(event):
+                if event.stage == "retry":
+                    token.cancel()  # from inside the call, before its 30 s backoff
+            await client.inversion.invert(IMAGE, "x", cancel=token, progress=on_progress)
+
+    started = time.monotonic()
+    with pytest.raises(atelier.CancelledError):
+        run(main())
+    assert fake.attempts == 1 and time.monotonic() - started < 30

@@ -2,8 +2,8 @@
 
 Same constructor, same sub-clients and arguments (each call awaited), same errors,
 retries, deadlines and result types; the settings, request building and result
-parsing are the sync SDK's own. Cancellation is asyncio's: cancel the task (there is
-no ``cancel=`` argument). Create and use it inside a running event loop.
+parsing are the sync SDK's own. Cancel a call with ``cancel=atelier.CancelToken()`` (from
+any thread) or by cancelling its task. Create and use it inside a running event loop.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 from atelier.aio.transport import AsyncTransport
 from atelier.sdk.common import ImageLike
 from atelier.sdk.inversion import EditResult, EditSource, Inversion, edit_request, invert_request
-from atelier.sdk.progress import ProgressArg
+from atelier.sdk.progress import CancelToken, ProgressArg
 from atelier.v1 import inversion_pb2_grpc
 
 __all__ = ["AsyncInversionClient"]
@@ -14,7 +14,7 @@ __all__ = ["AsyncInversionClient"]
 
 class AsyncInversionClient:
     """``client.inversion`` of ``atelier.aio.Client``; see ``atelier.sdk.inversion.InversionClient``
-    for the arguments. Cancel a call by cancelling its task."""
+    for the arguments. Cancel a call with ``cancel=`` or by cancelling its task."""
 
     def __init__(self, transport: AsyncTransport):
         self._transport = transport
@@ -36,10 +36,12 @@ class AsyncInversionClient:
         model: Optional[str] = None,
         progress: ProgressArg = None,
         timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> Inversion:
         request = invert_request(image, prompt, method, num_inference_steps, return_chain, max_rounds,
                                  learning_rate, loss_threshold, weight_decay, model)
-        return Inversion.from_proto(await self._transport.stream(self._stub().Invert, request, timeout, progress))
+        return Inversion.from_proto(await self._transport.stream(self._stub().Invert, request, timeout, progress,
+                                                                cancel=cancel))
 
     async def edit(
         self,
@@ -63,6 +65,7 @@ class AsyncInversionClient:
         model: Optional[str] = None,
         progress: ProgressArg = None,
         timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> EditResult:
         request = edit_request(
             source, target_prompt, engine, guidance_scale, return_source=return_source, source_prompt=source_prompt,
@@ -71,4 +74,5 @@ class AsyncInversionClient:
             reweight=reweight, blend_words=blend_words, blend_threshold=blend_threshold, start_step=start_step,
             start_layer=start_layer, model=model,
         )
-        return EditResult.from_proto(await self._transport.stream(self._stub().Edit, request, timeout, progress))
+        return EditResult.from_proto(await self._transport.stream(self._stub().Edit, request, timeout, progress,
+                                                                cancel=cancel))

@@ -5,6 +5,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from atelier.aio.transport import AsyncTransport
 from atelier.sdk.common import ImageLike
+from atelier.sdk.progress import CancelToken
 from atelier.sdk.segmentation import (
     Box,
     MaskInput,
@@ -42,9 +43,10 @@ class AsyncSegmentationClient:
         mask_threshold: Optional[float] = None,
         model: Optional[str] = None,
         timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> Segmentation:
         request = segment_request(image, points, labels, boxes, mask_input, multimask, mask_threshold, model)
-        return segmentation_of(await self._transport.unary(self._stub().Segment, request, timeout))
+        return segmentation_of(await self._transport.unary(self._stub().Segment, request, timeout, cancel=cancel))
 
     async def segment_many(
         self,
@@ -54,6 +56,8 @@ class AsyncSegmentationClient:
         mask_threshold: Optional[float] = None,
         model: Optional[str] = None,
         timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> list[Segmentation]:
         request = segment_many_request(image, prompt_sets, multimask, mask_threshold, model)
-        return segmentations_of(await self._transport.unary(self._stub().SegmentBatch, request, timeout))
+        return segmentations_of(await self._transport.unary(self._stub().SegmentBatch, request, timeout,
+                                                                 cancel=cancel))

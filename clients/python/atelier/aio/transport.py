@@ -1,7 +1,8 @@
 """The asyncio call helper: ``atelier.sdk.transport``'s rules (retry policy, what is
 retryable, deadlines, stream collection, error mapping) on grpc.aio calls.
 
-Cancellation is asyncio's own: cancelling the task that awaits a call cancels the RPC.
+Cancelling the task that awaits a call cancels the RPC (asyncio.CancelledError propagates);
+``cancel=CancelToken`` works as in the sync SDK, from any thread (atelier.CancelledError).
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from atelier.sdk.progress import ProgressArg, _ProgressSink, make_sink
+from atelier.sdk.progress import CancelToken, ProgressArg, _ProgressSink, make_sink
 from atelier.sdk.transport import (
     Metadata,
     RetryableFailure,
     RetryPolicy,
     StreamCollector,
     call_deadline,
+    caller_cancelled,
     failure,
     retry_progress,
     time_left,
@@ -27,6 +29,19 @@ from atelier.sdk.transport import (
 __all__ = ["AsyncTransport"]
 
 T = TypeVar("T")
+
+
+class _OnLoop:
+    """What a CancelToken holds for an asyncio call: its ``cancel()`` (from any thread) runs
+    ``action`` on the call's event loop, where grpc.aio objects may be touched."""
+
+    def __init__(self, action: Callable[[], object]):
+        self._loop = asyncio.get_running_loop()
+        self._action = action
+
+    def cancel(self) -> bool:
+        self._loop.call_soon_threadsafe(self._action)
+        return True
 
 
 class AsyncTransport:
@@ -53,10 +68,11 @@ class AsyncTransport:
         return self._channel_getter()
 
     async def unary(self, method: Any, request: Message, timeout: Optional[float] = None, *,
-                    retry: bool = True) -> Any:
+                    cancel: Optional[CancelToken] = None, retry: bool = True) -> Any:
         """Await a unary-unary stub method; returns the response message."""
         deadline = call_deadline(timeout, self.default_timeout)
-        return await self._run(lambda remaining: self._unary_once(method, request, remaining), deadline, None, retry)
+        return await self._run(lambda remaining: self._unary_once(method, request, remaining, cancel), deadline,
+                               cancel, None, retry)
 
     async def stream(
         self,
@@ -65,6 +81,7 @@ class AsyncTransport:
         timeout: Optional[float] = None,
         progress: ProgressArg = None,
         *,
+        cancel: Optional[CancelToken] = None,
         retry: bool = True,
         progress_field: str = "progress",
         result_field: str = "result",
@@ -75,9 +92,10 @@ class AsyncTransport:
         try:
             return await self._run(
                 lambda remaining: self._stream_once(
-                    method, request, remaining, StreamCollector(sink, progress_field, result_field)
+                    method, request, remaining, cancel, StreamCollector(sink, progress_field, result_field)
                 ),
                 deadline,
+                cancel,
                 sink,
                 retry,
             )
@@ -85,11 +103,13 @@ class AsyncTransport:
             sink.close()
 
     async def _run(self, attempt: Callable[[Optional[float]], Awaitable[T]], deadline: Optional[float],
-                   sink: Optional[_ProgressSink], retry: bool) -> T:
+                   cancel: Optional[CancelToken], sink: Optional[_ProgressSink], retry: bool) -> T:
         self._channel_getter()  # raises RuntimeError once the client is closed
         policy = self.retry_policy
         attempt_number = 1
         while True:
+            if cancel is not None and cancel.cancelled:
+                raise caller_cancelled()
             try:
                 return await attempt(time_left(deadline))
             except RetryableFailure as failed:
@@ -100,27 +120,68 @@ class AsyncTransport:
             attempt_number += 1
             if sink is not None:
                 sink(retry_progress(error, attempt_number, policy))
-            await asyncio.sleep(delay)
+            if await self._sleep(delay, cancel):
+                raise caller_cancelled()
 
-    async def _unary_once(self, method: Any, request: Message, remaining: Optional[float]) -> Any:
+    @staticmethod
+    async def _sleep(seconds: float, cancel: Optional[CancelToken]) -> bool:
+        """Sleep up to ``seconds``; True when woken by the token's cancellation."""
+        if cancel is None:
+            await asyncio.sleep(seconds)
+            return False
+        woken = asyncio.Event()
+        waker = _OnLoop(woken.set)
+        cancel._attach(waker)
+        try:
+            await asyncio.wait_for(woken.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            cancel._detach(waker)
+
+    async def _unary_once(self, method: Any, request: Message, remaining: Optional[float],
+                          cancel: Optional[CancelToken]) -> Any:
         call = method(request, timeout=remaining, metadata=self.metadata)
+        canceller = _OnLoop(call.cancel)
+        if cancel is not None:
+            cancel._attach(canceller)
         try:
             return await call
         except grpc.RpcError as exc:
-            raise failure(exc, None) from exc
-        except BaseException:  # the awaiting task was cancelled
+            raise failure(exc, cancel) from exc
+        except asyncio.CancelledError:
+            call.cancel()
+            if cancel is not None and cancel.cancelled:
+                raise caller_cancelled() from None
+            raise  # the awaiting task was cancelled
+        except BaseException:
             call.cancel()
             raise
+        finally:
+            if cancel is not None:
+                cancel._detach(canceller)
 
     async def _stream_once(self, method: Any, request: Message, remaining: Optional[float],
-                           collector: StreamCollector) -> Any:
+                           cancel: Optional[CancelToken], collector: StreamCollector) -> Any:
         call = method(request, timeout=remaining, metadata=self.metadata)
+        canceller = _OnLoop(call.cancel)
+        if cancel is not None:
+            cancel._attach(canceller)
         try:
             async for event in call:
                 collector.take(event)
         except grpc.RpcError as exc:
-            raise failure(exc, None, result_arrived=collector.result is not None) from exc
-        except BaseException:  # task cancelled, a progress callback raised, a protocol error
+            raise failure(exc, cancel, result_arrived=collector.result is not None) from exc
+        except asyncio.CancelledError:
+            call.cancel()
+            if cancel is not None and cancel.cancelled:
+                raise caller_cancelled() from None
+            raise  # the awaiting task was cancelled
+        except BaseException:  # a progress callback raised, a protocol error
             call.cancel()
             raise
+        finally:
+            if cancel is not None:
+                cancel._detach(canceller)
         return collector.finish()
