@@ -241,3 +241,21 @@ def test_dependency_addresses_use_headless_dns() -> None:
 def test_dockerfile_user_has_a_home() -> None:
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "--create-home" in dockerfile and "USER 10001" in dockerfile
+
+
+def test_models_pull_job_validates_and_fills_the_registry_folders() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    out = subprocess.run([_require("kubectl"), "kustomize", str(ROOT / "k8s" / "jobs" / "models-pull")],
+                         check=True, capture_output=True, text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    args = container["args"]
+    assert args[:4] == ["atelier.models", "pull", "--to", "/models"]
+    pulled = {entry.split("=", 1)[0]: "/models/" + entry.split("=", 1)[1].rsplit("/", 1)[-1] for entry in args[4:]}
+    (config,) = [c for c in _objects("gpu", "ConfigMap").values() if c["metadata"]["name"].startswith("atelier-models")]
+    registry = dict(e.split("=", 1) for e in config["data"]["ATELIER_MODELS"].split(";"))
+    assert pulled == registry
