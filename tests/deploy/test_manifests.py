@@ -216,9 +216,18 @@ def test_triton_overlay_wires_segmentation_to_triton() -> None:
     assert host == "atelier-triton" and f"--grpc-port={port}" in triton["args"]
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # The repository is the ONNX export the models-pull Job writes on the models volume.
     repository = next(a for a in triton["args"] if a.startswith("--model-repository=")).split("=", 1)[1]
-    dockerfile = (ROOT / "deploy" / "triton" / "Dockerfile").read_text()
-    assert f"COPY deploy/triton-repository {repository}" in dockerfile
+    assert any(m["mountPath"] == "/models" and repository.startswith("/models/") for m in triton["volumeMounts"])
+    job = _models_pull_job()
+    (export,) = job["spec"]["template"]["spec"]["containers"]
+    assert export["args"][:2] == ["atelier.models", "export-sam-onnx"]
+    assert export["args"][export["args"].index("--repository") + 1] == repository
+    model = export["args"][export["args"].index("--sam") + 1]
+    segmentation = _objects("triton", "ConfigMap")
+    (config,) = [c for c in segmentation.values() if c["metadata"]["name"].startswith("atelier-models")]
+    registry = dict(e.split("=", 1) for e in config["data"]["ATELIER_MODELS"].split(";"))
+    assert registry[config["data"]["ATELIER_SEGMENTATION_MODEL"]] == model
 
 
 def test_registry_names_folders_on_the_models_volume() -> None:
@@ -243,6 +252,13 @@ def test_dockerfile_user_has_a_home() -> None:
     assert "--create-home" in dockerfile and "USER 10001" in dockerfile
 
 
+def _models_pull_job() -> dict:
+    out = subprocess.run([_require("kubectl"), "kustomize", str(ROOT / "k8s" / "jobs" / "models-pull")],
+                         check=True, capture_output=True, text=True).stdout
+    (job,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Job"]
+    return job
+
+
 def test_models_pull_job_validates_and_fills_the_registry_folders() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     out = subprocess.run([_require("kubectl"), "kustomize", str(ROOT / "k8s" / "jobs" / "models-pull")],
@@ -251,9 +267,11 @@ def test_models_pull_job_validates_and_fills_the_registry_folders() -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     (job,) = [d for d in docs if d["kind"] == "Job"]
-    container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    args = container["args"]
+    pod = job["spec"]["template"]["spec"]
+    for container in pod["initContainers"] + pod["containers"]:
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    args = pod["initContainers"][0]["args"]
     assert args[:4] == ["atelier.models", "pull", "--to", "/models"]
     pulled = {entry.split("=", 1)[0]: "/models/" + entry.split("=", 1)[1].rsplit("/", 1)[-1] for entry in args[4:]}
     (config,) = [c for c in _objects("gpu", "ConfigMap").values() if c["metadata"]["name"].startswith("atelier-models")]

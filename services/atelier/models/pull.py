@@ -119,7 +119,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pull.add_argument("--ignore", action="append", metavar="GLOB",
                       help=f"files not to download, repeatable (default: {' '.join(DEFAULT_IGNORE)})")
     pull.add_argument("--force", action="store_true", help="replace folders that already exist")
+    export = commands.add_parser("export-sam-onnx", help="SAM's image encoder as an ONNX Triton model",
+                                 description="Export SAM's image encoder to ONNX in a Triton model repository "
+                                             "(see atelier/models/onnx_export.py).")
+    export.add_argument("--sam", required=True, help="a transformers SamModel folder, e.g. /models/sam-vit-base")
+    export.add_argument("--repository", required=True, help="Triton model repository to write into")
+    export.add_argument("--instance-kind", default="KIND_GPU", choices=("KIND_GPU", "KIND_CPU"))
+    export.add_argument("--check", dest="check", action="store_true", default=None,
+                        help="compare with the torch encoder (default: when onnxruntime is installed)")
+    export.add_argument("--no-check", dest="check", action="store_false")
+    export.add_argument("--tolerance", type=float, default=1e-3)
     args = parser.parse_args(argv)
+    if args.command == "export-sam-onnx":
+        from atelier.models.onnx_export import ExportError, main_export
+
+        try:
+            return main_export(args.sam, args.repository, args.check, args.tolerance, args.instance_kind)
+        except (ExportError, OSError) as error:
+            print(f"[models] {error}", file=sys.stderr)
+            return 1
 
     entries = []
     for item in args.models:
