@@ -61,7 +61,9 @@ class TritonSpec:
     venv: str = ".venv-triton"
 
 
-def load_config(path: str) -> tuple[list[ServiceSpec], TritonSpec]:
+def load_config(path: str, require_all: bool = False) -> tuple[list[ServiceSpec], TritonSpec]:
+    """The services to start. One whose package is not installed is left out, loudly (its
+    callers then start without that dependency), unless ``require_all``."""
     raw = json.loads(Path(path).read_text())
     services = [ServiceSpec(**entry) for entry in raw["services"]]
     names = {s.name for s in services}
@@ -69,8 +71,14 @@ def load_config(path: str) -> tuple[list[ServiceSpec], TritonSpec]:
         unknown = set(service.calls) - names
         if unknown:
             raise ValueError(f"{path}: {service.name} calls {sorted(unknown)}, which the file does not start")
-        if not installed(service.name):
-            raise ValueError(f"{path}: atelier.{service.name} is not installed (no python -m atelier.{service.name})")
+    missing = [s.name for s in services if not installed(s.name)]
+    if missing and require_all:
+        raise ValueError(f"{path}: not installed: {', '.join('atelier.' + m for m in missing)}")
+    for name in missing:
+        print(f"[launcher] NOT starting {name}: atelier.{name} is not installed in this environment", flush=True)
+    services = [s for s in services if s.name not in missing]
+    for service in services:
+        service.calls = [c for c in service.calls if c not in missing]
     return services, TritonSpec(**raw.get("triton", {}))
 
 
@@ -173,9 +181,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--triton", action="store_true", help="run the SAM image encoder on a local Triton")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--stop-timeout", type=float, default=60.0, help="drain time before SIGKILL")
+    parser.add_argument("--require-all", action="store_true", help="fail when a configured service is not installed")
     args = parser.parse_args(argv)
     try:
-        services, triton = load_config(args.config)
+        services, triton = load_config(args.config, args.require_all)
     except (OSError, ValueError, TypeError) as error:
         parser.error(str(error))
     triton = triton if args.triton else None

@@ -58,18 +58,17 @@ def _alive(pid: int) -> bool:
 
 def test_launcher_up_metrics_and_clean_stop(tmp_path):
     shipped = json.loads((ROOT / "deploy" / "local" / "services.json").read_text())
-    available = [s for s in shipped["services"] if installed(s["name"])]
-    names = {s["name"] for s in available}
+    names = {s["name"] for s in shipped["services"] if installed(s["name"])}
     assert {"inversion", "segmentation"} <= names
-    services = []
-    for entry in available:
+    configured = []  # the shipped file on free ports
+    for entry in shipped["services"]:
         entry = dict(entry, port=_free_port(), metrics_port=_free_port())
-        entry["calls"] = [c for c in entry.get("calls", []) if c in names]
         if entry["name"] == "personalization":
             entry["args"] = ["--data-dir", str(tmp_path / "personalization")]
-        services.append(entry)
+        configured.append(entry)
+    services = [dict(s, calls=[c for c in s.get("calls", []) if c in names]) for s in configured if s["name"] in names]
     config = tmp_path / "services.json"
-    config.write_text(json.dumps({"services": services}))
+    config.write_text(json.dumps({"services": configured}))
 
     launcher = subprocess.Popen([sys.executable, "-m", "atelier.launcher", "--config", str(config),
                                  "--startup-timeout", "300"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -84,6 +83,9 @@ def test_launcher_up_metrics_and_clean_stop(tmp_path):
                 break
         log = "".join(lines)
         assert "all services up" in log, log[-4000:]
+        for entry in configured:
+            if entry["name"] not in names:
+                assert f"NOT starting {entry['name']}: atelier.{entry['name']} is not installed" in log
         for service in services:
             assert f"{service['name']} is SERVING at 127.0.0.1:{service['port']}" in log
             with grpc.insecure_channel(f"127.0.0.1:{service['port']}") as channel:
