@@ -49,7 +49,7 @@ def tokens(tmp_path):
 
 
 def _invert(client: Client):
-    return client.inversion.invert(IMAGE, "a cat", method="ddim", steps=2)
+    return client.inversion.invert(IMAGE, "a cat", method="ddim", num_inference_steps=2)
 
 
 def test_token_required_wrong_refused_right_passes_health_open(tokens):
@@ -61,7 +61,7 @@ def test_token_required_wrong_refused_right_passes_health_open(tokens):
                     _invert(client)
         for token in ("s3cret-current", "s3cret-next"):  # both keys of the Secret: rotation
             with Client(server.address, token=token) as client:
-                assert _invert(client).steps == 2
+                assert _invert(client).num_inference_steps == 2
         with grpc.insecure_channel(server.address) as channel:  # probes carry no token
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -77,7 +77,7 @@ def test_rotated_token_file_is_picked_up_without_restart(tokens):
             with pytest.raises(UnauthenticatedError):
                 _invert(client)
         with Client(server.address, token="s3cret-next") as client:
-            assert _invert(client).steps == 2
+            assert _invert(client).num_inference_steps == 2
     finally:
         server.stop(0)
 
@@ -89,7 +89,7 @@ def test_tls_with_token_and_peer_dial(tmp_path, tokens):
     try:
         tls = TLSConfig(root_certificates=str(ca.ca_path))
         with Client(server.address, token="s3cret-next", tls=tls) as client:
-            assert _invert(client).steps == 2
+            assert _invert(client).num_inference_steps == 2
         with Client(server.address, token="s3cret-next", retries=0) as client:  # plaintext to a TLS port
             with pytest.raises(UnavailableError):
                 _invert(client)
@@ -100,7 +100,7 @@ def test_tls_with_token_and_peer_dial(tmp_path, tokens):
             peer = auth.PeerCredentials(token_file=token_file, tls_ca=str(ca.ca_path))
             with auth.dial(server.address, peer) as channel:
                 stub = inversion_pb2_grpc.InversionStub(channel)
-                request = inversion_pb2.InvertRequest(prompt="x", steps=1)
+                request = inversion_pb2.InvertRequest(prompt="x", num_inference_steps=1)
                 if ok:
                     assert [e for e in stub.Invert(request, timeout=10) if e.HasField("result")]
                 else:
@@ -118,7 +118,7 @@ def test_plaintext_peer_dial_sends_its_token(tmp_path, tokens):
         peer_token.write_text("s3cret-next\n")
         with auth.dial(server.address, auth.PeerCredentials(token_file=str(peer_token))) as channel:
             events = list(inversion_pb2_grpc.InversionStub(channel).Invert(
-                inversion_pb2.InvertRequest(prompt="x", steps=1), timeout=10))
+                inversion_pb2.InvertRequest(prompt="x", num_inference_steps=1), timeout=10))
             assert events[-1].HasField("result")
     finally:
         server.stop(0)
@@ -134,7 +134,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
     try:
         with Client(server.address, tls=TLSConfig(root_certificates=str(ca.ca_path), private_key=str(client_key),
                                                  certificate_chain=str(client_cert))) as client:
-            assert _invert(client).steps == 2
+            assert _invert(client).num_inference_steps == 2
         for private_key, chain in ((None, None), (str(rogue_key), str(rogue_cert))):
             tls = TLSConfig(root_certificates=str(ca.ca_path), private_key=private_key, certificate_chain=chain)
             with Client(server.address, tls=tls, retries=0) as client:
@@ -161,9 +161,16 @@ def test_round_robin_spreads_calls_over_two_replicas():
     try:
         target = "ipv4:" + ",".join(server.address for _, server in replicas)
         with Client(target, load_balancing="round_robin") as client:
+            # round_robin uses the subchannels that are connected; the second may connect a
+            # little after the first call. Once both served one, every pick alternates.
+            for _ in range(50):
+                _invert(client)
+                if all(app.evaluations for app, _ in replicas):
+                    break
+            before = [app.evaluations for app, _ in replicas]
             for _ in range(10):
                 _invert(client)
-        served = [app.evaluations for app, _ in replicas]  # 2 UNet steps per call
+        served = [app.evaluations - b for (app, _), b in zip(replicas, before)]  # 2 UNet steps per call
         assert served == [10, 10], served
     finally:
         for _, server in replicas:
