@@ -124,6 +124,14 @@ def test_plaintext_peer_dial_sends_its_token(tmp_path, tokens):
         server.stop(0)
 
 
+def test_dial_refuses_a_missing_or_empty_peer_token(tmp_path):
+    with pytest.raises(OSError):
+        auth.dial("127.0.0.1:1", auth.PeerCredentials(token_file=str(tmp_path / "absent")))
+    (tmp_path / "empty").write_text("# no token yet\n")
+    with pytest.raises(ValueError):
+        auth.dial("127.0.0.1:1", auth.PeerCredentials(token_file=str(tmp_path / "empty")))
+
+
 def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
     ca = TestCA(tmp_path)
     cert, key = ca.issue("server", server=True)

@@ -217,6 +217,15 @@ def server_credentials(config: AuthConfig) -> Optional[grpc.ServerCredentials]:
     )
 
 
+def _peer_token(token_file: str) -> str:
+    """This service's own token: the first token in a file (re-read per call: rotation)."""
+    tokens = [line.strip() for line in Path(token_file).read_text().splitlines()
+              if line.strip() and not line.strip().startswith("#")]
+    if not tokens:
+        raise ValueError(f"no token in {token_file}")
+    return tokens[0]
+
+
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Adds ``authorization`` to every call on a plaintext channel (read per call: rotation)."""
@@ -225,7 +234,7 @@ class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
         self._token_file = token_file
 
     def _details(self, details):
-        token = sorted(read_tokens([self._token_file]))[0]
+        token = _peer_token(self._token_file)
         metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
         metadata.append(("authorization", f"Bearer {token}"))
         return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
@@ -259,8 +268,8 @@ class _FileTokenAuth(grpc.AuthMetadataPlugin):
 
     def __call__(self, context, callback):
         try:
-            token = sorted(read_tokens([self._token_file]))[0]
-        except (OSError, IndexError) as error:
+            token = _peer_token(self._token_file)
+        except (OSError, ValueError) as error:
             callback((), error)
             return
         callback((("authorization", f"Bearer {token}"),), None)
@@ -272,6 +281,8 @@ def dial(address: str, peer: PeerCredentials = PeerCredentials(),
 
     ``dns:///name:port`` addresses balance calls round-robin over every address
     the name resolves to (a headless Service's pods)."""
+    if peer.token_file:
+        _peer_token(peer.token_file)  # fail at start-up, not on the first call
     options: list = list(channel_options.client_options(max_message_bytes))
     if address.startswith("dns:"):
         options.append(("grpc.lb_policy_name", "round_robin"))
@@ -305,7 +316,7 @@ _FLAGS = {
     "tls_client_ca": ("--tls-client-ca", "ATELIER_TLS_CLIENT_CA",
                       "CA of client certificates (PEM); enables mutual TLS"),
     "peer_token_file": ("--peer-token-file", "ATELIER_PEER_TOKEN_FILE",
-                        "this service's token for calls to other services (first token in the file/folder)"),
+                        "this service's token for calls to other services (a file; its first token)"),
     "peer_tls_ca": ("--peer-tls-ca", "ATELIER_PEER_TLS_CA", "CA of the other services' certificates; enables TLS"),
     "peer_tls_cert": ("--peer-tls-cert", "ATELIER_PEER_TLS_CERT", "client certificate for mutual TLS to peers"),
     "peer_tls_key": ("--peer-tls-key", "ATELIER_PEER_TLS_KEY", "client key for mutual TLS to peers"),
