@@ -194,7 +194,8 @@ def test_autoscaling_and_state(overlay: str) -> None:
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
               for v in personalization["spec"]["template"]["spec"]["volumes"]}
     pvcs = _objects(overlay, "PersistentVolumeClaim")
-    assert pvcs["atelier-models"]["spec"]["accessModes"] == ["ReadOnlyMany"]
+    # ReadOnlyMany on real clusters; single-node dev clusters have only ReadWriteOnce.
+    assert pvcs["atelier-models"]["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "cpu-dev" else ["ReadOnlyMany"])
     if overlay == "multi-replica":
         assert personalization["spec"]["replicas"] >= 2
         assert names["ATELIER_DATABASE"]["valueFrom"]["secretKeyRef"]["name"] == "atelier-personalization-db"
