@@ -53,10 +53,12 @@ class Client:
         timeout: Optional[float] = DEFAULT_TIMEOUT,
         retries: Union[int, RetryPolicy] = RetryPolicy(),
         max_message_bytes: int = channel_options.DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: Optional[str] = None,
     ):
         per_service = {"inversion": inversion, "segmentation": segmentation,
                        "personalization": personalization, "synthesis": synthesis}
-        self._settings = _Settings(address, per_service, token, tls, timeout, retries, max_message_bytes)
+        self._settings = _Settings(address, per_service, token, tls, timeout, retries, max_message_bytes,
+                                   load_balancing)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._services: dict[str, Any] = {}
         self._closed = False
@@ -119,7 +121,7 @@ class Client:
             raise RuntimeError("this atelier.aio.Client is closed")
         channel = self._channels.get(address)
         if channel is None:
-            options = self._settings.channel_options()
+            options = self._settings.channel_options(address)
             if self._settings.credentials is None:
                 channel = grpc.aio.insecure_channel(address, options=options)
             else:

@@ -91,6 +91,7 @@ class _Settings:
         timeout: Optional[float],
         retries: Union[int, RetryPolicy],
         max_message_bytes: int,
+        load_balancing: Optional[str] = None,
     ):
         self.addresses = {name: per_service.get(name) or address for name in SERVICES}
         if not any(self.addresses.values()):
@@ -102,6 +103,7 @@ class _Settings:
         self.timeout = timeout
         self.retry_policy = RetryPolicy.coerce(retries)
         self.max_message_bytes = max_message_bytes
+        self.load_balancing = load_balancing
         self.credentials, self.server_name = _channel_credentials(tls, token)
         # Without TLS gRPC refuses call credentials, so the token travels as plain metadata.
         self.metadata: tuple[tuple[str, str], ...] = ()
@@ -119,8 +121,11 @@ class _Settings:
         return {name: (self.addresses[name] or "", SERVICES[name][2])
                 for name in available_services() if self.addresses.get(name)}
 
-    def channel_options(self) -> list[tuple[str, Any]]:
+    def channel_options(self, address: str = "") -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = list(channel_options.client_options(self.max_message_bytes))
+        policy = self.load_balancing or ("round_robin" if address.startswith("dns:") else None)
+        if policy:
+            options.append(("grpc.lb_policy_name", policy))
         options.append(("grpc.primary_user_agent", f"atelier-python/{SDK_VERSION}"))
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
@@ -177,6 +182,11 @@ class Client:
     override it; ``None``: no deadline). ``retries`` is a ``RetryPolicy`` or the number
     of retries (on UNAVAILABLE, and on RESOURCE_EXHAUSTED with RetryInfo).
 
+    Load balancing: ``load_balancing="round_robin"`` spreads calls over every address
+    the target resolves to; with ``dns:///atelier-inversion.ns.svc:50051`` (a headless
+    Service) that is every ready pod, re-resolved as pods come and go. It is the default
+    for ``dns:///`` targets; other targets use gRPC's ``pick_first`` unless given.
+
     Use as a context manager or call ``close()``.
     """
 
@@ -193,10 +203,12 @@ class Client:
         timeout: Optional[float] = DEFAULT_TIMEOUT,
         retries: Union[int, RetryPolicy] = RetryPolicy(),
         max_message_bytes: int = channel_options.DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: Optional[str] = None,
     ):
         per_service = {"inversion": inversion, "segmentation": segmentation,
                        "personalization": personalization, "synthesis": synthesis}
-        self._settings = _Settings(address, per_service, token, tls, timeout, retries, max_message_bytes)
+        self._settings = _Settings(address, per_service, token, tls, timeout, retries, max_message_bytes,
+                                   load_balancing)
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._services: dict[str, Any] = {}
@@ -292,7 +304,7 @@ class Client:
                 raise RuntimeError("this atelier.Client is closed")
             channel = self._channels.get(address)
             if channel is None:
-                options = self._settings.channel_options()
+                options = self._settings.channel_options(address)
                 if self._settings.credentials is None:
                     channel = grpc.insecure_channel(address, options=options)
                 else:
