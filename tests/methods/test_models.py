@@ -10,7 +10,7 @@ from PIL import Image
 
 from atelier.core import tiny_models
 from atelier.core.device import pick_device
-from atelier.core.errors import NotFound
+from atelier.core.errors import FailedPrecondition, NotFound
 from atelier.core.codecs import array_to_torch, torch_to_array
 from atelier.core.models import ModelRegistry, parse_model_entries
 
@@ -99,16 +99,16 @@ def test_encode_decode_shapes(registry):
     assert not torch.equal(embeddings[0], embeddings[1])
 
 
-def test_unknown_and_unavailable_models_are_not_found(tmp_path, monkeypatch):
+def test_unknown_models_are_not_found_and_unservable_entries_fail_precondition(tmp_path, monkeypatch):
     monkeypatch.delenv("ATELIER_ALLOW_DOWNLOADS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     registry = ModelRegistry({"gone": str(tmp_path / "missing"), "hub": "nobody/no-such-model-xyz"})
     with pytest.raises(NotFound):
         registry.resolve("nope")
-    with pytest.raises(NotFound):
+    with pytest.raises(FailedPrecondition, match="does not exist") as gone:
         registry.resolve("gone")
-    assert registry.resolve("hub") == "nobody/no-such-model-xyz"
-    with pytest.raises(NotFound):
+    assert str(tmp_path) not in gone.value.message  # no server paths in what a client sees
+    with pytest.raises(FailedPrecondition, match="not in the local cache"):
         registry.load_sd("hub")
 
 
@@ -120,11 +120,10 @@ def test_registry_config_sources(tmp_path):
     models_file.write_text(json.dumps({"b": str(tmp_path), "c": str(tmp_path)}))
     registry = ModelRegistry.from_config(entries={"c": "/explicit"}, models_file=str(models_file),
                                          environ={"ATELIER_MODELS": "a=/env;b=/env"})
-    assert registry.entries["a"] == "/env"
-    assert registry.entries["b"] == str(tmp_path)  # the file overrides the environment
-    assert registry.entries["c"] == "/explicit"  # explicit entries override both
+    assert registry.entries["a"].source == "/env"
+    assert registry.entries["b"].source == str(tmp_path)  # the file overrides the environment
+    assert registry.entries["c"].source == "/explicit"  # explicit entries override both
     assert {"toy", "toy-sam"} <= set(registry.names())
-    assert registry.resolve("b") == str(tmp_path)
 
 
 def test_pick_device(monkeypatch):
