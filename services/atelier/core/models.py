@@ -393,7 +393,7 @@ class ModelRegistry:
     def _unload(self, name: str) -> None:
         model = self._loaded.pop(name)
         self._bytes.pop(name, None)
-        _LOG.info("%s: unloaded model %r to stay within %d bytes", self.service, name, self.memory_budget_bytes)
+        _LOG.info("%s: unloaded model %r (budget %d bytes)", self.service, name, self.memory_budget_bytes)
         if self.metrics is not None:
             self.metrics.observe_model_unload(name)
         close = getattr(model, "close", None)
@@ -402,6 +402,13 @@ class ModelRegistry:
         del model  # calls in flight keep their own reference until they finish
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Unload every model (their ``close()`` runs); queued preloads are dropped."""
+        with self._lock:
+            self._queue.clear()
+            for name in list(self._loaded):
+                self._unload(name)
 
     def preload(self, names: Optional[Sequence[str]] = None) -> None:
         """Queue loads on the loader thread (default: every available model of this service, in

@@ -52,3 +52,4 @@ class InversionApp:
 
     def close(self) -> None:
         self.executor.shutdown()
+        self.registry.close()

@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+from atelier.core.admission import charge_response
+from atelier.core.catalog import ListModelsRpc
 from atelier.core.control import CallControl
 from atelier.core.errors import InvalidArgument
 from atelier.core.executor import ComputeExecutor
@@ -20,18 +22,21 @@ MAX_PROMPT_SETS = 256
 MAX_POINTS = 64
 
 
-class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
-    """``segmenter_for(model_name) -> (resolved name, Segmenter)`` (NotFound for unknown names)."""
+class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServicer):
+    """``segmenter_for(model_name) -> (resolved name, Segmenter)`` (NotFound for unknown names);
+    ``registry`` answers ListModels."""
 
     def __init__(self, segmenter_for: Callable[[str], tuple[str, Segmenter]], executor: ComputeExecutor,
-                 max_image_pixels: int):
+                 max_image_pixels: int, registry=None, default_model: str = ""):
         self._segmenter_for = segmenter_for
         self._executor = executor
         self._max_image_pixels = max_image_pixels
+        self.model_registry, self.default_model_name = registry, default_model
 
     def Segment(self, request: segmentation_pb2.SegmentRequest, context) -> segmentation_pb2.SegmentResponse:
         name, segmenter = self._segmenter_for(request.model.name)
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
+        charge_response(answer_bytes(image, 1, request.options.multimask, segmenter.low_res_size), "image")
         prompt = prompt_from_proto(request.prompt, "prompt")
         output = self._run(context, segmenter, image, [prompt], request.options, ["prompt"])
         return segmentation_pb2.SegmentResponse(
@@ -44,6 +49,9 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
         if len(request.prompts) > MAX_PROMPT_SETS:
             raise InvalidArgument("prompts", f"{len(request.prompts)} prompt sets; the limit is {MAX_PROMPT_SETS}")
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
+        # Refused before any work when the masks could not be sent (or do not fit the budget now).
+        charge_response(answer_bytes(image, len(request.prompts), request.options.multimask, segmenter.low_res_size),
+                        "prompts", "fewer prompt sets per call, options.multimask off, or a smaller image")
         fields = [f"prompts[{i}]" for i in range(len(request.prompts))]
         prompts = [prompt_from_proto(p, field) for p, field in zip(request.prompts, fields)]
         output = self._run(context, segmenter, image, prompts, request.options, fields)
@@ -58,6 +66,12 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
         control: CallControl = control_for_context(context, self._executor)
         return segmenter.segment(image, prompts, multimask=options.multimask, mask_threshold=threshold,
                                  control=control, prompt_fields=fields)
+
+
+def answer_bytes(image, prompt_sets: int, multimask: bool, low_res_size: int) -> int:
+    """The response's size: per candidate a BOOL mask at the input size and FP32 low-res logits."""
+    candidates = prompt_sets * (3 if multimask else 1)
+    return candidates * (image.width * image.height + 4 * low_res_size * low_res_size + 128) + 1024
 
 
 def prompt_from_proto(msg: segmentation_pb2.PromptSet, field: str) -> Prompt:

@@ -19,7 +19,7 @@ import grpc
 from atelier.sdk import channel_options
 from atelier.sdk.transport import RetryPolicy, _Transport
 
-__all__ = ["Client", "TLSConfig"]
+__all__ = ["Client", "TLSConfig", "ModelInfo"]
 
 SDK_VERSION = "0.1.0"
 
@@ -32,6 +32,21 @@ SERVICES: dict[str, tuple[str, str]] = {
 }
 
 PemSource = Union[bytes, str, os.PathLike, None]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model a service serves (``Client.models()``; the ListModels RPC)."""
+
+    service: str
+    name: str
+    kind: str  # "stable-diffusion" or "sam"
+    loaded: bool
+    available: bool
+    default_guidance_scale: float  # used when a call leaves guidance unset (SD models; 0 otherwise)
+    dtype: str
+    is_default: bool
+    unavailable_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,6 +183,31 @@ class Client:
             default_timeout=self.timeout,
             retry_policy=self.retry_policy,
         )
+
+    def models(self, timeout: Optional[float] = None) -> list[ModelInfo]:
+        """The models of every service this client has an address for (services that do not
+        answer ListModels, e.g. not deployed behind a shared address, are skipped)."""
+        from atelier.sdk.errors import UnimplementedError
+        from atelier.v1 import common_pb2
+
+        found: list[ModelInfo] = []
+        for name in SERVICES:
+            if not self._addresses.get(name):
+                continue
+            transport = self.transport(name)
+            method = transport.channel.unary_unary(
+                f"/atelier.v1.{name.capitalize()}/ListModels",
+                request_serializer=common_pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=common_pb2.ListModelsResponse.FromString)
+            try:
+                response = transport.unary(method, common_pb2.ListModelsRequest(), timeout)
+            except UnimplementedError:
+                continue
+            found += [ModelInfo(service=name, name=m.name, kind=m.kind, loaded=m.loaded, available=m.available,
+                                default_guidance_scale=m.default_guidance_scale, dtype=m.dtype,
+                                is_default=m.is_default, unavailable_reason=m.unavailable_reason)
+                      for m in response.models]
+        return found
 
     # ------------------------------------------------------------------ channels
 

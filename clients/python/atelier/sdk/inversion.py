@@ -140,7 +140,7 @@ class InversionClient:
         source: Union[Inversion, inversion_pb2.InversionResult, PILImage.Image, np.ndarray],
         target_prompt: str,
         engine: str = "p2p",
-        guidance: Optional[float] = 7.5,
+        guidance: Optional[float] = None,
         *,
         source_prompt: Optional[str] = None,
         method: Optional[str] = None,
@@ -166,7 +166,8 @@ class InversionClient:
         ("replace", "refine", "reweight"; default: chosen by the server),
         ``cross_replace``/``self_replace`` fractions, ``reweight`` {word: scale},
         ``blend_words`` and ``blend_threshold``; ``engine="masactrl"`` takes
-        ``start_step`` and ``start_layer``. Use ``edit_result`` for the source
+        ``start_step`` and ``start_layer``. ``guidance=None`` uses the model's default
+        (``client.models()``: default_guidance_scale). Use ``edit_result`` for the source
         reconstruction and usage as well.
         """
         options = {k: v for k, v in locals().items() if k not in ("self", "progress", "timeout", "cancel")}
@@ -177,7 +178,7 @@ class InversionClient:
         source: Union[Inversion, inversion_pb2.InversionResult, PILImage.Image, np.ndarray],
         target_prompt: str,
         engine: str = "p2p",
-        guidance: Optional[float] = 7.5,
+        guidance: Optional[float] = None,
         *,
         return_source: bool = False,
         source_prompt: Optional[str] = None,
