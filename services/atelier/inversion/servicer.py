@@ -169,7 +169,7 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             raise InvalidArgument(prefix + "image", "an image is required")
         model = self._model_name(request.model, prefix + "model")
         pixels = codec.image_to_pil(request.image, field=prefix + "image", max_pixels=self._limits.max_pixels)
-        image = codecs.array_to_torch(np.asarray(fit_to_vae(pixels, self._registry.info(model), prefix + "image")))
+        image = codecs.array_to_torch(np.array(fit_to_vae(pixels, self._registry.info(model), prefix + "image")))
         if request.method not in _METHODS:
             raise InvalidArgument(prefix + "method", f"unknown inversion method {request.method}")
         opts = request.spdinv
