@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from atelier.core import auth
 from atelier.sdk import channel_options
 
 __all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries"]
@@ -78,6 +79,8 @@ class ServerConfig:
     max_inflight_bytes: int = 1 << 30
     # Service-specific settings parsed by the ``add_arguments`` hook of from_args.
     extras: dict = field(default_factory=dict)
+    # Bearer tokens, TLS, and this service's credentials for calls to others (core/auth.py).
+    auth: auth.AuthConfig = field(default_factory=auth.AuthConfig)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return channel_options.server_options(
@@ -158,9 +161,14 @@ class ServerConfig:
                             default=env_default("ATELIER_MAX_INFLIGHT_BYTES", cls.max_inflight_bytes, int),
                             help="request + estimated response bytes of the calls in flight; beyond it calls get "
                                  "RESOURCE_EXHAUSTED with RetryInfo [ATELIER_MAX_INFLIGHT_BYTES]")
+        auth.add_arguments(parser, env)
         if add_arguments is not None:
             add_arguments(parser)
         args = parser.parse_args(argv)
+        try:
+            auth_config = auth.from_args(args, env)
+        except ValueError as error:
+            parser.error(str(error))
 
         try:
             models = parse_model_entries(env.get("ATELIER_MODELS", "").split(";"), "ATELIER_MODELS")
@@ -183,7 +191,7 @@ class ServerConfig:
 
         core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
                 "max_image_pixels", "model", "models_file", "device", "dtype", "model_variant",
-                "model_memory_bytes", "preload_models", "strict_models", "max_inflight_bytes"}
+                "model_memory_bytes", "preload_models", "strict_models", "max_inflight_bytes", *auth.AUTH_DESTS}
         extras = {dest: value for dest, value in vars(args).items() if dest not in core}
         return cls(
             service=service,
@@ -204,4 +212,5 @@ class ServerConfig:
             strict_models=args.strict_models,
             max_inflight_bytes=args.max_inflight_bytes,
             extras=extras,
+            auth=auth_config,
         )
