@@ -51,7 +51,7 @@ def test_a_batch_whose_masks_exceed_the_message_limit_is_refused_before_any_work
     prompt_sets = [{"points": [(5, 5)]}] * 256
     with pytest.raises(atelier.InvalidArgumentError, match="message size limit") as caught:
         client.segmentation.segment_many(image, prompt_sets, multimask=True)
-    assert caught.value.field_violations[0][0] == "prompts"
+    assert caught.value.field_violations[0][0] == "prompt_sets"  # the SDK argument
     assert segmenter.batcher.executions == executions  # the encoder never ran
 
 
@@ -64,3 +64,18 @@ def test_metrics_are_per_sam_model_and_there_are_no_unet_counters(service):
     for name in ("toy-sam", "sam-b"):
         assert value("atelier_model_load_seconds", {"model": name}) > 0
     assert not any(f.name.startswith("atelier_unet") for f in metrics.registry.collect())
+
+
+def test_the_asyncio_client_lists_the_same_models_and_skips_services_not_there(service):
+    import asyncio
+
+    import atelier.aio
+
+    running = service[0]
+
+    async def ask():
+        async with atelier.aio.Client(running.address, retries=0) as client:  # every service at one address
+            return await client.models()
+
+    assert {(m.service, m.name) for m in asyncio.run(ask())} == {("segmentation", "toy-sam"),
+                                                                 ("segmentation", "sam-b")}

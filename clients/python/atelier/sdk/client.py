@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from atelier.sdk import channel_options
 from atelier.sdk.transport import DEFAULT_TIMEOUT, RetryPolicy, _Transport
+from atelier.v1 import common_pb2
 
 if TYPE_CHECKING:
     from atelier.sdk.inversion import InversionClient
@@ -56,6 +57,23 @@ class ModelInfo:
     dtype: str
     is_default: bool
     unavailable_reason: str = ""
+
+
+def list_models_request() -> common_pb2.ListModelsRequest:
+    return common_pb2.ListModelsRequest()
+
+
+def list_models_method(channel: Any, proto_service: str) -> Any:
+    """The ListModels method of ``proto_service`` on ``channel`` (sync or grpc.aio)."""
+    return channel.unary_unary(f"/{proto_service}/ListModels",
+                               request_serializer=common_pb2.ListModelsRequest.SerializeToString,
+                               response_deserializer=common_pb2.ListModelsResponse.FromString)
+
+
+def model_infos(service: str, response: common_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(service=service, name=m.name, kind=m.kind, loaded=m.loaded, available=m.available,
+                      default_guidance_scale=m.default_guidance_scale, dtype=m.dtype, is_default=m.is_default,
+                      unavailable_reason=m.unavailable_reason) for m in response.models]
 
 
 @dataclass(frozen=True)
@@ -312,28 +330,19 @@ class Client:
         )
 
     def models(self, timeout: Optional[float] = None) -> list[ModelInfo]:
-        """The models of every service this client has an address for (services that do not
-        answer ListModels, e.g. not deployed behind a shared address, are skipped)."""
+        """The models of every configured service (the ListModels RPC; a service that does not
+        answer it, e.g. not deployed behind a shared address, is skipped)."""
         from atelier.sdk.errors import UnimplementedError
-        from atelier.v1 import common_pb2
 
         found: list[ModelInfo] = []
-        for name in SERVICES:
-            if not self._addresses.get(name):
-                continue
+        for name, (_, proto_service) in self._settings.health_targets().items():
             transport = self.transport(name)
-            method = transport.channel.unary_unary(
-                f"/atelier.v1.{name.capitalize()}/ListModels",
-                request_serializer=common_pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=common_pb2.ListModelsResponse.FromString)
             try:
-                response = transport.unary(method, common_pb2.ListModelsRequest(), timeout)
+                response = transport.unary(list_models_method(transport.channel, proto_service),
+                                           list_models_request(), timeout)
             except UnimplementedError:
                 continue
-            found += [ModelInfo(service=name, name=m.name, kind=m.kind, loaded=m.loaded, available=m.available,
-                                default_guidance_scale=m.default_guidance_scale, dtype=m.dtype,
-                                is_default=m.is_default, unavailable_reason=m.unavailable_reason)
-                      for m in response.models]
+            found += model_infos(name, response)
         return found
 
     # ------------------------------------------------------------------ channels
