@@ -74,11 +74,11 @@ def service(factor4, tmp_path_factory):
 def test_a_sam_model_is_refused_by_name_not_loaded(service):
     _, _, client = service
     with pytest.raises(atelier.FailedPreconditionError, match="'toy-sam' is a SAM model"):
-        client.inversion.invert(scene(), PROMPT, steps=2, model="toy-sam")
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, model="toy-sam")
     with pytest.raises(atelier.FailedPreconditionError, match="'broken' is unavailable: neither"):
-        client.inversion.invert(scene(), PROMPT, steps=2, model="broken")
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, model="broken")
     with pytest.raises(atelier.NotFoundError):
-        client.inversion.invert(scene(), PROMPT, steps=2, model="nope")
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, model="nope")
 
 
 def test_list_models_lists_this_services_kind_with_defaults_and_no_paths(service):
@@ -96,33 +96,33 @@ def test_list_models_lists_this_services_kind_with_defaults_and_no_paths(service
 
 def test_a_vae_with_another_factor_inverts_and_edits(service):
     _, _, client = service
-    inversion = client.inversion.invert(scene(), PROMPT, method="ddim", steps=3, model="f4")
+    inversion = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3, model="f4")
     assert inversion.z_T.shape == (1, 4, 16, 16) and (inversion.width, inversion.height) == (64, 64)
-    edited = client.inversion.edit(inversion, "a green circle on a blue background", guidance=1.0)
-    assert edited.size == (64, 64)
+    edited = client.inversion.edit(inversion, "a green circle on a blue background", guidance_scale=1.0)
+    assert edited.image.size == (64, 64)
 
 
 def test_images_are_resized_to_the_vae_factor_like_diffusers(service):
     _, _, client = service
-    inversion = client.inversion.invert(scene(60, 68), PROMPT, method="ddim", steps=2)
+    inversion = client.inversion.invert(scene(60, 68), PROMPT, method="ddim", num_inference_steps=2)
     assert (inversion.width, inversion.height) == (56, 64) and inversion.z_T.shape == (1, 4, 8, 7)
-    assert client.inversion.edit(inversion, PROMPT).size == (56, 64)
+    assert client.inversion.edit(inversion, PROMPT).image.size == (56, 64)
 
 
 def test_unset_guidance_uses_the_models_default(service):
     _, _, client = service
-    inversion = client.inversion.invert(scene(), PROMPT, method="ddim", steps=3)
+    inversion = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3)
     target = "a green circle on a blue background"
-    unset = np.asarray(client.inversion.edit(inversion, target))
-    assert np.array_equal(unset, np.asarray(client.inversion.edit(inversion, target, guidance=2.5)))
-    assert not np.array_equal(unset, np.asarray(client.inversion.edit(inversion, target, guidance=7.5)))
+    unset = np.asarray(client.inversion.edit(inversion, target).image)
+    assert np.array_equal(unset, np.asarray(client.inversion.edit(inversion, target, guidance_scale=2.5).image))
+    assert not np.array_equal(unset, np.asarray(client.inversion.edit(inversion, target, guidance_scale=7.5).image))
 
 
 def test_an_answer_over_the_message_limit_is_refused_before_any_work(service):
     running, metrics, client = service
     before = metrics.registry.get_sample_value("atelier_unet_evaluations_total", {"kind": "forward"})
     with pytest.raises(atelier.InvalidArgumentError, match="message size limit") as caught:
-        client.inversion.invert(scene(128, 128), PROMPT, method="ddim", steps=999, return_chain=True)
+        client.inversion.invert(scene(128, 128), PROMPT, method="ddim", num_inference_steps=999, return_chain=True)
     assert caught.value.field_violations[0][0] == "return_chain"
     assert metrics.registry.get_sample_value("atelier_unet_evaluations_total", {"kind": "forward"}) == before
 
@@ -153,9 +153,9 @@ def test_a_tiny_memory_budget_unloads_the_least_recently_used_model(tmp_path):
     client = atelier.Client(inversion=running.address, timeout=120, retries=0)
     try:
         assert {m.name for m in client.models() if m.loaded} == {"toy"}
-        client.inversion.invert(scene(), PROMPT, method="ddim", steps=2, model="second")
+        client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=2, model="second")
         assert {m.name for m in client.models() if m.loaded} == {"second"}
-        client.inversion.invert(scene(), PROMPT, method="ddim", steps=2)  # toy again: reloaded
+        client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=2)  # toy again: reloaded
         assert {m.name for m in client.models() if m.loaded} == {"toy"}
     finally:
         client.close()
