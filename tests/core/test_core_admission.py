@@ -29,7 +29,7 @@ def test_requests_beyond_the_byte_budget_are_refused_with_retry_info_until_bytes
     try:
         assert harness.server.wait_loaded(10)
         harness.app.release.clear()
-        big = inversion_pb2.InvertRequest(steps=2, prompt="x" * 200_000)
+        big = inversion_pb2.InvertRequest(num_inference_steps=2, prompt="x" * 200_000)
         running = harness.stub.Invert(big, timeout=30)
         assert next(running).progress.step == 1
         assert _inflight_bytes(harness) >= 200_000
@@ -38,7 +38,7 @@ def test_requests_beyond_the_byte_budget_are_refused_with_retry_info_until_bytes
             list(harness.stub.Invert(big, timeout=10))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "in flight" in caught.value.details() and _retry_delay(caught.value) > 0
-        small = harness.stub.Invert(inversion_pb2.InvertRequest(steps=1, prompt="fits"), timeout=30)
+        small = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=1, prompt="fits"), timeout=30)
         harness.app.release.set()
         assert list(running)[-1].HasField("result") and list(small)[-1].HasField("result")
         assert _wait_for(lambda: _inflight_bytes(harness) == 0)  # released when the calls end
@@ -68,10 +68,10 @@ def test_a_full_queue_answers_with_retry_info():
     try:
         assert harness.server.wait_loaded(10)
         harness.app.release.clear()
-        running = harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=30)
+        running = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=30)
         assert next(running).progress.step == 1
         with pytest.raises(grpc.RpcError) as caught:
-            list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=10))
+            list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=10))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert 0.05 <= _retry_delay(caught.value) <= 30
         harness.app.release.set()
