@@ -289,3 +289,21 @@ def test_lru_unload_keeps_loaded_models_within_the_memory_budget(tmp_path):
     roomy = ModelRegistry({"second": second}, memory_budget_bytes=1 << 40)
     roomy.load_sd("toy"), roomy.load_sd("second")
     assert roomy.loaded_names() == ["toy", "second"]
+
+
+def test_registry_flags_and_environment():
+    from atelier.core.config import ServerConfig
+    from atelier.core.models import SD
+
+    config = ServerConfig.from_args(
+        ["--model-variant", "fp16", "--dtype", "bf16", "--model-memory-bytes", "5", "--strict-models",
+         "--max-inflight-bytes", "7"], "inversion", environ={"ATELIER_PRELOAD_MODELS": "0", "ATELIER_DEVICE": "cpu"})
+    assert (config.model_variant, config.dtype, config.model_memory_bytes, config.preload_models,
+            config.strict_models, config.max_inflight_bytes) == ("fp16", "bf16", 5, False, True, 7)
+    registry = ModelRegistry.for_service(config, kinds=(SD,))
+    assert (registry.memory_budget_bytes, registry.dtype, registry.entries["toy"].variant) == (5, torch.bfloat16, "fp16")
+    defaults = ServerConfig.from_args([], "inversion", environ={})
+    assert (defaults.preload_models, defaults.strict_models, defaults.max_inflight_bytes) == (True, False, 1 << 30)
+    for argv, env in [(["--max-inflight-bytes", "0"], {}), ([], {"ATELIER_PRELOAD_MODELS": "maybe"})]:
+        with pytest.raises(SystemExit):
+            ServerConfig.from_args(argv, "inversion", environ=env)
