@@ -23,8 +23,6 @@ from atelier.v1 import segmentation_pb2_grpc
 __all__ = ["SegmentationSettings", "SegmentationApp", "add_arguments"]
 
 _LOG = logging.getLogger(__name__)
-# How long a call waits for its model to load before answering UNAVAILABLE.
-MODEL_LOAD_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ class SegmentationApp:
             self._triton.close()
 
     # ------------------------------------------------------------------ models
-    def segmenter_for(self, name: str, wait_seconds: float = MODEL_LOAD_WAIT_SECONDS) -> tuple[str, Segmenter]:
+    def segmenter_for(self, name: str, wait_seconds: float = 10.0) -> tuple[str, Segmenter]:
         """The Segmenter for a model name ("" = the default): NotFound if unknown, FAILED_PRECONDITION
         if not a servable SAM model, UNAVAILABLE while it loads (on the registry's loader thread)."""
         name = name or self.settings.default_model

@@ -20,10 +20,13 @@ from atelier.v1 import common_pb2, segmentation_pb2, segmentation_pb2_grpc
 SERVICE_NAME = segmentation_pb2.DESCRIPTOR.services_by_name["Segmentation"].full_name
 MAX_PROMPT_SETS = 256
 MAX_POINTS = 64
+# How long a call waits for its model to load (on the registry's loader thread) before
+# answering UNAVAILABLE; never longer than the call's deadline.
+MODEL_LOAD_WAIT_SECONDS = 10.0
 
 
 class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServicer):
-    """``segmenter_for(model_name) -> (resolved name, Segmenter)`` (NotFound for unknown names);
+    """``segmenter_for(model_name, wait_seconds) -> (resolved name, Segmenter)`` (NotFound for unknown names);
     ``registry`` answers ListModels."""
 
     def __init__(self, segmenter_for: Callable[[str], tuple[str, Segmenter]], executor: ComputeExecutor,
@@ -34,7 +37,7 @@ class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServ
         self.model_registry, self.default_model_name = registry, default_model
 
     def Segment(self, request: segmentation_pb2.SegmentRequest, context) -> segmentation_pb2.SegmentResponse:
-        name, segmenter = self._segmenter_for(request.model.name)
+        name, segmenter = self._segmenter(request, context)
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
         charge_response(answer_bytes(image, 1, request.options.multimask, segmenter.low_res_size), "image")
         # Violations name the SDK arguments: segment(points=, labels=, boxes=, mask_input=).
@@ -46,7 +49,7 @@ class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServ
 
     def SegmentBatch(self, request: segmentation_pb2.SegmentBatchRequest,
                      context) -> segmentation_pb2.SegmentBatchResponse:
-        name, segmenter = self._segmenter_for(request.model.name)
+        name, segmenter = self._segmenter(request, context)
         if len(request.prompt_sets) > MAX_PROMPT_SETS:
             raise InvalidArgument("prompt_sets", f"{len(request.prompt_sets)} prompt sets; the limit is {MAX_PROMPT_SETS}")
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
@@ -60,6 +63,12 @@ class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServ
         return segmentation_pb2.SegmentBatchResponse(
             model=common_pb2.ModelRef(name=name), width=output.width, height=output.height,
             results=[result_to_proto(r) for r in output.results], usage=usage_to_proto(output))
+
+    def _segmenter(self, request, context) -> tuple[str, Segmenter]:
+        """The request's model, waiting for a load no longer than the call's deadline allows."""
+        remaining = context.time_remaining()
+        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else max(0.0, min(MODEL_LOAD_WAIT_SECONDS, remaining))
+        return self._segmenter_for(request.model.name, wait)
 
     def _run(self, context, segmenter: Segmenter, image, prompts, options, fields) -> SegmentOutput:
         threshold = options.mask_threshold if options.HasField("mask_threshold") else 0.0
