@@ -317,12 +317,12 @@ class ModelRegistry:
                 victims = [n for n in self._loaded if n != keep]
                 if total + incoming <= self.memory_budget_bytes or not victims:
                     break
-                self._unload(victims[0])
+                self._unload(victims[0], f" (least recently used; budget {self.memory_budget_bytes} bytes)")
 
-    def _unload(self, name: str) -> None:
+    def _unload(self, name: str, why: str = "") -> None:
         model = self._loaded.pop(name)
         self._bytes.pop(name, None)
-        _LOG.info("%s: unloaded model %r (budget %d bytes)", self.service, name, self.memory_budget_bytes)
+        _LOG.info("%s: unloaded model %r%s", self.service, name, why)
         if self.metrics is not None:
             self.metrics.observe_model_unload(name)
         close = getattr(model, "close", None)
