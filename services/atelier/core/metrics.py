@@ -114,6 +114,15 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.decoder_evaluations = Counter(
+            "atelier_vae_decoder_backward_evaluations",
+            "VAE-decoder forward+backward passes (gradients through the decoder, e.g. GradOP+)",
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            "atelier_dependency_up", "1 when a service this one calls answers its health check SERVING, else 0",
+            ["dependency", "address"], registry=r,
+        )
         self.model_load_seconds = Gauge(
             "atelier_model_load_seconds", "Wall time of the latest load of each model", ["model"], registry=r
         )
