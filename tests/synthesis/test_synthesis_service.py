@@ -18,6 +18,7 @@ from atelier.core.server import start
 from atelier.inversion.app import InversionApp
 from atelier.sdk.synthesis import Region
 from atelier.synthesis.app import SynthesisApp
+from atelier.toyworld import world
 from atelier.v1 import synthesis_pb2, tensor_pb2
 
 pytestmark = pytest.mark.timeout(600)
@@ -88,26 +89,19 @@ def test_gradop_streams_previews_counts_decoder_passes_and_is_deterministic(serv
     assert not np.array_equal(np.asarray(first.image), np.asarray(other.image))
 
 
-def off_centre_scribble(size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), (40, 70, 200))
-    ImageDraw.Draw(image).ellipse((size // 16, size // 16, size // 2, size // 2), fill=(210, 40, 40))
-    return image
-
-
 def test_stroke_fidelity_gradop_beats_sdedit_and_text_to_image(servers):
-    """At strength 0.3 (optimisation in the last third of 20 steps). On the 64 px toy model the
-    default strength 0.8 does not give this ordering: see bench/bench_synthesis.py and the README."""
+    """Toy-world scribbles (flat paintings of one-object scenes) with their captions, default
+    strength 0.8, same seed for all three: mean stroke loss GradOP+ < SDEdit and < text-to-image."""
     synthesis = servers["client"].synthesis
     losses = {"gradop": [], "sdedit": [], "t2i": []}
-    options = {"num_inference_steps": 20, "strength": 0.3}
-    for seed in (0, 1):
-        losses["gradop"].append(synthesis.gradop_result(off_centre_scribble(), PROMPT, seed=seed,
-                                                        **options).stroke_loss)
-        losses["sdedit"].append(synthesis.sdedit_result(off_centre_scribble(), PROMPT, seed=seed,
-                                                        **options).stroke_loss)
+    for index in range(4):
+        scene = world.scene_from_seed(100 + index, num_objects=1)
+        painting, caption = world.scribble_of(scene), scene.caption
+        options = {"num_inference_steps": STEPS, "seed": index}
+        losses["gradop"].append(synthesis.gradop_result(painting, caption, **options).stroke_loss)
+        losses["sdedit"].append(synthesis.sdedit_result(painting, caption, **options).stroke_loss)
         # iterative_steps=0 is plain text-to-image sampling with the same seed.
-        losses["t2i"].append(synthesis.gradop_result(off_centre_scribble(), PROMPT, seed=seed, iterative_steps=0,
-                                                     **options).stroke_loss)
+        losses["t2i"].append(synthesis.gradop_result(painting, caption, iterative_steps=0, **options).stroke_loss)
     mean = {name: float(np.mean(values)) for name, values in losses.items()}
     assert mean["gradop"] < mean["sdedit"], mean
     assert mean["gradop"] < mean["t2i"], mean
@@ -203,3 +197,92 @@ def test_unknown_painting_function_is_refused(servers):
 def test_unknown_model_is_not_found(servers):
     with pytest.raises(atelier.NotFoundError):
         servers["client"].synthesis.gradop(scribble(), PROMPT, model="no-such-model")
+
+
+# ---------------------------------------------------------------------------------- variations
+
+def reference_image(seed: int = 5) -> Image.Image:
+    return Image.fromarray(world.scene_from_seed(seed, num_objects=1).image)
+
+
+def test_variations_end_to_end_through_both_services(servers):
+    client = servers["client"]
+    events = []
+    result = client.synthesis.variations_result(reference_image(), PROMPT, n=3, num_inference_steps=STEPS, seed=2,
+                                                progress=events.append)
+    assert len(result.images) == 3 and all(image.size == (64, 64) for image in result.images)
+    assert result.dca_path == "text"  # the toy model ships no IP-Adapter weights
+    assert result.request_id
+    # One batched UNet call per step for all variations (the reference branch is shared).
+    assert result.usage.unet_forward_evaluations == STEPS
+    assert result.inversion_usage.unet_forward_evaluations >= STEPS
+    assert {"invert", "variations"} <= {e.stage for e in events}
+    again = client.synthesis.variations(reference_image(), PROMPT, n=3, num_inference_steps=STEPS, seed=2)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, again))
+
+
+def _distance(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+def test_isa_closeness_at_lambda_one_and_diversity(servers):
+    """Mean pixel distance to the reference over six toy-world references: lambda=1 (pure ISA)
+    closer than lambda=0 (pure DCA); the permuted starts make the variations differ."""
+    synthesis = servers["client"].synthesis
+    distances = {1.0: [], 0.0: []}
+    pairwise = []
+    for seed in range(5, 11):
+        scene = world.scene_from_seed(seed, num_objects=1)
+        reference = Image.fromarray(scene.image)
+        for lam in distances:
+            images = synthesis.variations(reference, scene.caption, lam=lam, n=3, num_inference_steps=STEPS, seed=4)
+            distances[lam].extend(_distance(image, reference) for image in images)
+            if lam == 1.0:
+                pairwise.extend(_distance(images[i], images[j]) for i in range(3) for j in range(i + 1, 3))
+    assert np.mean(distances[1.0]) < np.mean(distances[0.0]), {k: np.mean(v) for k, v in distances.items()}
+    assert np.mean(pairwise) > 1.0 and min(pairwise) > 0.0, pairwise
+
+
+def test_short_deadline_cancels_the_inversion_call(servers):
+    client, inversion_metrics = servers["client"], servers["inversion_metrics"]
+    with pytest.raises((atelier.DeadlineExceededError, atelier.CancelledError)):
+        # SPDInv at 200 steps takes far longer than the deadline.
+        client.synthesis.variations(reference_image(), PROMPT, n=2, num_inference_steps=200, inversion="spdinv",
+                                    timeout=2.0)
+    time.sleep(1.0)
+    before = unet_evaluations(inversion_metrics)
+    time.sleep(2.0)
+    assert unet_evaluations(inversion_metrics) == before, "the inversion kept running after the caller's deadline"
+
+
+def test_inversion_down_gives_unavailable_naming_it(servers):
+    config = ServerConfig(service="synthesis", host="127.0.0.1", port=0, metrics_port=0,
+                          max_image_pixels=128 * 128, extras={"inversion_address": "127.0.0.1:1"})
+    metrics = Metrics()
+    running = start(SynthesisApp(config, metrics=metrics, registry=servers["synthesis"].app.registry), config,
+                    metrics)
+    assert running.wait_loaded(120)
+    try:
+        with atelier.Client(synthesis=running.address, retries=0) as client:
+            started = time.monotonic()
+            with pytest.raises(atelier.UnavailableError) as info:
+                client.synthesis.variations(reference_image(), PROMPT, n=1, num_inference_steps=STEPS, timeout=20)
+            assert time.monotonic() - started < 20
+            assert "inversion" in str(info.value)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'atelier_dependency_up{address="127.0.0.1:1",dependency="inversion"} 0.0' in page
+    finally:
+        running.stop(0)
+
+
+def test_dependency_health_is_exported(servers):
+    running = servers["synthesis"]
+    deadline = time.monotonic() + 15
+    line = ""
+    while time.monotonic() < deadline:
+        page = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
+        line = next((l for l in page.splitlines() if l.startswith("atelier_dependency_up{")), "")
+        if line.endswith(" 1.0"):
+            break
+        time.sleep(0.5)
+    assert 'dependency="inversion"' in line and line.endswith(" 1.0"), line
