@@ -125,7 +125,7 @@ class VariationsHandler:
                 raise DeadlineExceeded("the deadline leaves no time for the inversion")
         request = inversion_pb2.InvertRequest(
             model=common_pb2.ModelRef(name=job.model), image=codecs.image_from_torch(job.image),
-            prompt=job.prompt, method=job.inversion, steps=job.params.steps, return_chain=True)
+            prompt=job.prompt, method=job.inversion, num_inference_steps=job.params.steps, return_chain=True)
         call = self._stub.Invert(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
         # Our caller going away (cancel, deadline) cancels the inversion at once.
         if not context.add_callback(call.cancel):
