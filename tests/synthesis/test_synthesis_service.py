@@ -286,3 +286,17 @@ def test_dependency_health_is_exported(servers):
             break
         time.sleep(0.5)
     assert 'dependency="inversion"' in line and line.endswith(" 1.0"), line
+
+
+def test_region_control_through_the_sdk(servers):
+    scene = world.scene_from_seed(20, num_objects=2)
+    painting = world.scribble_of(scene)
+    first, second = scene.spec.objects
+    colour = tuple(int(c) for c in painting[scene.masks[0]][0])
+    regions = [Region(f"{first.colour} {first.shape}", color=colour),
+               Region(f"{second.colour} {second.shape}", mask=scene.masks[1], weight=1.2)]
+    result = servers["client"].synthesis.gradop_result(painting, scene.caption, num_inference_steps=STEPS, seed=1,
+                                                       regions=regions)
+    plain = servers["client"].synthesis.gradop_result(painting, scene.caption, num_inference_steps=STEPS, seed=1)
+    assert result.image.size == (64, 64)
+    assert not np.array_equal(np.asarray(result.image), np.asarray(plain.image))

@@ -73,19 +73,23 @@ class RegionController(AttentionController):
         return [m.to(like.device, like.dtype) for m in self._masks[size]]
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
-        probs = call.probabilities()
+        return call.attend(probs=self.adjust(call, call.probabilities()))
+
+    def adjust(self, call: AttentionCall, probs: torch.Tensor) -> torch.Tensor:
+        """The formula above applied to the bound tokens' columns of ``probs`` (a new tensor)."""
         if call.spatial_size is None:
-            return call.attend(probs=probs)
+            return probs
         kappa = self.kappa_at(self.timestep)
-        rows = slice(call.layout.row(0, "cond"), call.layout.row(0, "cond") + call.layout.branches) \
-            if "cond" in call.layout.groups else slice(None)
+        layout = call.layout
+        first = layout.row(0, "cond") if "cond" in layout.groups else 0
+        rows = slice(first, first + layout.branches)
         probs = probs.clone()
         for region, target in zip(self.regions, self._region_maps(call.spatial_size, probs)):
             for token in region.tokens:
                 column = probs[rows, :, :, token]  # (rows, heads, queries)
                 norm = column.norm(dim=-1, keepdim=True)
                 probs[rows, :, :, token] = region.weight * ((1 - kappa) * column + kappa * target * norm)
-        return call.attend(probs=probs)
+        return probs
 
 
 def region_hook(controller: RegionController, guidance: float, latent_size: tuple[int, int]):
