@@ -94,7 +94,8 @@ class ISADCAController(AttentionController):
         self.timestep = 0
 
     def wants(self, site: AttentionSite, step: int) -> bool:
-        return lambda_at(self.params, self.timestep, self.num_train_timesteps) > 0
+        # Both mechanisms act for t > K (lambda weighs them there); below K, plain attention.
+        return self.timestep > self.params.until
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         lam = lambda_at(self.params, self.timestep, self.num_train_timesteps)

@@ -22,6 +22,7 @@ from atelier.core.attention import controlled_attention
 from atelier.core.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from atelier.core.streaming import stream_call
 from atelier.sdk import channel_options
+from atelier.synthesis.ip_adapter import adapter_for
 from atelier.synthesis.servicer import _event_message, check_seed, decode_rgb, preview_sink
 from atelier.synthesis.variations import RIVAL_NEGATIVE, T_ALIGN, DCAContext, VariationParams, isa_dca_variations
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc, synthesis_pb2
@@ -153,7 +154,11 @@ class VariationsHandler:
         model = self._registry.load_sd(job.model)
         texts = [job.prompt, "", job.negative_prompt, job.dca_text]
         cond, uncond_ref, uncond_gen, dca_text = model.encode_prompt(texts).chunk(4)
-        dca = DCAContext(dca_text)
+        adapter = adapter_for(model)  # loaded (once) with diffusers' load_ip_adapter, before our processors
+        if adapter is not None:
+            dca = DCAContext(adapter.image_tokens(job.image).to(model.dtype), adapter.layers)
+        else:
+            dca = DCAContext(dca_text)
         with controlled_attention(model.unet):
             images = isa_dca_variations(model, chain, cond, uncond_ref, uncond_gen, dca, job.params, control,
                                         preview=preview_sink(control, previews))
