@@ -205,18 +205,22 @@ def reference_image(seed: int = 5) -> Image.Image:
     return Image.fromarray(world.scene_from_seed(seed, num_objects=1).image)
 
 
-def test_variations_end_to_end_through_both_services(servers):
+def test_variations_end_to_end_through_both_services(servers, caplog):
+    caplog.set_level("INFO")
     client = servers["client"]
     events = []
     result = client.synthesis.variations_result(reference_image(), PROMPT, n=3, num_inference_steps=STEPS, seed=2,
                                                 progress=events.append)
     assert len(result.images) == 3 and all(image.size == (64, 64) for image in result.images)
-    assert result.dca_path == "text"  # the toy model ships no IP-Adapter weights
+    assert result.dca_path == "ip_adapter"  # the toy model ships IP-Adapter weights
     assert result.request_id
     # One batched UNet call per step for all variations (the reference branch is shared).
     assert result.usage.unet_forward_evaluations == STEPS
     assert result.inversion_usage.unet_forward_evaluations >= STEPS
     assert {"invert", "variations"} <= {e.stage for e in events}
+    # Both services logged the request id (the inversion server where the call arrived).
+    logged = [r.getMessage() for r in caplog.records if result.request_id in r.getMessage()]
+    assert any("Inversion/Invert" in m for m in logged) and any("Variations" in m for m in logged), logged
     again = client.synthesis.variations(reference_image(), PROMPT, n=3, num_inference_steps=STEPS, seed=2)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, again))
 
@@ -241,6 +245,14 @@ def test_isa_closeness_at_lambda_one_and_diversity(servers):
                 pairwise.extend(_distance(images[i], images[j]) for i in range(3) for j in range(i + 1, 3))
     assert np.mean(distances[1.0]) < np.mean(distances[0.0]), {k: np.mean(v) for k, v in distances.items()}
     assert np.mean(pairwise) > 1.0 and min(pairwise) > 0.0, pairwise
+
+
+def test_ip_adapter_scale_changes_the_variations(servers):
+    synthesis = servers["client"].synthesis
+    options = {"n": 2, "num_inference_steps": STEPS, "seed": 3, "lam": 0.0}
+    with_image = synthesis.variations(reference_image(), PROMPT, ip_adapter_scale=1.0, **options)
+    without = synthesis.variations(reference_image(), PROMPT, ip_adapter_scale=0.0, **options)
+    assert any(_distance(a, b) > 0.1 for a, b in zip(with_image, without))
 
 
 def test_short_deadline_cancels_the_inversion_call(servers):

@@ -43,7 +43,8 @@ def tiny_image_encoder(seed: int) -> CLIPVisionModelWithProjection:
 
 def initial_state_dict(unet, clip_dim: int, seed: int) -> dict:
     """A seeded adapter in the original format: image_proj (Linear clip -> 4 x cross, LayerNorm)
-    and to_k_ip/to_v_ip per cross-attention layer (keys 1, 3, 5, ... in attn_processors order)."""
+    and to_k_ip/to_v_ip per cross-attention layer (keys 1, 3, 5, ... in attn_processors order),
+    initialised from the layer's text to_k/to_v as IP-Adapter's training does."""
     generator = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
     image_proj = {
@@ -56,9 +57,9 @@ def initial_state_dict(unet, clip_dim: int, seed: int) -> dict:
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
             continue
-        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
-        for kind in ("to_k_ip", "to_v_ip"):
-            ip_adapter[f"{key}.{kind}.weight"] = torch.randn(hidden, cross, generator=generator) * 0.02
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        ip_adapter[f"{key}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
+        ip_adapter[f"{key}.to_v_ip.weight"] = attention.to_v.weight.detach().clone()
         key += 2
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
