@@ -2,7 +2,6 @@
 driven through the SDK."""
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 
@@ -16,10 +15,11 @@ from atelier.core.config import ServerConfig
 from atelier.core.metrics import Metrics
 from atelier.core.server import start
 from atelier.inversion.app import InversionApp
+from atelier.sdk.common import to_image_proto
 from atelier.sdk.synthesis import Region
 from atelier.synthesis.app import SynthesisApp
 from atelier.toyworld import world
-from atelier.v1 import synthesis_pb2, tensor_pb2
+from atelier.v1 import synthesis_pb2, synthesis_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.timeout(600)
 PROMPT = "a red circle on a blue background"
@@ -30,15 +30,6 @@ def scribble(size: int = 64) -> Image.Image:
     image = Image.new("RGB", (size, size), (40, 70, 200))
     ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(210, 40, 40))
     return image
-
-
-def two_region_scribble(size: int = 64) -> tuple[Image.Image, np.ndarray, np.ndarray]:
-    image = Image.new("RGB", (size, size), (40, 70, 200))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((4, 4, 28, 28), fill=(210, 40, 40))
-    draw.rectangle((36, 36, 60, 60), fill=(40, 200, 60))
-    pixels = np.asarray(image)
-    return image, (pixels == (210, 40, 40)).all(-1), (pixels == (40, 200, 60)).all(-1)
 
 
 def _serve(app_class, service: str, **extras):
@@ -180,14 +171,8 @@ def test_bad_requests_name_the_field(servers, call, kwargs, field):
 
 
 def test_unknown_painting_function_is_refused(servers):
-    request = synthesis_pb2.GenerateRequest(scribble=tensor_pb2.Image(), prompt=PROMPT, painting=99)
-    from atelier.core.codecs import image_from_torch  # noqa: F401 - the server's codec path
-    import atelier.sdk.common as common
-
-    request.scribble.CopyFrom(common.to_image_proto(scribble()))
+    request = synthesis_pb2.GenerateRequest(scribble=to_image_proto(scribble()), prompt=PROMPT, painting=99)
     channel = grpc.insecure_channel(servers["synthesis"].address)
-    from atelier.v1 import synthesis_pb2_grpc
-
     with pytest.raises(grpc.RpcError) as info:
         list(synthesis_pb2_grpc.SynthesisStub(channel).Generate(request, timeout=60))
     channel.close()
