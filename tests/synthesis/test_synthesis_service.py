@@ -256,8 +256,7 @@ def test_inversion_down_gives_unavailable_naming_it(servers):
     config = ServerConfig(service="synthesis", host="127.0.0.1", port=0, metrics_port=0,
                           max_image_pixels=128 * 128, extras={"inversion_address": "127.0.0.1:1"})
     metrics = Metrics()
-    running = start(SynthesisApp(config, metrics=metrics, registry=servers["synthesis"].app.registry), config,
-                    metrics)
+    running = start(SynthesisApp(config, metrics=metrics), config, metrics)
     assert running.wait_loaded(120)
     try:
         with atelier.Client(synthesis=running.address, retries=0) as client:

@@ -6,10 +6,9 @@ import os
 from typing import Optional
 
 from atelier.core.config import ServerConfig
-from atelier.core.device import pick_device
 from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
-from atelier.core.models import ModelRegistry
+from atelier.core.models import SD, ModelRegistry
 from atelier.synthesis.servicer import SERVICE_NAME, Limits, SynthesisServicer
 from atelier.v1 import synthesis_pb2_grpc
 
@@ -37,9 +36,9 @@ class SynthesisApp:
         self.default_model = config.extras.get("default_model", "toy")
         self.inversion_address = config.extras.get("inversion_address", "127.0.0.1:50051")
         self.metrics = metrics if metrics is not None else default_metrics()
+        self.metrics.enable_unet_metrics()
         if registry is None:
-            device, dtype = pick_device(config.device)
-            registry = ModelRegistry.from_config(config.models, config.models_file, device=device, dtype=dtype)
+            registry = ModelRegistry.for_service(config, kinds=(SD,), metrics=self.metrics)
         self.registry = registry
         self.executor = ComputeExecutor(config.max_queue, "synthesis", metrics=self.metrics)
         self.limits = Limits(max_pixels=config.max_image_pixels,
@@ -56,11 +55,12 @@ class SynthesisApp:
         synthesis_pb2_grpc.add_SynthesisServicer_to_server(servicer, server)
 
     def load(self) -> None:
-        # Health stays NOT_SERVING until the default model is loaded; others load on first use.
-        model = self.registry.load_sd(self.default_model)
-        self.metrics.observe_model_load(self.default_model, model.load_seconds)
+        # Validates every entry; health stays NOT_SERVING until the default model is loaded; the
+        # others load on the registry's loader thread (--preload-models) or on first use.
+        self.registry.start(self.default_model, strict=self.config.strict_models, preload=self.config.preload_models)
 
     def close(self) -> None:
         if self.variations is not None:
             self.variations.close()
         self.executor.shutdown()
+        self.registry.close()

@@ -14,7 +14,8 @@ from PIL import Image as PILImage
 from atelier.core import codecs
 from atelier.core.attention import controlled_attention
 from atelier.core.errors import InvalidArgument
-from atelier.core.models import ModelRegistry
+from atelier.core.catalog import ListModelsRpc
+from atelier.core.models import SD, ModelRegistry
 from atelier.core.streaming import stream_call
 from atelier.synthesis.gradop import SynthesisParams, check_gradop, gradop_plus, sdedit
 from atelier.synthesis.regions import DEFAULT_KAPPA, RegionBinding, RegionController, phrase_tokens, region_hook
@@ -78,9 +79,13 @@ def decode_rgb(image: tensor_pb2.Image, field: str, max_pixels: int) -> torch.Te
     return (codecs.image_to_torch(image, field=field, max_pixels=max_pixels, multiple_of=8) + 1) / 2
 
 
-class SynthesisServicer(synthesis_pb2_grpc.SynthesisServicer):
+MODEL_LOAD_WAIT_SECONDS = 10.0
+
+
+class SynthesisServicer(ListModelsRpc, synthesis_pb2_grpc.SynthesisServicer):
     def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits(),
                  variations=None):
+        self.model_registry, self.default_model_name = registry, default_model  # ListModels
         self._registry = registry
         self._executor = executor
         self._default_model = default_model
@@ -90,11 +95,12 @@ class SynthesisServicer(synthesis_pb2_grpc.SynthesisServicer):
     # ---- RPCs -------------------------------------------------------------
     def Generate(self, request, context):
         job = self._parse_generate(request)
+        model = self.model(job.model, context)
         previews = []
         yield from stream_call(
             context,
             self._executor,
-            lambda control: self._run_generate(job, control, previews),
+            lambda control: self._run_generate(job, model, control, previews),
             lambda event: _event_message(synthesis_pb2.GenerateEvent, event, previews),
             lambda result, control: synthesis_pb2.GenerateEvent(result=synthesis_pb2.GenerateResult(
                 image=codecs.image_from_torch(result.image), seed=job.params.seed,
@@ -105,8 +111,13 @@ class SynthesisServicer(synthesis_pb2_grpc.SynthesisServicer):
         yield from self._variations.handle(request, context)
 
     # ---- work (runs on the compute executor) ------------------------------
-    def _run_generate(self, job: GenerateJob, control, previews: list):
-        model = self._registry.load_sd(job.model)
+    def model(self, name: str, context):
+        """The loaded model, loaded off the compute worker (UNAVAILABLE while still loading)."""
+        remaining = context.time_remaining()
+        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
+        return self._registry.get(name, kind=SD, wait_seconds=wait)
+
+    def _run_generate(self, job: GenerateJob, model, control, previews: list):
         cond, uncond = model.encode_prompt([job.prompt, job.negative_prompt]).chunk(2)
         sink = preview_sink(control, previews)
         if job.method == "sdedit":
@@ -128,7 +139,7 @@ class SynthesisServicer(synthesis_pb2_grpc.SynthesisServicer):
     # ---- request parsing (cheap, before the call is queued) -------------
     def model_name(self, ref: common_pb2.ModelRef) -> str:
         name = ref.name or self._default_model
-        self._registry.resolve(name)  # NotFound for unknown names
+        self._registry.check(name, kind=SD)  # NotFound if unknown, FailedPrecondition if not servable
         return name
 
     def prompt(self, text: str, field: str) -> str:

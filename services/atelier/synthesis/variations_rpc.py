@@ -105,10 +105,11 @@ class VariationsHandler:
             else:
                 yield synthesis_pb2.VariationsEvent(progress=message)
         chain = codecs.tensor_to_torch(inversion.chain, field="inversion.chain").float()
+        model = self._servicer.model(job.model, context)
         previews: list = []
         yield from stream_call(
             context, self._executor,
-            lambda control: self._run(job, chain, control, previews),
+            lambda control: self._run(job, model, chain, control, previews),
             lambda event: _event_message(synthesis_pb2.VariationsEvent, event, previews),
             lambda result, control: synthesis_pb2.VariationsEvent(result=synthesis_pb2.VariationsResult(
                 images=[codecs.image_from_torch(image) for image in result[0]], seed=job.params.seed,
@@ -150,8 +151,7 @@ class VariationsHandler:
         yield result
 
     # ---- work (runs on the compute executor) ------------------------------
-    def _run(self, job: VariationsJob, chain: torch.Tensor, control, previews: list):
-        model = self._registry.load_sd(job.model)
+    def _run(self, job: VariationsJob, model, chain: torch.Tensor, control, previews: list):
         texts = [job.prompt, "", job.negative_prompt, job.dca_text]
         cond, uncond_ref, uncond_gen, dca_text = model.encode_prompt(texts).chunk(4)
         adapter = adapter_for(model)  # loaded (once) with diffusers' load_ip_adapter, before our processors

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 from atelier.v1 import synthesis_pb2 as atelier_dot_v1_dot_synthesis__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -48,6 +49,11 @@ class SynthesisStub:
                 request_serializer=atelier_dot_v1_dot_synthesis__pb2.VariationsRequest.SerializeToString,
                 response_deserializer=atelier_dot_v1_dot_synthesis__pb2.VariationsEvent.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/atelier.v1.Synthesis/ListModels',
+                request_serializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class SynthesisServicer:
@@ -69,6 +75,13 @@ class SynthesisServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The Stable Diffusion models this service serves, loaded or not, with their defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SynthesisServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +94,11 @@ def add_SynthesisServicer_to_server(servicer, server):
                     servicer.Variations,
                     request_deserializer=atelier_dot_v1_dot_synthesis__pb2.VariationsRequest.FromString,
                     response_serializer=atelier_dot_v1_dot_synthesis__pb2.VariationsEvent.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.FromString,
+                    response_serializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +159,33 @@ class Synthesis:
             '/atelier.v1.Synthesis/Variations',
             atelier_dot_v1_dot_synthesis__pb2.VariationsRequest.SerializeToString,
             atelier_dot_v1_dot_synthesis__pb2.VariationsEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atelier.v1.Synthesis/ListModels',
+            atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+            atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
