@@ -296,3 +296,12 @@ def test_region_control_through_the_sdk(servers):
     plain = servers["client"].synthesis.gradop_result(painting, scene.caption, num_inference_steps=STEPS, seed=1)
     assert result.image.size == (64, 64)
     assert not np.array_equal(np.asarray(result.image), np.asarray(plain.image))
+
+
+def test_list_models_and_a_model_of_the_wrong_kind(servers):
+    client = servers["client"]
+    models = {m.name: m for m in client.models() if m.service == "synthesis"}
+    assert models["toy"].is_default and models["toy"].kind == "stable-diffusion" and models["toy"].loaded
+    assert "toy-sam" not in models  # a SAM model is segmentation's
+    with pytest.raises(atelier.FailedPreconditionError):
+        client.synthesis.gradop(scribble(), PROMPT, num_inference_steps=STEPS, model="toy-sam")
