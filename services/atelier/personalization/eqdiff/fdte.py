@@ -44,15 +44,9 @@ def centre_box(height: int, width: int, half_h: int, half_w: int, device=None) -
     return box
 
 
-def frequency_filter(images: torch.Tensor, kind: int, low_half_width: int = 50,
-                     high_half_width: int = 5) -> torch.Tensor:
-    """Grayscale low- or high-pass of (B,3,H,W) images in [-1,1] (reference tools.py:137-174).
-
-    Gray = mean of RGB; fft2 + fftshift; LOW keeps the centre box of half-width
-    ``low_half_width`` (px at 512), HIGH zeroes the box of half-width ``high_half_width``;
-    output = |ifft2| (the magnitude, as the reference: negative intensities fold to positive),
-    repeated to 3 channels.
-    """
+def filtered_field(images: torch.Tensor, kind: int, low_half_width: int = 50,
+                   high_half_width: int = 5) -> torch.Tensor:
+    """The complex ifft2 of the box-filtered grayscale spectrum, (B,H,W) (before the magnitude)."""
     height, width = images.shape[-2:]
     gray = images.float().mean(dim=1)
     spectrum = torch.fft.fftshift(torch.fft.fft2(gray), dim=(-2, -1))
@@ -64,7 +58,20 @@ def frequency_filter(images: torch.Tensor, kind: int, low_half_width: int = 50,
         keep = ~centre_box(height, width, hh, hw, images.device)
     else:
         raise ValueError(f"kind must be LOW or HIGH, got {kind}")
-    filtered = torch.fft.ifft2(torch.fft.ifftshift(spectrum * keep, dim=(-2, -1))).abs()
+    return torch.fft.ifft2(torch.fft.ifftshift(spectrum * keep, dim=(-2, -1)))
+
+
+def frequency_filter(images: torch.Tensor, kind: int, low_half_width: int = 50,
+                     high_half_width: int = 5) -> torch.Tensor:
+    """Grayscale low- or high-pass of (B,3,H,W) images in [-1,1] (reference tools.py:137-174).
+
+    Gray = mean of RGB; fft2 + fftshift; LOW keeps the centre box of half-width
+    ``low_half_width`` (px at 512), HIGH zeroes the box of half-width ``high_half_width``;
+    output = |ifft2| (the magnitude, as the reference: negative intensities fold to positive),
+    repeated to 3 channels. The magnitude puts some energy back at low frequencies (|.| of a
+    zero-mean high-pass field has a positive mean): that is the reference's behaviour.
+    """
+    filtered = filtered_field(images, kind, low_half_width, high_half_width).abs()
     return filtered.unsqueeze(1).expand(-1, 3, -1, -1).to(images.dtype)
 
 
@@ -98,14 +105,17 @@ class FrequencyEmbeddings(nn.Module):
 
 
 def single_token_id(tokenizer, word: str, field: str) -> int:
-    """The id of ``word``'s first BPE token (the reference takes the initializer's first token).
+    """The id of ``word`` as ONE token of the tokenizer's vocabulary.
 
-    InvalidArgument(field) when the word is empty or the tokenizer only knows it as unknown.
+    A byte-level BPE tokenizer encodes any string, so "in the tokenizer" means a whole-word
+    vocabulary entry; a word that splits into pieces (or is unknown) is InvalidArgument(field).
+    (The reference took the first piece of its rare initializer "ktn+pll+ucd"; we ask for a word
+    the model knows, so the embedding starts at a meaningful point.)
     """
-    ids = tokenizer(word, add_special_tokens=False).input_ids
+    ids = tokenizer(word.strip(), add_special_tokens=False).input_ids if word.strip() else []
     unknown = getattr(tokenizer, "unk_token_id", None)
-    if not word.strip() or not ids or all(i == unknown for i in ids):
-        raise InvalidArgument(field, f"{word!r} is not in the model's tokenizer")
+    if len(ids) != 1 or ids[0] == unknown:
+        raise InvalidArgument(field, f"{word!r} is not a single word of the model's tokenizer")
     return int(ids[0])
 
 

@@ -161,16 +161,42 @@ class EqDiffRun:
             self.class_images = torch.cat(self._class_chunks)
         return {}
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """VAE posterior sample (the reference's latent_dist.sample()) with our generator."""
+    def _encode(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """VAE posterior sample (the reference's latent_dist.sample()) drawn from ``gen``."""
         model = self.model
         with torch.no_grad():
             posterior = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=self.generator).to(model.device, posterior.mean.dtype)
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(model.device, posterior.mean.dtype)
         return ((posterior.mean + posterior.std * eps) * model.vae.config.scaling_factor).float()
 
     def _train_step(self, control: CallControl) -> dict[str, float]:
-        params, model, gen = self.params, self.model, self.generator
+        losses = self._losses(self.generator, control)
+        total = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.layer_parameters:  # the reference clips the processor layers, not the embeddings
+            torch.nn.utils.clip_grad_norm_(self.layer_parameters, self.params.max_grad_norm)
+        self.optimizer.step()
+        report = {name: float(value.detach()) for name, value in losses.items()}
+        report["loss"] = float(total.detach())
+        return report
+
+    def validation_loss(self, seeds=range(4), control: CallControl | None = None) -> dict[str, float]:
+        """The training objective on fixed draws (one batch per seed; the run's own generator and
+        trainables are untouched): comparable across steps, for tests and benchmarks."""
+        control = control or CallControl()
+        totals: dict[str, float] = {}
+        with torch.no_grad():
+            for seed in seeds:
+                losses = self._losses(torch.Generator().manual_seed(int(seed)), control, backward=False)
+                losses["loss"] = sum(losses.values())
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0.0) + float(value) / len(seeds)
+        return totals
+
+    def _losses(self, gen: torch.Generator, control: CallControl, backward: bool = True) -> dict[str, torch.Tensor]:
+        """The weighted loss terms of one batch drawn from ``gen`` (UNet fwd, graph kept for bwd)."""
+        params, model = self.params, self.model
         device, count = model.device, self.images.shape[0]
         batch = params.batch_size
         index = torch.randint(count, (batch,), generator=gen)
@@ -197,7 +223,7 @@ class EqDiffRun:
             choices = torch.full((rows,), fdte.ORIGINAL)
         pixels = fdte.apply_choices(pixels, choices, params.low_pass_half_width, params.high_pass_half_width)
 
-        latents = self._encode(pixels)
+        latents = self._encode(pixels, gen)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (rows,), generator=gen)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps.to(device))
@@ -218,7 +244,7 @@ class EqDiffRun:
             if params.rra:
                 bank = ReferenceBank(set(self.layers.rra_site_names()))
                 with torch.no_grad():
-                    ref_latents = self._encode(ref_pixels)
+                    ref_latents = self._encode(ref_pixels, gen)
                     ref_t = (timesteps - params.time_gap).clamp_min(0)
                     ref_noisy = self.noise_scheduler.add_noise(ref_latents, noise, ref_t.to(device))
                     # the reference prompt: the same caption, the placeholder left at its initializer row
@@ -229,7 +255,7 @@ class EqDiffRun:
                 self.layers, bank=bank, record_rows=instance.to(device),
                 record_cross=params.cross_attention_loss, record_reference=params.uses_reference_attention_loss)
             eps = unet_eps(model, noisy, timesteps.to(device), cond, control,
-                           attention_kwargs(controller, 0, layout, latent_hw), backward=True).float()
+                           attention_kwargs(controller, 0, layout, latent_hw), backward=backward).float()
 
         if params.mgdp:
             loss_mask = dilated[instance]
@@ -247,12 +273,4 @@ class EqDiffRun:
         if params.uses_reference_attention_loss and controller.reference_maps:
             losses["reference_attention"] = params.reference_attention_loss_weight * reference_attention_loss(
                 controller.reference_maps, ref_masks[-batch:], masks[instance])
-        total = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.layer_parameters:  # the reference clips the processor layers, not the embeddings
-            torch.nn.utils.clip_grad_norm_(self.layer_parameters, params.max_grad_norm)
-        self.optimizer.step()
-        report = {name: float(value.detach()) for name, value in losses.items()}
-        report["loss"] = float(total.detach())
-        return report
+        return losses
