@@ -75,6 +75,11 @@ class Client:
     default per-call deadline in seconds (each call can override it). ``retries`` is
     a ``RetryPolicy`` or the number of retries on UNAVAILABLE.
 
+    Load balancing: ``load_balancing="round_robin"`` spreads calls over every address
+    the target resolves to; with ``dns:///atelier-inversion.ns.svc:50051`` (a headless
+    Service) that is every ready pod, re-resolved as pods come and go. It is the default
+    for ``dns:///`` targets; other targets use gRPC's ``pick_first`` unless given.
+
     Use as a context manager or call ``close()``.
     """
 
@@ -91,6 +96,7 @@ class Client:
         timeout: Optional[float] = None,
         retries: Union[int, RetryPolicy] = RetryPolicy(),
         max_message_bytes: int = channel_options.DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: Optional[str] = None,
     ):
         per_service = {
             "inversion": inversion,
@@ -108,6 +114,7 @@ class Client:
         self.timeout = timeout
         self.retry_policy = RetryPolicy.coerce(retries)
         self._max_message_bytes = max_message_bytes
+        self._load_balancing = load_balancing
         self._credentials, self._server_name = self._channel_credentials(tls, token)
         # Without TLS gRPC refuses call credentials, so the token travels as plain metadata.
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -188,8 +195,11 @@ class Client:
             credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
         return credentials, server_name
 
-    def _channel_options(self) -> list[tuple[str, object]]:
+    def _channel_options(self, address: str = "") -> list[tuple[str, object]]:
         options: list[tuple[str, object]] = list(channel_options.client_options(self._max_message_bytes))
+        policy = self._load_balancing or ("round_robin" if address.startswith("dns:") else None)
+        if policy:
+            options.append(("grpc.lb_policy_name", policy))
         options.append(("grpc.primary_user_agent", f"atelier-python/{SDK_VERSION}"))
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
@@ -202,9 +212,9 @@ class Client:
             channel = self._channels.get(address)
             if channel is None:
                 if self._credentials is None:
-                    channel = grpc.insecure_channel(address, options=self._channel_options())
+                    channel = grpc.insecure_channel(address, options=self._channel_options(address))
                 else:
-                    channel = grpc.secure_channel(address, self._credentials, options=self._channel_options())
+                    channel = grpc.secure_channel(address, self._credentials, options=self._channel_options(address))
                 self._channels[address] = channel
             return channel
 
