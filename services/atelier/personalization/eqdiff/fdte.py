@@ -145,7 +145,7 @@ def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str, f
     return torch.tensor(all_ids), torch.tensor(all_positions)
 
 
-def _text_transformer(text_encoder):
+def text_transformer(text_encoder):
     # transformers 5 flattened CLIPTextModel; 4.x keeps the same parts under .text_model
     return getattr(text_encoder, "text_model", text_encoder)
 
@@ -160,7 +160,7 @@ def encode_with_injection(text_encoder, ids: torch.Tensor, positions: torch.Tens
     """
     from transformers.masking_utils import create_causal_mask
 
-    transformer = _text_transformer(text_encoder)
+    transformer = text_transformer(text_encoder)
     embeddings = transformer.embeddings
     device = embeddings.token_embedding.weight.device
     ids, positions = ids.to(device), positions.to(device)

@@ -69,7 +69,7 @@ class EqDiffRun:
         self.total_steps = self.class_steps + params.steps
         self.step_index = 0
 
-        text_embeddings = fdte._text_transformer(model.text_encoder).embeddings.token_embedding.weight
+        text_embeddings = fdte.text_transformer(model.text_encoder).embeddings.token_embedding.weight
         self.embeddings = fdte.FrequencyEmbeddings(text_embeddings[self.initializer_id].cpu()).to(model.device)
         self.layers = EqDiffLayers(model.unet, custom_diffusion=params.custom_diffusion, rra=params.rra).to(model.device)
         self.layer_parameters = [p for p in self.layers.parameters()]
