@@ -191,3 +191,28 @@ def test_custom_diffusion_kv_start_at_the_base_weights(model):
         out = model.unet(x, torch.tensor(300), encoder_hidden_states=cond,
                          cross_attention_kwargs=attention_kwargs(controller, 0, BatchLayout(1, ("cond",)))).sample
     assert torch.allclose(out, base, atol=1e-5)
+
+
+# ---------------------------------------------------------------- attention losses
+def test_attention_losses_vanish_on_ideal_maps_and_not_otherwise():
+    from atelier.personalization.eqdiff.losses import cross_attention_loss, reference_attention_loss
+
+    mask = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    mask[..., 4:12, 6:10] = True  # the subject; the maps below are 4x4 (16 queries)
+    small = torch.nn.functional.interpolate(mask.float(), size=(4, 4), mode="nearest").flatten(1)  # (1, 16)
+    positions = torch.zeros(1, 77, dtype=torch.bool)
+    positions[0, 3] = True
+    ideal = torch.full((1, 16, 77), 0.01)
+    ideal[0, :, 3] = small[0] * 0.5  # any positive scale: the map is divided by its max
+    assert float(cross_attention_loss([ideal], positions, mask)) == 0.0
+    wrong = ideal.clone()
+    wrong[0, :, 3] = 1 - small[0]
+    assert float(cross_attention_loss([wrong], positions, mask)) > 0.5
+
+    subject = small[0] > 0
+    attention = torch.zeros(1, 16, 16)
+    attention[0][:, subject] = 1.0 / int(subject.sum())  # every query attends to the reference subject
+    assert float(reference_attention_loss([attention], mask, mask)) == 0.0
+    away = torch.zeros(1, 16, 16)
+    away[0][:, ~subject] = 1.0 / int((~subject).sum())  # attends to the reference background
+    assert float(reference_attention_loss([away], mask, mask)) == pytest.approx(float(small.mean()))

@@ -150,3 +150,13 @@ def test_bad_inputs_name_their_argument(model, case, field):
     with pytest.raises(InvalidArgument) as error:
         EqDiffRun(model, images, masks, params)
     assert field in [f for f, _ in error.value.violations]
+
+
+def test_a_cancelled_control_stops_the_step(model):
+    from atelier.core.errors import Cancelled
+
+    images, masks = concept_data(count=2)
+    run = EqDiffRun(model, images, masks, EqDiffParams(class_word="box", steps=2, prior_preservation=False))
+    with pytest.raises(Cancelled):
+        run.step(CallControl(is_cancelled=lambda: True))
+    assert run.step_index == 0
