@@ -1,5 +1,5 @@
 """EqDiff (Equilibrated Diffusion, ACM MM'24) concept training and generation. Pure method code.
-The EqDiff method's entry points (signatures fixed early for the job system and proto).
+The EqDiff method's entry points.
 
     run = EqDiffRun(model, images, masks, params, class_images=None, seed=0)
     while run.step_index < run.total_steps:
@@ -18,6 +18,9 @@ guidance_scale=7.5, seed=0, num_images=1, control=CallControl()) -> (B,3,H,W) fl
 raises InvalidArgument("prompt") when the placeholder is missing, FailedPrecondition when the
 concept was trained on another base model.
 """
+from .data import generate_class_images
+from .generate import generate_with_concept
 from .params import EqDiffParams
+from .run import EqDiffRun
 
-__all__ = ["EqDiffParams"]
+__all__ = ["EqDiffParams", "EqDiffRun", "generate_class_images", "generate_with_concept"]
