@@ -187,5 +187,5 @@ def test_round_robin_spreads_calls_over_two_replicas():
 
 def test_dns_targets_default_to_round_robin():
     client = Client("dns:///atelier-inversion.default.svc:50051")
-    assert ("grpc.lb_policy_name", "round_robin") in client._channel_options("dns:///atelier-inversion:50051")
-    assert not [o for o in client._channel_options("localhost:50051") if o[0] == "grpc.lb_policy_name"]
+    assert ("grpc.lb_policy_name", "round_robin") in client._settings.channel_options("dns:///atelier-inversion:50051")
+    assert not [o for o in client._settings.channel_options("localhost:50051") if o[0] == "grpc.lb_policy_name"]
