@@ -15,7 +15,10 @@ prompt. The evaluator (atelier.toyworld.evaluator) judges:
     colour AND kind;
 on "unstylized" prompts (plain backgrounds of other colours) and "stylized" ones (striped /
 dotted / gradient backgrounds). The "base" row is the un-personalised model prompted with the
-class word.
+class word. Caveat (toy model): "a box on a striped blue background" comes out on a SOLID
+background, while "a box box on ..." or "a red square on ..." (two words before "on", the
+dominant caption shape) keep the texture; so the base row's stylized text score is low for a
+reason unrelated to personalisation, and every "a <new2> box on ..." row reads textures.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_eqdiff.py [--steps 30] [--sample-steps 20]
 """
