@@ -1,0 +1,242 @@
+"""The personalization service on loopback through the SDK (SQLite store, the textual-inversion
+test method standing in for EqDiff): jobs, watch, cancel, idempotency, concepts, bad input."""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+import atelier
+from atelier.sdk.personalization import JobCancelledError
+from atelier.v1 import personalization_pb2
+from pers_helpers import concept_image, in_process_server, square_mask, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def segmentation():
+    from prometheus_client import CollectorRegistry
+
+    from atelier.core.config import ServerConfig
+    from atelier.core.metrics import Metrics
+    from atelier.core.server import start
+    from atelier.segmentation.app import SegmentationApp
+
+    config = ServerConfig(service="segmentation", host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=1)
+    metrics = Metrics(CollectorRegistry())
+    running = start(SegmentationApp(config, metrics=metrics), config, metrics)
+    assert running.wait_loaded(120) and running.load_error is None
+    yield running
+    running.stop(1)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, segmentation):
+    with in_process_server(tmp_path_factory.mktemp("pers"), segmentation_address=segmentation.address,
+                           checkpoint_every=5) as running:
+        client = atelier.Client(personalization=running.address, timeout=120)
+        yield running, client
+        client.close()
+
+
+IMAGES = [concept_image(0), concept_image(1)]
+MASKS = [square_mask(), square_mask()]
+
+
+def test_train_with_segmented_masks_then_generate(service):
+    running, client = service
+    seen = []
+    job = client.personalization.train_eqdiff(IMAGES, class_word="box", steps=12, learning_rate=5e-3)
+    assert job.state == "PENDING" and job.total_steps == 12
+    concept = job.wait(progress=seen.append)
+    assert [p.step for p in seen] == list(range(1, 13))
+    assert all("loss=" in p.message for p in seen)
+    assert concept.token == "<concept>" and concept.model == "toy" and concept.method == "eqdiff"
+    # The masks came from the segmentation service (none were sent) and were stored with the job.
+    stored = running.app.store.get_job(job.id)
+    request = personalization_pb2.CreateJobRequest.FromString(running.app.artifacts.get(stored.inputs_hash))
+    assert len(request.masks) == 2
+    result = client.personalization.generate(concept, f"a {concept.token} on a blue background", seed=0,
+                                             num_inference_steps=4)
+    assert result.image.size == (64, 64) and result.seed == 0
+    again = client.personalization.generate(concept, f"a {concept.token} on a blue background", seed=0,
+                                            num_inference_steps=4)
+    assert np.array_equal(np.asarray(result.image), np.asarray(again.image))
+    assert concept.id in [c.id for c in client.personalization.concepts()]
+
+
+def test_idempotent_create(service):
+    _, client = service
+    first = client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=3,
+                                                idempotency_key="same-key")
+    second = client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=3,
+                                                 idempotency_key="same-key")
+    assert first.id == second.id
+    with pytest.raises(atelier.AlreadyExistsError):
+        client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=4,
+                                            idempotency_key="same-key")
+    first.wait()
+    assert len([j for j in client.personalization.jobs() if j.id == first.id]) == 1
+
+
+def test_resumed_watch_sees_every_event_once(service):
+    _, client = service
+    job = client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=15)
+    received = []
+    events = job.events()
+    for event in events:  # a client that drops its stream after a few events ...
+        received.append(event)
+        if len(received) == 4:
+            break
+    events.close()
+    for event in job.events(from_index=received[-1].index + 1):  # ... and resumes from the next index
+        received.append(event)
+    assert [e.index for e in received] == list(range(len(received)))
+    assert received[-1].state == "SUCCEEDED"
+    steps = [e.step for e in received if e.phase == "train"]
+    assert steps == list(range(1, 16))
+    full = list(job.events())
+    assert [(e.index, e.state, e.step) for e in full] == [(e.index, e.state, e.step) for e in received]
+
+
+def test_cancel_running_job_stops_within_a_step(service):
+    _, client = service
+    job = client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=20000)
+    wait_for(lambda: job.refresh().step >= 2, 120, "the job to run")
+    job.cancel("enough")
+    with pytest.raises(JobCancelledError):
+        job.wait(timeout=60)
+    assert job.state == "CANCELLED" and job.reason == "enough"
+    final_step = job.step
+    time.sleep(0.5)
+    assert job.refresh().step == final_step < 20000
+
+
+def test_cancel_pending_job_and_bounded_queue(tmp_path):
+    with in_process_server(tmp_path, max_pending_jobs=1) as running:
+        with atelier.Client(personalization=running.address, timeout=60) as client:
+            pers = client.personalization
+            long_job = pers.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=20000)
+            wait_for(lambda: long_job.refresh().state == "RUNNING", 60, "the first job to start")
+            queued = pers.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=5)
+            with pytest.raises(atelier.ResourceExhaustedError):
+                pers.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=5)
+            assert queued.cancel().state == "CANCELLED"
+            assert [j.id for j in pers.jobs(states=["CANCELLED"])] == [queued.id]
+            long_job.cancel()
+            with pytest.raises(JobCancelledError):
+                long_job.wait(timeout=60)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics").read().decode()
+            assert 'atelier_jobs{state="CANCELLED"} 2.0' in metrics
+            assert "atelier_job_duration_seconds_count" in metrics
+
+
+def test_generate_runs_between_training_steps(service):
+    running, client = service
+    job = client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=20000)
+    wait_for(lambda: job.refresh().state == "RUNNING" and job.step > 0, 120, "the job to run")
+    concept = [c for c in client.personalization.concepts()]
+    assert concept, "an earlier test made a concept"
+    before = job.refresh().step
+    client.personalization.generate(concept[0], f"a {concept[0].token}", num_inference_steps=3)
+    assert job.refresh().state == "RUNNING"  # the training went on around the Generate call
+    job.cancel()
+    with pytest.raises(JobCancelledError):
+        job.wait(timeout=60)
+    assert job.step > before
+
+
+def test_export_import_delete(service):
+    _, client = service
+    pers = client.personalization
+    concept = pers.concepts()[0]
+    data = pers.export(concept)
+    imported = pers.import_(data)
+    assert imported.id != concept.id and imported.content_hash == concept.content_hash
+    assert imported.token == concept.token and imported.job_id == ""
+    assert imported.metadata["base_model"] == "toy" and "params" in imported.metadata
+    pers.delete_concept(imported)
+    with pytest.raises(atelier.NotFoundError):
+        pers.concept(imported.id)
+    assert pers.export(concept) == data  # the shared file survived the other row's deletion
+
+
+def _violations(error) -> list[str]:
+    return [field for field, _ in error.value.field_violations]
+
+
+def test_bad_inputs_name_their_fields(service):
+    _, client = service
+    pers = client.personalization
+    cases = [
+        (dict(images=[], class_word="box"), "images"),
+        (dict(images=[concept_image(0), concept_image(1, size=72)], class_word="box"), "images[1]"),
+        (dict(images=IMAGES, class_word="box", masks=[square_mask(), square_mask(32)]), "masks[1]"),
+        (dict(images=IMAGES, class_word="box", masks=[square_mask(), np.zeros((64, 64), bool)]), "masks[1]"),
+        (dict(images=IMAGES, class_word="box", masks=[square_mask()]), "masks"),
+        (dict(images=IMAGES, class_word="qqxyzzy", masks=MASKS), "class_word"),
+        (dict(images=IMAGES, class_word="box", masks=MASKS, steps=0), "steps"),
+        (dict(images=IMAGES, class_word="box", masks=MASKS, steps=10**6), "steps"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(atelier.InvalidArgumentError) as error:
+            pers.train_eqdiff(**kwargs)
+        assert field in _violations(error), (field, error.value)
+    with pytest.raises(atelier.NotFoundError):
+        pers.job("job-unknown")
+    with pytest.raises(atelier.NotFoundError):
+        pers._unary("CancelJob", personalization_pb2.CancelJobRequest(job_id="job-unknown"))
+    with pytest.raises(atelier.NotFoundError):
+        list(pers._watch("job-unknown", 0, 10, None))
+    with pytest.raises(atelier.NotFoundError):
+        pers.concept("concept-unknown")
+    with pytest.raises(atelier.NotFoundError):
+        pers.generate("concept-unknown", "a <concept>")
+    with pytest.raises(atelier.NotFoundError):
+        pers.train_eqdiff(IMAGES, class_word="box", masks=MASKS, model="no-such-model")
+    concept = pers.concepts()[0]
+    with pytest.raises(atelier.InvalidArgumentError) as error:
+        pers.generate(concept, "a box without the token")
+    assert _violations(error) == ["prompt"]
+    with pytest.raises(atelier.InvalidArgumentError) as error:
+        pers.generate(concept, f"a {concept.token}", num_inference_steps=0)
+    assert _violations(error) == ["num_inference_steps"]
+    with pytest.raises(atelier.InvalidArgumentError) as error:
+        pers.import_(b"not a safetensors file")
+    assert _violations(error) == ["safetensors"]
+
+
+def test_concept_of_another_base_model_is_refused(service):
+    running, client = service
+    pers = client.personalization
+    concept = pers.concepts()[0]
+    running.app.registry.entries["toy-copy"] = running.app.registry.entries["toy"]
+    try:
+        with pytest.raises(atelier.FailedPreconditionError):
+            pers.generate(concept, f"a {concept.token}", model="toy-copy")
+    finally:
+        del running.app.registry.entries["toy-copy"]
+    from safetensors.torch import load, save
+
+    data = pers.export(concept)
+    metadata = dict(concept.metadata, base_model="sd15-not-served")
+    with pytest.raises(atelier.FailedPreconditionError):
+        pers.import_(save(load(data), metadata=metadata))
+
+
+def test_segmentation_unreachable_refuses_create(tmp_path):
+    from pers_helpers import free_port
+
+    with in_process_server(tmp_path, segmentation_address=f"127.0.0.1:{free_port()}") as running:
+        with atelier.Client(personalization=running.address, timeout=30) as client:
+            started = time.monotonic()
+            with pytest.raises(atelier.UnavailableError) as error:
+                client.personalization.train_eqdiff(IMAGES, class_word="box")
+            assert "segmentation" in error.value.message
+            assert time.monotonic() - started < 30
+            assert list(client.personalization.jobs()) == []
