@@ -128,3 +128,6 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+MASK_ARGS = {"masks": [square_mask(), square_mask()]}  # no segmentation service needed
