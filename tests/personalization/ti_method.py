@@ -119,7 +119,7 @@ class TextualInversionMethod:
         return TIParams(class_word=class_word, placeholder_token=placeholder_token or "<concept>", steps=steps,
                         learning_rate=options.learning_rate if options.HasField("learning_rate") else 5e-3)
 
-    def total_steps(self, params: TIParams) -> int:
+    def total_steps(self, params: TIParams, class_images_given: bool) -> int:
         return params.steps
 
     def placeholder_token(self, params: TIParams) -> str:

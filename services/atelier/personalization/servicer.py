@@ -110,7 +110,7 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
             job, _ = self._store.create_job(
                 idempotency_key=key or None, body_hash=body_hash, inputs_hash=inputs_hash, method=method_name,
                 base_model=model_name, placeholder_token=placeholder, class_word=class_word,
-                total_steps=method.total_steps(params), max_pending=self._max_pending)
+                total_steps=method.total_steps(params, bool(request.class_images)), max_pending=self._max_pending)
         except QueueFull:
             if self._store.unreferenced(inputs_hash):
                 self._artifacts.delete(inputs_hash)
