@@ -2,6 +2,8 @@
 real PostgreSQL server where one is killed and the other takes the job over after its lease."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import atelier
@@ -35,25 +37,26 @@ def _check_resumed(job, events):
 def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path):
     port = free_port()
     server = ServerProcess(tmp_path, port, lease_seconds=2, checkpoint_every=5)
+    client = atelier.Client(personalization=server.address, timeout=120)
     try:
         server.wait_serving()
-        client = atelier.Client(personalization=server.address, timeout=120)
         job = _train(client, "kill-9")
-        wait_for(lambda: job.refresh().checkpoint_step >= 10, 300, "a checkpoint at step 10")
+        # job.wait() runs across the crash: it must reconnect and resume its watch.
+        outcome = {}
+        waiter = threading.Thread(target=lambda: outcome.update(concept=job.wait(timeout=500)), daemon=True)
+        waiter.start()
+        wait_for(lambda: client.personalization.job(job.id).checkpoint_step >= 10, 300, "a checkpoint at step 10")
         server.kill()
-        client.close()
         server.stop()
         server = ServerProcess(tmp_path, port, lease_seconds=2, checkpoint_every=5)
         server.wait_serving()
-        client = atelier.Client(personalization=server.address, timeout=120)
-        job = client.personalization.job(job.id)
-        concept = job.wait(timeout=400)
-        events = list(job.events())
-        _check_resumed(job, events)
+        waiter.join(500)
+        concept = outcome["concept"]
+        _check_resumed(job, list(job.events()))
         result = client.personalization.generate(concept, f"a {concept.token}", num_inference_steps=3)
         assert result.image.size == (64, 64)
-        client.close()
     finally:
+        client.close()
         server.stop()
 
 
