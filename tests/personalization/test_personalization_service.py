@@ -240,3 +240,16 @@ def test_segmentation_unreachable_refuses_create(tmp_path):
             assert "segmentation" in error.value.message
             assert time.monotonic() - started < 30
             assert list(client.personalization.jobs()) == []
+
+
+def test_list_jobs_pages_and_filters(service):
+    _, client = service
+    pers = client.personalization
+    everything = [j.id for j in pers.jobs(page_size=1000)]
+    paged = [j.id for j in pers.jobs(page_size=1)]
+    assert paged == everything and len(set(paged)) == len(paged) >= 3
+    succeeded = [j for j in pers.jobs(states=["succeeded"], page_size=2)]
+    assert succeeded and all(j.state == "SUCCEEDED" for j in succeeded)
+    with pytest.raises(atelier.InvalidArgumentError) as error:
+        pers._unary("ListJobs", personalization_pb2.ListJobsRequest(page_token="garbage"))
+    assert _violations(error) == ["page_token"]
