@@ -2,11 +2,9 @@
 test method standing in for EqDiff): jobs, watch, cancel, idempotency, concepts, bad input."""
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from atelier.core.control import CallControl
-from atelier.core.errors import AtelierError, Cancelled, ResourceExhausted
+from atelier.core.errors import AtelierError, Cancelled, FailedPrecondition, ResourceExhausted
 from atelier.core.executor import ComputeExecutor
 from atelier.core.models import ModelRegistry
 from atelier.personalization import concepts as concept_files
@@ -139,7 +139,6 @@ class JobWorker:
     # ------------------------------------------------------------------ one job
 
     def _run_job(self, job: JobRow) -> None:
-        owner = self.settings.owner
         lost = threading.Event()
         cancel_requested = threading.Event()
         if job.cancel_requested:
@@ -157,11 +156,12 @@ class JobWorker:
         heartbeat.start()
         try:
             self._train(job, control, lost, cancel_requested)
-        except (_LeaseLost, _Stopping, Cancelled, AtelierError, Exception) as error:  # noqa: B014
+        except Exception as error:  # noqa: BLE001 - every ending goes through _conclude, which decides
             self._conclude(job, error, lost, cancel_requested)
         finally:
             lost.set()  # ends the heartbeat
             heartbeat.join()
+            self.metrics.steps_per_second.labels(method=job.method).set(0)
             with self._lock:
                 self._local_cancels.discard(job.id)
 
@@ -223,7 +223,7 @@ class JobWorker:
         owner = self.settings.owner
         method = self.methods.get(job.method)
         if method is None:
-            raise AtelierError(f"this server has no training method {job.method!r}")
+            raise FailedPrecondition(f"this server has no training method {job.method!r}")
         request = personalization_pb2.CreateJobRequest.FromString(self.artifacts.get(job.inputs_hash))
         params = method.parse(getattr(request, job.method), job.class_word, job.placeholder_token,
                               request.initializer_token)
