@@ -171,7 +171,8 @@ class Job:
     def wait(self, progress: ProgressArg = None, timeout: Optional[float] = None,
              cancel: Optional[CancelToken] = None) -> Concept:
         """Follow the job to its end; returns its Concept. ``progress=True``: a tqdm bar over the
-        steps with the losses in the postfix. Raises JobFailedError / JobCancelledError."""
+        steps (one per phase, e.g. "class_images" then "train") with the losses in the postfix;
+        a callable receives ``atelier.Progress`` events. Raises JobFailedError / JobCancelledError."""
         sink = make_sink(progress)
         from atelier.sdk.progress import Progress
 
@@ -179,7 +180,7 @@ class Job:
             for event in self.events(0, timeout=timeout, cancel=cancel):
                 if event.phase != "state" and event.total_steps:
                     message = " ".join(f"{k}={v:.4g}" for k, v in sorted(event.losses.items()))
-                    sink(Progress("train", event.step, event.total_steps, message))
+                    sink(Progress(event.phase or "train", event.step, event.total_steps, message))
         finally:
             sink.close()
         self.refresh()
