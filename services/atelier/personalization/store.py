@@ -327,14 +327,17 @@ class JobStore:
 
     def record_step(self, job_id: str, owner: str, step: int, total_steps: int, phase: str,
                     losses: dict[str, float], preview: Optional[bytes] = None) -> Optional[bool]:
-        """One step's event; returns cancel_requested, or None when the lease is lost."""
+        """One step's event; returns cancel_requested, or None when the lease is lost. Two
+        statements per step (UPDATE ... RETURNING, INSERT): this runs once per training step."""
         with self.engine.begin() as conn:
-            result = conn.execute(jobs.update().where(*self._held(job_id, owner))
-                                  .values(step=step, total_steps=total_steps))
-            if result.rowcount != 1:
+            row = conn.execute(jobs.update().where(*self._held(job_id, owner))
+                               .values(step=step, total_steps=total_steps, next_event=jobs.c.next_event + 1)
+                               .returning(jobs.c.next_event, jobs.c.cancel_requested)).first()
+            if row is None:
                 return None
-            self._append(conn, job_id, "RUNNING", phase, step, total_steps, losses=losses, preview=preview)
-            return bool(conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one())
+            self._insert_event(conn, job_id, row.next_event - 1, "RUNNING", phase, step, total_steps,
+                               losses=losses, preview=preview)
+            return bool(row.cancel_requested)
 
     def set_total_steps(self, job_id: str, owner: str, total_steps: int) -> bool:
         with self.engine.begin() as conn:
@@ -398,19 +401,23 @@ class JobStore:
     def _held(job_id: str, owner: str):
         return (jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == "RUNNING")
 
-    @staticmethod
-    def _append(conn, job_id: str, state: str, phase: str, step: int, total_steps: int, *,
-                losses: Optional[dict] = None, message: str = "", preview: Optional[bytes] = None,
-                concept_id: str = "") -> int:
+    @classmethod
+    def _append(cls, conn, job_id: str, state: str, phase: str, step: int, total_steps: int, **fields) -> int:
         # The counter update takes the job row's lock (PostgreSQL) or runs under the single
         # writer (SQLite): concurrent appenders get consecutive indices.
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(next_event=jobs.c.next_event + 1))
-        index = conn.execute(sa.select(jobs.c.next_event).where(jobs.c.id == job_id)).scalar_one() - 1
+        index = conn.execute(jobs.update().where(jobs.c.id == job_id).values(next_event=jobs.c.next_event + 1)
+                             .returning(jobs.c.next_event)).scalar_one() - 1
+        cls._insert_event(conn, job_id, index, state, phase, step, total_steps, **fields)
+        return index
+
+    @staticmethod
+    def _insert_event(conn, job_id: str, index: int, state: str, phase: str, step: int, total_steps: int, *,
+                      losses: Optional[dict] = None, message: str = "", preview: Optional[bytes] = None,
+                      concept_id: str = "") -> None:
         conn.execute(events.insert().values(
             job_id=job_id, idx=index, state=state, phase=phase, step=int(step), total_steps=int(total_steps),
             losses=json.dumps(losses or {}), message=message, preview=preview, time=time.time(),
             concept_id=concept_id))
-        return index
 
     # ------------------------------------------------------------------ retention
 
