@@ -61,6 +61,7 @@ def in_process_server(data_dir, *, database: str = "", lease_seconds: float = 30
     metrics = Metrics(CollectorRegistry())
     app = PersonalizationApp(config, metrics=metrics, methods={"eqdiff": TextualInversionMethod()})
     running = start(app, config, metrics)
+    app.attach(running)
     try:
         assert running.wait_loaded(240), "the personalization service did not load"
         assert running.load_error is None, running.load_error

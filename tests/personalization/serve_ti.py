@@ -15,7 +15,8 @@ from ti_method import TextualInversionMethod  # noqa: E402
 
 def main(argv=None) -> int:
     config = ServerConfig.from_args(argv, "personalization", add_arguments=add_arguments)
-    return serve(PersonalizationApp(config, methods={"eqdiff": TextualInversionMethod()}), config)
+    app = PersonalizationApp(config, methods={"eqdiff": TextualInversionMethod()})
+    return serve(app, config, on_started=app.attach)
 
 
 if __name__ == "__main__":

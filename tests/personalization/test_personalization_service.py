@@ -2,6 +2,7 @@
 test method standing in for EqDiff): jobs, watch, cancel, idempotency, concepts, bad input."""
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 
@@ -251,3 +252,42 @@ def test_list_jobs_pages_and_filters(service):
     with pytest.raises(atelier.InvalidArgumentError) as error:
         pers._unary("ListJobs", personalization_pb2.ListJobsRequest(page_token="garbage"))
     assert _violations(error) == ["page_token"]
+
+
+def test_drain_ends_watches_and_hands_the_job_back(tmp_path):
+    with in_process_server(tmp_path, checkpoint_every=3) as first:
+        client = atelier.Client(personalization=first.address, timeout=60, retries=0)
+        job = client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=20000)
+        wait_for(lambda: job.refresh().checkpoint_step >= 3, 120, "a checkpoint")
+        errors = []
+
+        def watch():
+            try:
+                for _ in client.personalization._watch(job.id, 0, 60, None):
+                    pass
+            except atelier.AtelierError as error:
+                errors.append(error)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        first.stop(30)
+        assert time.monotonic() - started < 20  # not the whole grace period
+        watcher.join(10)
+        assert isinstance(errors[0], atelier.UnavailableError) and "resume" in errors[0].message
+        client.close()
+    # The worker handed the job back: its lease is already expired, so the next replica on this
+    # data folder claims it at once and goes on from the checkpoint.
+    with in_process_server(tmp_path, checkpoint_every=3) as second:
+        with atelier.Client(personalization=second.address, timeout=60) as client:
+            wait_for(lambda: client.personalization.job(job.id).attempts == 2, 60, "the takeover")
+            resumed_seen = False
+            for event in client.personalization.job(job.id).events():  # until a step after the resume
+                resumed_seen = resumed_seen or "resumed" in event.message
+                if resumed_seen and event.phase == "train":
+                    break
+            events = list(client.personalization.job(job.id).cancel().events())
+            resumed = next(i for i, e in enumerate(events) if "resumed" in e.message)
+            after = [e.step for e in events[resumed:] if e.phase == "train"]
+            assert after and after[0] > 1 and (after[0] - 1) % 3 == 0

@@ -15,7 +15,8 @@ from atelier.personalization.app import PersonalizationApp, add_arguments
 
 def main(argv=None) -> int:
     config = ServerConfig.from_args(argv, "personalization", add_arguments=add_arguments)
-    return serve(PersonalizationApp(config), config)
+    app = PersonalizationApp(config)
+    return serve(app, config, on_started=app.attach)
 
 
 if __name__ == "__main__":

@@ -94,10 +94,15 @@ class PersonalizationApp:
                                 self.job_metrics, self.settings, config.max_image_pixels)
 
     def add_to_server(self, server) -> None:
-        servicer = PersonalizationServicer(
+        self.servicer = servicer = PersonalizationServicer(
             self.store, self.artifacts, self.registry, self.executor, self.methods, self.worker, self.segmentation,
             self.default_model, self.config.max_image_pixels, self.settings.max_pending)
         personalization_pb2_grpc.add_PersonalizationServicer_to_server(servicer, server)
+
+    def attach(self, running) -> None:
+        """Let open WatchJob streams end (UNAVAILABLE, resumable) as soon as the server drains.
+        ``running``: the RunningServer from ``atelier.core.server.start``."""
+        self.servicer.draining = lambda: running.readiness.state == "draining"
 
     def load(self) -> None:
         # Health stays NOT_SERVING until the default model is loaded; the worker starts then.

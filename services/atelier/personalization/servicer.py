@@ -11,7 +11,8 @@ from typing import Mapping, Optional
 import grpc
 
 from atelier.core import codecs
-from atelier.core.errors import AtelierError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from atelier.core.errors import (AtelierError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
+                                 Unavailable)
 from atelier.core.executor import ComputeExecutor
 from atelier.core.models import ModelRegistry
 from atelier.core.streaming import stream_call
@@ -55,6 +56,8 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         self._default_model = default_model
         self._max_pixels = max_image_pixels
         self._max_pending = max_pending
+        # Set by the app once the server runs (attach): watches end when the server drains.
+        self.draining = lambda: False
 
     # ------------------------------------------------------------------ jobs
 
@@ -150,6 +153,11 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         if job.state in TERMINAL and next_index >= job.next_event:
             return
         while context.is_active():
+            if self.draining():
+                # A watch follows a job for minutes: end it now with a retryable status instead
+                # of holding the drain for its whole grace period (the SDK resumes elsewhere).
+                raise Unavailable(f"this replica is shutting down; resume watching job {job.id} from "
+                                  f"index {next_index}")
             progressed = False
             for row in self._store.events(job.id, next_index):
                 if row.idx != next_index:
