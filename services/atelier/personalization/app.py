@@ -89,7 +89,7 @@ class PersonalizationApp:
             poll_seconds=extras.get("job_poll_seconds", 1.0),
             retention_seconds=extras.get("job_retention_hours", 7 * 24) * 3600,
             max_pending=extras.get("max_pending_jobs", 64), owner=extras.get("replica_id") or None)
-        self.segmentation = SegmentationMasks(extras.get("segmentation_address") or None)
+        self.segmentation = SegmentationMasks(extras.get("segmentation_address") or None, config.auth.peer)
         self.worker = JobWorker(self.store, self.artifacts, self.registry, self.executor, self.methods,
                                 self.job_metrics, self.settings, config.max_image_pixels)
 

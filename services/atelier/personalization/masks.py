@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 import grpc
 
+from atelier.core import auth
 from atelier.core.errors import InvalidArgument, Unavailable
-from atelier.sdk import channel_options
 from atelier.v1 import personalization_pb2, segmentation_pb2, segmentation_pb2_grpc, tensor_pb2
 
 __all__ = ["SegmentationMasks"]
@@ -22,14 +22,16 @@ __all__ = ["SegmentationMasks"]
 class SegmentationMasks:
     """A client of the segmentation service (one channel, created on first use)."""
 
-    def __init__(self, address: Optional[str], timeout_seconds: float = 30.0):
+    def __init__(self, address: Optional[str], peer: auth.PeerCredentials = auth.PeerCredentials(),
+                 timeout_seconds: float = 30.0):
         self.address = address
+        self.peer = peer
         self.timeout_seconds = timeout_seconds
         self._channel: Optional[grpc.Channel] = None
 
     def _stub(self) -> segmentation_pb2_grpc.SegmentationStub:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address, options=channel_options.client_options())
+            self._channel = auth.dial(self.address, self.peer)
         return segmentation_pb2_grpc.SegmentationStub(self._channel)
 
     def masks(self, images: Sequence[tensor_pb2.Image], prompts: Sequence[personalization_pb2.MaskPrompt],

@@ -37,6 +37,8 @@ class JobMetrics:
         self.duration = Histogram(
             "atelier_job_duration_seconds", "Wall time of finished jobs, first start to end", ["state"],
             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400), registry=registry)
+        for state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            self.duration.labels(state=state)  # exported (count 0) before the first job ends
         self.steps_per_second = Gauge(
             "atelier_training_steps_per_second", "Optimisation steps per second of the running job", ["method"],
             registry=registry)
