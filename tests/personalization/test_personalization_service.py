@@ -47,6 +47,13 @@ IMAGES = [concept_image(0), concept_image(1)]
 MASKS = [square_mask(), square_mask()]
 
 
+@pytest.fixture(scope="module")
+def trained(service):
+    """A concept trained for a few steps (tests that need one do not depend on test order)."""
+    _, client = service
+    return client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=3).wait()
+
+
 def test_train_with_segmented_masks_then_generate(service):
     running, client = service
     seen = []
@@ -135,14 +142,12 @@ def test_cancel_pending_job_and_bounded_queue(tmp_path):
             assert "atelier_job_duration_seconds_count" in metrics
 
 
-def test_generate_runs_between_training_steps(service):
+def test_generate_runs_between_training_steps(service, trained):
     running, client = service
     job = client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=20000)
     wait_for(lambda: job.refresh().state == "RUNNING" and job.step > 0, 120, "the job to run")
-    concept = [c for c in client.personalization.concepts()]
-    assert concept, "an earlier test made a concept"
     before = job.refresh().step
-    client.personalization.generate(concept[0], f"a {concept[0].token}", num_inference_steps=3)
+    client.personalization.generate(trained, f"a {trained.token}", num_inference_steps=3)
     assert job.refresh().state == "RUNNING"  # the training went on around the Generate call
     job.cancel()
     with pytest.raises(JobCancelledError):
@@ -150,10 +155,10 @@ def test_generate_runs_between_training_steps(service):
     assert job.step > before
 
 
-def test_export_import_delete(service):
+def test_export_import_delete(service, trained):
     _, client = service
     pers = client.personalization
-    concept = pers.concepts()[0]
+    concept = trained
     data = pers.export(concept)
     imported = pers.import_(data)
     assert imported.id != concept.id and imported.content_hash == concept.content_hash
@@ -169,7 +174,7 @@ def _violations(error) -> list[str]:
     return [field for field, _ in error.value.field_violations]
 
 
-def test_bad_inputs_name_their_fields(service):
+def test_bad_inputs_name_their_fields(service, trained):
     _, client = service
     pers = client.personalization
     cases = [
@@ -198,7 +203,7 @@ def test_bad_inputs_name_their_fields(service):
         pers.generate("concept-unknown", "a <concept>")
     with pytest.raises(atelier.NotFoundError):
         pers.train_eqdiff(IMAGES, class_word="box", masks=MASKS, model="no-such-model")
-    concept = pers.concepts()[0]
+    concept = trained
     with pytest.raises(atelier.InvalidArgumentError) as error:
         pers.generate(concept, "a box without the token")
     assert _violations(error) == ["prompt"]
@@ -210,10 +215,10 @@ def test_bad_inputs_name_their_fields(service):
     assert _violations(error) == ["safetensors"]
 
 
-def test_concept_of_another_base_model_is_refused(service):
+def test_concept_of_another_base_model_is_refused(service, trained):
     running, client = service
     pers = client.personalization
-    concept = pers.concepts()[0]
+    concept = trained
     running.app.registry.entries["toy-copy"] = running.app.registry.entries["toy"]
     try:
         with pytest.raises(atelier.FailedPreconditionError):
@@ -241,9 +246,11 @@ def test_segmentation_unreachable_refuses_create(tmp_path):
             assert list(client.personalization.jobs()) == []
 
 
-def test_list_jobs_pages_and_filters(service):
+def test_list_jobs_pages_and_filters(service, trained):
     _, client = service
     pers = client.personalization
+    client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=1).wait()
+    client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=1).wait()
     everything = [j.id for j in pers.jobs(page_size=1000)]
     paged = [j.id for j in pers.jobs(page_size=1)]
     assert paged == everything and len(set(paged)) == len(paged) >= 3

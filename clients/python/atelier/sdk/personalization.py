@@ -13,7 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image as PILImage
@@ -91,7 +91,7 @@ class JobEvent:
 
 @dataclass(frozen=True, eq=False)
 class GenerateResult:
-    images: list
+    images: list[PILImage.Image]
     concept_id: str
     model: str
     seed: int
@@ -205,7 +205,7 @@ def _mask_proto(mask: MaskLike, argument: str) -> tensor_pb2.Mask:
     return codec.mask_from_numpy(array.astype(bool))
 
 
-def _image_arg(image, argument: str) -> tensor_pb2.Image:
+def _image_arg(image: Union[ImageLike, str, "os.PathLike[str]", bytes], argument: str) -> tensor_pb2.Image:
     if isinstance(image, (str, os.PathLike)):
         with PILImage.open(image) as opened:
             image = opened.convert("RGB")
@@ -214,7 +214,7 @@ def _image_arg(image, argument: str) -> tensor_pb2.Image:
     return to_image_proto(image, argument)
 
 
-def _mask_prompt(prompt, argument: str) -> personalization_pb2.MaskPrompt:
+def _mask_prompt(prompt: Optional[Mapping[str, Any]], argument: str) -> personalization_pb2.MaskPrompt:
     """None, or a dict with ``points`` [(x, y), ...] (positive) and/or ``box`` (x0, y0, x1, y1)."""
     msg = personalization_pb2.MaskPrompt()
     if prompt is None:
@@ -243,13 +243,14 @@ class PersonalizationClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _unary(self, name: str, request, timeout: Optional[float] = None, retry: bool = True):
+    def _unary(self, name: str, request: Any, timeout: Optional[float] = None, retry: bool = True) -> Any:
         return self._transport.unary(getattr(self._stub, name), request, timeout, retry=retry)
 
     def _get_job(self, job_id: str) -> personalization_pb2.Job:
         return self._unary("GetJob", personalization_pb2.GetJobRequest(job_id=job_id))
 
-    def _watch(self, job_id: str, from_index: int, timeout, cancel):
+    def _watch(self, job_id: str, from_index: int, timeout: Optional[float],
+               cancel: Optional[CancelToken]) -> Iterator[personalization_pb2.JobEvent]:
         request = personalization_pb2.WatchJobRequest(job_id=job_id, from_index=from_index)
         return self._transport.iterate(self._stub.WatchJob, request, timeout, cancel=cancel)
 
@@ -262,7 +263,7 @@ class PersonalizationClient:
         masks: Optional[Sequence[MaskLike]] = None,
         steps: int = 600,
         *,
-        mask_prompts: Optional[Sequence[Optional[dict]]] = None,
+        mask_prompts: Optional[Sequence[Optional[Mapping[str, Any]]]] = None,
         placeholder_token: Optional[str] = None,
         initializer_token: Optional[str] = None,
         seed: Optional[int] = None,
@@ -270,7 +271,7 @@ class PersonalizationClient:
         model: Optional[str] = None,
         idempotency_key: Optional[str] = None,
         timeout: Optional[float] = None,
-        **options,
+        **options: Any,
     ) -> Job:
         """Queue EqDiff training of the subject in ``images`` (PIL, arrays, paths or bytes).
         ``masks``: one (H, W) bool mask per image, or None (the server segments each image,
@@ -303,11 +304,11 @@ class PersonalizationClient:
 
     def jobs(self, states: Optional[Sequence[str]] = None, page_size: int = 50) -> Iterator[Job]:
         """All jobs, newest first (paged transparently), optionally only those in ``states``."""
-        wanted = []
+        wanted: list[str] = []  # enum value names; protobuf accepts them for enum fields
         for state in states or ():
             if state.upper() not in STATES:
                 raise ValueError(f"states: unknown state {state!r}; expected one of {STATES}")
-            wanted.append(personalization_pb2.JobState.Value(state.upper()))
+            wanted.append(state.upper())
         token = ""
         while True:
             response = self._unary("ListJobs", personalization_pb2.ListJobsRequest(
@@ -325,7 +326,8 @@ class PersonalizationClient:
             concept_id=concept_id)))
 
     def concepts(self, page_size: int = 50) -> list[Concept]:
-        found, token = [], ""
+        found: list[Concept] = []
+        token = ""
         while True:
             response = self._unary("ListConcepts", personalization_pb2.ListConceptsRequest(
                 page_size=page_size, page_token=token))
@@ -338,7 +340,7 @@ class PersonalizationClient:
         concept_id = concept.id if isinstance(concept, Concept) else concept
         self._unary("DeleteConcept", personalization_pb2.DeleteConceptRequest(concept_id=concept_id))
 
-    def export(self, concept: Union[Concept, str], path: Union[str, os.PathLike, None] = None) -> bytes:
+    def export(self, concept: Union[Concept, str], path: Union[str, "os.PathLike[str]", None] = None) -> bytes:
         """The concept as safetensors bytes (tensors + metadata); also written to ``path`` if given."""
         concept_id = concept.id if isinstance(concept, Concept) else concept
         response = self._unary("ExportConcept", personalization_pb2.ExportConceptRequest(concept_id=concept_id))
@@ -347,7 +349,7 @@ class PersonalizationClient:
                 handle.write(response.safetensors)
         return response.safetensors
 
-    def import_(self, data: Union[bytes, str, os.PathLike]) -> Concept:
+    def import_(self, data: Union[bytes, str, "os.PathLike[str]"]) -> Concept:
         """Import an exported concept (bytes or a file path)."""
         if not isinstance(data, bytes):
             with open(data, "rb") as handle:
