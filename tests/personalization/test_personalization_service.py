@@ -11,24 +11,42 @@ import pytest
 
 import atelier
 from atelier.sdk.personalization import JobCancelledError
+from atelier.sdk.common import to_image_proto
 from atelier.v1 import personalization_pb2
 from pers_helpers import concept_image, in_process_server, square_mask, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 
+SEEN_BY_SEGMENTATION: list[tuple[str, float]] = []  # (x-request-id, seconds left of the deadline)
+
+
 @pytest.fixture(scope="module")
 def segmentation():
+    """The real segmentation service; its servicer notes the request id and deadline it was called with."""
     from prometheus_client import CollectorRegistry
 
     from atelier.core.config import ServerConfig
     from atelier.core.metrics import Metrics
     from atelier.core.server import start
     from atelier.segmentation.app import SegmentationApp
+    from atelier.segmentation.servicer import SegmentationServicer
+    from atelier.v1 import segmentation_pb2_grpc
+
+    class NotingServicer(SegmentationServicer):
+        def Segment(self, request, context):
+            metadata = dict(context.invocation_metadata())
+            SEEN_BY_SEGMENTATION.append((metadata.get("x-request-id", ""), context.time_remaining()))
+            return super().Segment(request, context)
+
+    class NotingApp(SegmentationApp):
+        def add_to_server(self, server) -> None:
+            servicer = NotingServicer(self.segmenter_for, self.executor, self.config.max_image_pixels)
+            segmentation_pb2_grpc.add_SegmentationServicer_to_server(servicer, server)
 
     config = ServerConfig(service="segmentation", host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=1)
     metrics = Metrics(CollectorRegistry())
-    running = start(SegmentationApp(config, metrics=metrics), config, metrics)
+    running = start(NotingApp(config, metrics=metrics), config, metrics)
     assert running.wait_loaded(120) and running.load_error is None
     yield running
     running.stop(1)
@@ -57,8 +75,16 @@ def trained(service):
 def test_train_with_segmented_masks_then_generate(service):
     running, client = service
     seen = []
-    job = client.personalization.train_eqdiff(IMAGES, class_word="box", steps=12, learning_rate=5e-3)
-    assert job.state == "PENDING" and job.total_steps == 12
+    SEEN_BY_SEGMENTATION.clear()
+    request = personalization_pb2.CreateJobRequest(
+        images=[to_image_proto(image) for image in IMAGES], class_word="box",
+        eqdiff=personalization_pb2.EqDiffOptions(steps=12, learning_rate=5e-3))
+    created = client.personalization._stub.CreateJob(request, timeout=50, metadata=(("x-request-id", "req-42"),))
+    # The caller's request id and deadline reached the segmentation service, once per image.
+    assert [rid for rid, _ in SEEN_BY_SEGMENTATION] == ["req-42", "req-42"]
+    assert all(0 < left <= 50 for _, left in SEEN_BY_SEGMENTATION)
+    job = client.personalization.job(created.id)
+    assert created.state == personalization_pb2.PENDING and created.total_steps == 12
     concept = job.wait(progress=seen.append)
     assert [p.step for p in seen] == list(range(1, 13))
     assert all("loss=" in p.message for p in seen)
@@ -86,7 +112,7 @@ def test_idempotent_create(service):
     with pytest.raises(atelier.AlreadyExistsError):
         client.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=4,
                                             idempotency_key="same-key")
-    first.wait()
+    first.wait(progress=True)  # a tqdm bar
     assert len([j for j in client.personalization.jobs() if j.id == first.id]) == 1
 
 
