@@ -42,7 +42,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def in_process_server(data_dir, *, database: str = "", lease_seconds: float = 30.0, checkpoint_every: int = 50,
                       max_pending_jobs: int = 64, segmentation_address: str = "", max_queue: int = 8,
-                      poll_seconds: float = 0.2, replica_id: str = ""):
+                      poll_seconds: float = 0.2, replica_id: str = "", **extras):
     """A personalization server on loopback with the textual-inversion test method as "eqdiff"."""
     from prometheus_client import CollectorRegistry
 
@@ -57,7 +57,7 @@ def in_process_server(data_dir, *, database: str = "", lease_seconds: float = 30
                               data_dir=str(data_dir), database=database, lease_seconds=lease_seconds,
                               checkpoint_every=checkpoint_every, max_pending_jobs=max_pending_jobs,
                               segmentation_address=segmentation_address, job_poll_seconds=poll_seconds,
-                              replica_id=replica_id))
+                              replica_id=replica_id, **extras))
     metrics = Metrics(CollectorRegistry())
     app = PersonalizationApp(config, metrics=metrics, methods={"eqdiff": TextualInversionMethod()})
     running = start(app, config, metrics)

@@ -324,3 +324,21 @@ def test_drain_ends_watches_and_hands_the_job_back(tmp_path):
             resumed = next(i for i, e in enumerate(events) if "resumed" in e.message)
             after = [e.step for e in events[resumed:] if e.phase == "train"]
             assert after and after[0] > 1 and (after[0] - 1) % 3 == 0
+
+
+def test_a_job_whose_replicas_keep_dying_is_failed(tmp_path):
+    from atelier.personalization.store import JobStore
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job, _ = store.create_job(idempotency_key=None, body_hash="b", inputs_hash="0" * 64, method="eqdiff",
+                              base_model="toy", placeholder_token="<c>", class_word="box", total_steps=5,
+                              max_pending=10)
+    for replica in ("dead-1", "dead-2"):  # two replicas claimed it and died without renewing
+        assert store.claim(replica, lease_seconds=0.01) is not None
+        time.sleep(0.02)
+    store.close()
+    with in_process_server(tmp_path, job_max_attempts=2) as running:
+        with atelier.Client(personalization=running.address, timeout=30) as client:
+            failed = wait_for(lambda: (j := client.personalization.job(job.id)).state == "FAILED" and j, 30,
+                              "the job to be failed")
+            assert failed.attempts == 3 and "gave up after 2 attempts" in failed.reason

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=float(env("ATELIER_JOB_RETENTION_HOURS", str(7 * 24))),
                         help="finished jobs (records, events, checkpoints) are deleted after this; 0 keeps "
                              "them; concepts stay until DeleteConcept [ATELIER_JOB_RETENTION_HOURS]")
+    parser.add_argument("--job-max-attempts", type=int, default=int(env("ATELIER_JOB_MAX_ATTEMPTS", "5")),
+                        help="a job claimed this often (each time its replica died) is failed "
+                             "[ATELIER_JOB_MAX_ATTEMPTS]")
     parser.add_argument("--job-poll-seconds", type=float, default=float(env("ATELIER_JOB_POLL_SECONDS", "1")),
                         help="how often an idle worker looks for claimable jobs [ATELIER_JOB_POLL_SECONDS]")
     parser.add_argument("--replica-id", default=env("ATELIER_REPLICA_ID", ""),
@@ -88,7 +91,8 @@ class PersonalizationApp:
             lease_seconds=extras.get("lease_seconds", 30.0), checkpoint_every=extras.get("checkpoint_every", 50),
             poll_seconds=extras.get("job_poll_seconds", 1.0),
             retention_seconds=extras.get("job_retention_hours", 7 * 24) * 3600,
-            max_pending=extras.get("max_pending_jobs", 64), owner=extras.get("replica_id") or None)
+            max_pending=extras.get("max_pending_jobs", 64), owner=extras.get("replica_id") or None,
+            max_attempts=extras.get("job_max_attempts", 5))
         self.segmentation = SegmentationMasks(extras.get("segmentation_address") or None, config.auth.peer)
         self.worker = JobWorker(self.store, self.artifacts, self.registry, self.executor, self.methods,
                                 self.job_metrics, self.settings, config.max_image_pixels)

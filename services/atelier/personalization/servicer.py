@@ -313,8 +313,6 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         count = request.num_images if request.HasField("num_images") else 1
         if not 1 <= count <= MAX_GENERATE_IMAGES:
             violations.append(("num_images", f"must be in [1, {MAX_GENERATE_IMAGES}], got {count}"))
-        if request.HasField("width") or request.HasField("height"):
-            violations.append(("width", "the concept's generation size is fixed by its training images"))
         if violations:
             raise InvalidArgument.many(violations)
         return GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt,

@@ -39,14 +39,16 @@ _LOG = logging.getLogger(__name__)
 
 class WorkerSettings:
     def __init__(self, lease_seconds: float = 30.0, checkpoint_every: int = 50, poll_seconds: float = 1.0,
-                 retention_seconds: float = 7 * 24 * 3600, max_pending: int = 64, owner: Optional[str] = None):
-        if lease_seconds <= 0 or checkpoint_every < 1 or poll_seconds <= 0 or max_pending < 1:
-            raise ValueError("lease_seconds, poll_seconds > 0; checkpoint_every, max_pending >= 1")
+                 retention_seconds: float = 7 * 24 * 3600, max_pending: int = 64, owner: Optional[str] = None,
+                 max_attempts: int = 5):
+        if lease_seconds <= 0 or checkpoint_every < 1 or poll_seconds <= 0 or max_pending < 1 or max_attempts < 1:
+            raise ValueError("lease_seconds, poll_seconds > 0; checkpoint_every, max_pending, max_attempts >= 1")
         self.lease_seconds = lease_seconds
         self.checkpoint_every = checkpoint_every
         self.poll_seconds = poll_seconds
         self.retention_seconds = retention_seconds  # 0: keep finished jobs forever
         self.max_pending = max_pending
+        self.max_attempts = max_attempts  # claims of one job before it is failed (a job that kills its pod)
         self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
@@ -116,6 +118,13 @@ class JobWorker:
                 self._wake.clear()
                 continue
             job, took_over = claimed
+            if job.attempts > self.settings.max_attempts:
+                # Every earlier claim ended with its replica gone: this job likely kills pods.
+                if self.store.end(job.id, self.settings.owner, "FAILED",
+                                  f"gave up after {job.attempts - 1} attempts whose replicas died mid-job"):
+                    self._observe_end(job.id, "FAILED")
+                    self._drop_checkpoint(job.id)
+                continue
             if took_over:
                 self.metrics.lease_takeovers.inc()
                 _LOG.info("job %s: lease expired; resuming it from step %d", job.id, job.checkpoint_step)

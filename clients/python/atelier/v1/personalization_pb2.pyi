@@ -318,7 +318,7 @@ class ImportConceptRequest(_message.Message):
     def __init__(self, safetensors: _Optional[bytes] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("concept_id", "model", "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images", "width", "height")
+    __slots__ = ("concept_id", "model", "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images")
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -327,8 +327,6 @@ class GenerateRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
-    WIDTH_FIELD_NUMBER: _ClassVar[int]
-    HEIGHT_FIELD_NUMBER: _ClassVar[int]
     concept_id: str
     model: _common_pb2.ModelRef
     prompt: str
@@ -337,9 +335,7 @@ class GenerateRequest(_message.Message):
     guidance_scale: float
     seed: int
     num_images: int
-    width: int
-    height: int
-    def __init__(self, concept_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    def __init__(self, concept_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
     __slots__ = ("images", "concept_id", "model", "seed", "usage")
