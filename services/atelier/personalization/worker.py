@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -251,31 +252,48 @@ class JobWorker:
         if run.total_steps != job.total_steps:
             self.store.set_total_steps(job.id, owner, run.total_steps)
         rate_window = (time.monotonic(), run.step_index)
-        while run.step_index < run.total_steps:
-            report = self._on_executor(lambda: run.step(control), control)
-            preview = None
-            if report.preview is not None:
-                from atelier.core.codecs import image_from_torch
+        # Step events are written by a one-thread recorder so the database round trip (an fsync
+        # on SQLite) overlaps the next step instead of adding to it. One write is outstanding at
+        # most; its answer (lease lost, cancel requested) is read before the next is queued.
+        # Leaving the block waits for the last write, so the terminal event comes after it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"events-{job.id}") as recorder:
+            pending: Optional[Future] = None
+            while run.step_index < run.total_steps:
+                report = self._on_executor(lambda: run.step(control), control)
+                preview = None
+                if report.preview is not None:
+                    from atelier.core.codecs import image_from_torch
 
-                preview = image_from_torch(report.preview).data
-            cancel = self.store.record_step(job.id, owner, report.step, run.total_steps, report.phase,
-                                            report.losses, preview)
-            if cancel is None:
-                raise _LeaseLost()
-            if cancel:
-                cancel_requested.set()
-                raise Cancelled("cancel requested")
-            started, first_step = rate_window
-            elapsed = time.monotonic() - started
-            if elapsed >= 1.0:
-                self.metrics.steps_per_second.labels(method=job.method).set((run.step_index - first_step) / elapsed)
-                rate_window = (time.monotonic(), run.step_index)
-            if run.step_index % self.settings.checkpoint_every == 0 and run.step_index < run.total_steps:
-                self._checkpoint(job.id, run)
-            if self._stop.is_set():
-                raise _Stopping()
+                    preview = image_from_torch(report.preview).data
+                if pending is not None:
+                    self._recorded(pending.result(), cancel_requested)
+                pending = recorder.submit(self.store.record_step, job.id, owner, report.step, run.total_steps,
+                                          report.phase, report.losses, preview)
+                started, first_step = rate_window
+                elapsed = time.monotonic() - started
+                if elapsed >= 1.0:
+                    self.metrics.steps_per_second.labels(method=job.method).set(
+                        (run.step_index - first_step) / elapsed)
+                    rate_window = (time.monotonic(), run.step_index)
+                if run.step_index % self.settings.checkpoint_every == 0 and run.step_index < run.total_steps:
+                    self._recorded(pending.result(), cancel_requested)
+                    pending = None
+                    self._checkpoint(job.id, run)
+                if self._stop.is_set():
+                    raise _Stopping()
+            if pending is not None:
+                self._recorded(pending.result(), cancel_requested)
         concept = self._on_executor(run.finish, control)
         self._publish(job, method, params, concept)
+
+    @staticmethod
+    def _recorded(cancel: Optional[bool], cancel_requested: threading.Event) -> None:
+        """Act on what ``record_step`` answered: None = lease lost, True = cancel requested."""
+        if cancel is None:
+            raise _LeaseLost()
+        if cancel:
+            cancel_requested.set()
+            raise Cancelled("cancel requested")
 
     def _checkpoint(self, job_id: str, run: TrainingRun) -> None:
         started = time.perf_counter()
