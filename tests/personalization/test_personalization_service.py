@@ -205,6 +205,7 @@ def test_bad_inputs_name_their_fields(service, trained):
     pers = client.personalization
     cases = [
         (dict(images=[], class_word="box"), "images"),
+        (dict(images=[concept_image(0)] * 33, class_word="box"), "images"),
         (dict(images=[concept_image(0), concept_image(1, size=72)], class_word="box"), "images[1]"),
         (dict(images=IMAGES, class_word="box", masks=[square_mask(), square_mask(32)]), "masks[1]"),
         (dict(images=IMAGES, class_word="box", masks=[square_mask(), np.zeros((64, 64), bool)]), "masks[1]"),
