@@ -343,3 +343,20 @@ def test_a_job_whose_replicas_keep_dying_is_failed(tmp_path):
             failed = wait_for(lambda: (j := client.personalization.job(job.id)).state == "FAILED" and j, 30,
                               "the job to be failed")
             assert failed.attempts == 3 and "gave up after 2 attempts" in failed.reason
+
+
+def test_cancel_through_another_replica_stops_the_job(tmp_path):
+    """Two replicas on one database: a CancelJob sent to the replica that is not running the job
+    reaches the runner through the database and stops it within a step or so."""
+    with in_process_server(tmp_path, replica_id="A") as a, in_process_server(tmp_path, replica_id="B") as b:
+        with atelier.Client(personalization=a.address, timeout=60) as client_a, \
+                atelier.Client(personalization=b.address, timeout=60) as client_b:
+            job = client_a.personalization.train_eqdiff(IMAGES, class_word="box", masks=MASKS, steps=20000)
+            wait_for(lambda: job.refresh().step >= 2, 120, "the job to run")
+            runner = next(e.message for e in job.events() if e.message.startswith("started by")).split()[-1]
+            other = client_b if runner == "A" else client_a
+            step_at_cancel = other.personalization.job(job.id).cancel("from the other replica").step
+            with pytest.raises(JobCancelledError):
+                job.wait(timeout=60)
+            assert job.reason == "from the other replica"
+            assert job.step <= step_at_cancel + 3

@@ -256,6 +256,14 @@ class JobWorker:
         # on SQLite) overlaps the next step instead of adding to it. One write is outstanding at
         # most; its answer (lease lost, cancel requested) is read before the next is queued.
         # Leaving the block waits for the last write, so the terminal event comes after it.
+        def record(*args) -> Optional[bool]:
+            answer = self.store.record_step(*args)
+            if answer is None:
+                lost.set()  # the step in progress stops at its next UNet call
+            elif answer:
+                cancel_requested.set()
+            return answer
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"events-{job.id}") as recorder:
             pending: Optional[Future] = None
             while run.step_index < run.total_steps:
@@ -267,7 +275,7 @@ class JobWorker:
                     preview = image_from_torch(report.preview).data
                 if pending is not None:
                     self._recorded(pending.result(), cancel_requested)
-                pending = recorder.submit(self.store.record_step, job.id, owner, report.step, run.total_steps,
+                pending = recorder.submit(record, job.id, owner, report.step, run.total_steps,
                                           report.phase, report.losses, preview)
                 started, first_step = rate_window
                 elapsed = time.monotonic() - started
