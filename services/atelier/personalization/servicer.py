@@ -95,8 +95,8 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         params = method.parse(getattr(request, method_name), class_word, request.placeholder_token,
                               request.initializer_token)
         placeholder = method.placeholder_token(params)
-        if placeholder in self._tokenizer(model_name).get_vocab() or \
-                placeholder.lower() + "</w>" in self._tokenizer(model_name).get_vocab():
+        vocab = self._tokenizer(model_name).get_vocab()
+        if placeholder in vocab or placeholder.lower() + "</w>" in vocab:
             raise InvalidArgument("placeholder_token", f"{placeholder!r} is already a word of the tokenizer; "
                                                        f"pick a new string such as '<my-{class_word}>'")
 
@@ -242,7 +242,13 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
     def ExportConcept(self, request, context):
         row = self._concept(request.concept_id)
         return personalization_pb2.ExportConceptResponse(concept=_concept_proto(row),
-                                                         safetensors=self._artifacts.get(row.content_hash))
+                                                         safetensors=self._concept_bytes(row))
+
+    def _concept_bytes(self, row: ConceptRow) -> bytes:
+        try:
+            return self._artifacts.get(row.content_hash)
+        except FileNotFoundError:  # deleted meanwhile (DeleteConcept removes the row first)
+            raise NotFound(f"concept {row.id} was deleted") from None
 
     def ImportConcept(self, request, context):
         data = request.safetensors
@@ -281,7 +287,7 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
 
         def work(control):
             model = self._registry.load_sd(model_name)
-            concept = concept_files.deserialize(self._artifacts.get(row.content_hash))
+            concept = concept_files.deserialize(self._concept_bytes(row))
             return method.generate(model, concept, options, control)
 
         def result(images, control):
