@@ -181,6 +181,12 @@ def test_generate_runs_between_training_steps(service, trained):
     assert job.step > before
 
 
+def test_list_models(service):
+    _, client = service
+    models = [m for m in client.models() if m.service == "personalization"]
+    assert [(m.name, m.kind, m.is_default) for m in models] == [("toy", "stable-diffusion", True)]
+
+
 def test_export_import_delete(service, trained):
     _, client = service
     pers = client.personalization
@@ -230,6 +236,8 @@ def test_bad_inputs_name_their_fields(service, trained):
         pers.generate("concept-unknown", "a <concept>")
     with pytest.raises(atelier.NotFoundError):
         pers.train_eqdiff(IMAGES, class_word="box", masks=MASKS, model="no-such-model")
+    with pytest.raises(atelier.FailedPreconditionError):  # a SAM is not a base model
+        pers.train_eqdiff(IMAGES, class_word="box", masks=MASKS, model="toy-sam")
     concept = trained
     with pytest.raises(atelier.InvalidArgumentError) as error:
         pers.generate(concept, "a box without the token")

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from atelier.core.config import ServerConfig
-from atelier.core.device import pick_device
 from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
-from atelier.core.models import ModelRegistry
+from atelier.core.models import SD, ModelRegistry
 from atelier.personalization.artifacts import ArtifactStore
 from atelier.personalization.masks import SegmentationMasks
 from atelier.personalization.methods import TrainingMethod
@@ -75,9 +74,9 @@ class PersonalizationApp:
         self.config = config
         self.default_model = extras.get("default_model", "toy")
         self.metrics = metrics if metrics is not None else default_metrics()
+        self.metrics.enable_unet_metrics()
         if registry is None:
-            device, dtype = pick_device(config.device)
-            registry = ModelRegistry.from_config(config.models, config.models_file, device=device, dtype=dtype)
+            registry = ModelRegistry.for_service(config, kinds=(SD,), metrics=self.metrics)
         self.registry = registry
         self.methods = dict(default_methods() if methods is None else methods)
         data_dir = Path(extras.get("data_dir") or "personalization-data").expanduser()
@@ -109,9 +108,9 @@ class PersonalizationApp:
         self.servicer.draining = lambda: running.readiness.state == "draining"
 
     def load(self) -> None:
-        # Health stays NOT_SERVING until the default model is loaded; the worker starts then.
-        model = self.registry.load_sd(self.default_model)
-        self.metrics.observe_model_load(self.default_model, model.load_seconds)
+        # Validates every entry; health stays NOT_SERVING until the default model is loaded; the
+        # worker starts then (the others load on the registry's loader thread or on first use).
+        self.registry.start(self.default_model, strict=self.config.strict_models, preload=self.config.preload_models)
         self.worker.start()
 
     def close(self) -> None:
@@ -119,3 +118,4 @@ class PersonalizationApp:
         self.executor.shutdown()
         self.segmentation.close()
         self.store.close()
+        self.registry.close()

@@ -13,8 +13,9 @@ import grpc
 from atelier.core import codecs
 from atelier.core.errors import (AtelierError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                                  Unavailable)
+from atelier.core.catalog import ListModelsRpc
 from atelier.core.executor import ComputeExecutor
-from atelier.core.models import ModelRegistry
+from atelier.core.models import SD, ModelRegistry
 from atelier.core.streaming import stream_call
 from atelier.personalization import concepts as concept_files
 from atelier.personalization.artifacts import ArtifactStore
@@ -33,6 +34,7 @@ MAX_PAGE_SIZE = 1000
 MAX_GENERATE_IMAGES = 8
 MAX_INFERENCE_STEPS = 1000
 MAX_PROMPT_CHARS = 2000
+MODEL_LOAD_WAIT_SECONDS = 30.0
 
 _STATE_ENUM = {name: personalization_pb2.JobState.Value(name) for name in STATES}
 _STATE_NAME = {value: name for name, value in _STATE_ENUM.items()}
@@ -42,7 +44,7 @@ class AlreadyExists(AtelierError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
+class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.PersonalizationServicer):
     def __init__(self, store: JobStore, artifacts: ArtifactStore, registry: ModelRegistry,
                  executor: ComputeExecutor, methods: Mapping[str, TrainingMethod], worker: JobWorker,
                  segmentation: SegmentationMasks, default_model: str, max_image_pixels: int, max_pending: int):
@@ -54,6 +56,7 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         self._worker = worker
         self._segmentation = segmentation
         self._default_model = default_model
+        self.model_registry, self.default_model_name = registry, default_model  # ListModels
         self._max_pixels = max_image_pixels
         self._max_pending = max_pending
         # Set by the app once the server runs (attach): watches end when the server drains.
@@ -80,7 +83,7 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
                 return self._job_proto(self._check_body(existing, body_hash))
 
         model_name = request.model.name or self._default_model
-        self._registry.resolve(model_name)  # NotFound for unknown models
+        self._registry.check(model_name, kind=SD)  # NotFound unknown, FailedPrecondition another kind
         images = check_images(request, self._max_pixels)
         size = tuple(images[0].shape[2:])
         masks = check_masks(request, size, self._max_pixels)
@@ -89,13 +92,14 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         if masks and request.mask_prompts:
             raise InvalidArgument("mask_prompts", "give masks or mask_prompts, not both")
         class_word = " ".join(request.class_word.split())
-        self._check_words(model_name, class_word, "class_word")
+        tokenizer = self._model(model_name, context).tokenizer
+        self._check_words(tokenizer, class_word, "class_word")
         if request.initializer_token:
-            self._check_words(model_name, request.initializer_token, "initializer_token")
+            self._check_words(tokenizer, request.initializer_token, "initializer_token")
         params = method.parse(getattr(request, method_name), class_word, request.placeholder_token,
                               request.initializer_token)
         placeholder = method.placeholder_token(params)
-        vocab = self._tokenizer(model_name).get_vocab()
+        vocab = tokenizer.get_vocab()
         if placeholder in vocab or placeholder.lower() + "</w>" in vocab:
             raise InvalidArgument("placeholder_token", f"{placeholder!r} is already a word of the tokenizer; "
                                                        f"pick a new string such as '<my-{class_word}>'")
@@ -132,13 +136,16 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
                                 f"different request")
         return job
 
-    def _tokenizer(self, model_name: str):
-        return self._registry.load_sd(model_name).tokenizer
+    def _model(self, name: str, context):
+        """The loaded model, loaded off the compute worker (UNAVAILABLE while still loading)."""
+        remaining = context.time_remaining()
+        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
+        return self._registry.get(name, kind=SD, wait_seconds=wait)
 
-    def _check_words(self, model_name: str, text: str, field: str) -> None:
+    @staticmethod
+    def _check_words(tokenizer, text: str, field: str) -> None:
         if not text:
             raise InvalidArgument(field, "is required (the subject's class noun, e.g. 'box')")
-        tokenizer = self._tokenizer(model_name)
         vocab = tokenizer.get_vocab()
         for word in text.split():
             if word.lower() + "</w>" not in vocab:
@@ -260,6 +267,7 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         if metadata["base_model"] not in self._registry.names():
             raise FailedPrecondition(f"the concept was trained on base model {metadata['base_model']!r}, which "
                                      f"this server does not serve ({', '.join(self._registry.names())})")
+        self._registry.check(metadata["base_model"], kind=SD)
         if metadata["method"] not in self._methods:
             raise FailedPrecondition(f"the concept was made by {metadata['method']!r}, which this server does not "
                                      f"offer ({', '.join(sorted(self._methods)) or 'none'})")
@@ -277,16 +285,17 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         row = self._concept(request.concept_id)
         model_name = request.model.name or row.base_model
         if model_name != row.base_model:
-            self._registry.resolve(model_name)
+            self._registry.check(model_name, kind=SD)
             raise FailedPrecondition(f"concept {row.id} was trained on base model {row.base_model!r}, not "
                                      f"{model_name!r}")
         method = self._methods.get(row.method)
         if method is None:
             raise FailedPrecondition(f"concept {row.id} was made by {row.method!r}, which this server does not offer")
-        options = self._generate_options(request, row)
+        self._registry.check(model_name, kind=SD)
+        options = self._generate_options(request, row, self._registry.info(model_name).default_guidance_scale)
+        model = self._model(model_name, context)
 
         def work(control):
-            model = self._registry.load_sd(model_name)
             concept = concept_files.deserialize(self._concept_bytes(row))
             return method.generate(model, concept, options, control)
 
@@ -303,7 +312,8 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
             result)
 
     @staticmethod
-    def _generate_options(request: personalization_pb2.GenerateRequest, row: ConceptRow) -> GenerateOptions:
+    def _generate_options(request: personalization_pb2.GenerateRequest, row: ConceptRow,
+                          default_guidance: float) -> GenerateOptions:
         violations = []
         if row.placeholder_token not in request.prompt.split() and row.placeholder_token not in request.prompt:
             violations.append(("prompt", f"must contain the concept's placeholder token {row.placeholder_token!r}"))
@@ -313,7 +323,7 @@ class PersonalizationServicer(personalization_pb2_grpc.PersonalizationServicer):
         steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
         if not 1 <= steps <= MAX_INFERENCE_STEPS:
             violations.append(("num_inference_steps", f"must be in [1, {MAX_INFERENCE_STEPS}], got {steps}"))
-        guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
+        guidance = request.guidance_scale if request.HasField("guidance_scale") else default_guidance
         if not math.isfinite(guidance) or not 0 <= guidance <= 100:
             violations.append(("guidance_scale", f"must be in [0, 100], got {guidance}"))
         count = request.num_images if request.HasField("num_images") else 1

@@ -238,8 +238,9 @@ class JobWorker:
         params = method.parse(getattr(request, job.method), job.class_word, job.placeholder_token,
                               request.initializer_token)
 
+        model = self.registry.load_sd(job.base_model)  # on this thread, not the compute worker
+
         def build() -> TrainingRun:
-            model = self.registry.load_sd(job.base_model)
             inputs = decode_inputs(request, self.max_image_pixels)
             return method.create_run(model, inputs, params, control)
 

@@ -365,7 +365,7 @@ class PersonalizationClient:
         prompt: str,
         negative_prompt: str = "",
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: Optional[float] = None,
         seed: int = 0,
         num_images: int = 1,
         model: Optional[str] = None,
@@ -373,12 +373,15 @@ class PersonalizationClient:
         timeout: Optional[float] = None,
         cancel: Optional[CancelToken] = None,
     ) -> GenerateResult:
-        """Images of ``concept``: ``prompt`` must contain ``concept.token``."""
+        """Images of ``concept``: ``prompt`` must contain ``concept.token``. ``guidance_scale``
+        None: the base model's default (``client.models()``)."""
         concept_id = concept.id if isinstance(concept, Concept) else concept
         request = personalization_pb2.GenerateRequest(
             concept_id=concept_id, model=common_pb2.ModelRef(name=model or ""), prompt=prompt,
             negative_prompt=negative_prompt, num_inference_steps=int(num_inference_steps),
-            guidance_scale=float(guidance_scale), seed=int(seed), num_images=int(num_images))
+            seed=int(seed), num_images=int(num_images))
+        if guidance_scale is not None:
+            request.guidance_scale = float(guidance_scale)
         result = self._transport.stream(self._stub.Generate, request, timeout, progress, cancel=cancel)
         images = [codec.image_to_pil(image, f"result.images[{i}]") for i, image in enumerate(result.images)]
         return GenerateResult(images, result.concept_id, result.model.name, result.seed,

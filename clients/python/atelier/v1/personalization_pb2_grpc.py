@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 from atelier.v1 import personalization_pb2 as atelier_dot_v1_dot_personalization__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -96,6 +97,11 @@ class PersonalizationStub:
                 request_serializer=atelier_dot_v1_dot_personalization__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=atelier_dot_v1_dot_personalization__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/atelier.v1.Personalization/ListModels',
+                request_serializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class PersonalizationServicer:
@@ -188,6 +194,13 @@ class PersonalizationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The base models this service trains and generates on (the shared catalog; common.proto).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersonalizationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +258,11 @@ def add_PersonalizationServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=atelier_dot_v1_dot_personalization__pb2.GenerateRequest.FromString,
                     response_serializer=atelier_dot_v1_dot_personalization__pb2.GenerateEvent.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.FromString,
+                    response_serializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -551,6 +569,33 @@ class Personalization:
             '/atelier.v1.Personalization/Generate',
             atelier_dot_v1_dot_personalization__pb2.GenerateRequest.SerializeToString,
             atelier_dot_v1_dot_personalization__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atelier.v1.Personalization/ListModels',
+            atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+            atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
