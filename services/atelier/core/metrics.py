@@ -116,6 +116,11 @@ class Metrics:
         # Created on first use (``enable_unet_metrics``): only services that run a UNet export it.
         self._unet_evaluations: Optional[Counter] = None
         self._unet_lock = threading.Lock()
+        self._decoder_evaluations: Optional[Counter] = None
+        self.dependency_up = Gauge(
+            "atelier_dependency_up", "1 when a service this one calls answers its health check SERVING, else 0",
+            ["dependency", "address"], registry=r,
+        )
         self.model_load_seconds = Gauge(
             "atelier_model_load_seconds", "Wall time of the latest load of each model", ["model"], registry=r
         )
@@ -139,6 +144,18 @@ class Metrics:
                     registry=self.registry,
                 )
             return self._unet_evaluations
+
+    @property
+    def decoder_evaluations(self) -> Counter:
+        """VAE-decoder forward+backward passes (GradOP+); created on first use like the UNet's."""
+        with self._unet_lock:
+            if self._decoder_evaluations is None:
+                self._decoder_evaluations = Counter(
+                    "atelier_vae_decoder_backward_evaluations",
+                    "VAE-decoder forward+backward passes (gradients through the decoder, e.g. GradOP+)",
+                    registry=self.registry,
+                )
+            return self._decoder_evaluations
 
     def enable_unet_metrics(self) -> None:
         """Export the UNet counters (at 0) from the start; services that run a UNet call this."""

@@ -281,7 +281,7 @@ class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.Personaliz
 
     # ------------------------------------------------------------------ generation
 
-    def Generate(self, request: personalization_pb2.GenerateRequest, context):
+    def Generate(self, request: personalization_pb2.GenerateConceptRequest, context):
         row = self._concept(request.concept_id)
         model_name = request.model.name or row.base_model
         if model_name != row.base_model:
@@ -300,19 +300,19 @@ class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.Personaliz
             return method.generate(model, concept, options, control)
 
         def result(images, control):
-            return personalization_pb2.GenerateEvent(result=personalization_pb2.GenerateResult(
+            return personalization_pb2.GenerateConceptEvent(result=personalization_pb2.GenerateConceptResult(
                 images=[codecs.image_from_torch(image) for image in images], concept_id=row.id,
                 model=common_pb2.ModelRef(name=model_name), seed=options.seed, usage=codecs.usage_to_proto(control)))
 
         yield from stream_call(
             context, self._executor, work,
-            lambda event: personalization_pb2.GenerateEvent(progress=common_pb2.Progress(
+            lambda event: personalization_pb2.GenerateConceptEvent(progress=common_pb2.Progress(
                 stage=event.stage, step=event.step, total=event.total, message=event.message,
                 elapsed_seconds=event.elapsed_seconds)),
             result)
 
     @staticmethod
-    def _generate_options(request: personalization_pb2.GenerateRequest, row: ConceptRow,
+    def _generate_options(request: personalization_pb2.GenerateConceptRequest, row: ConceptRow,
                           default_guidance: float) -> GenerateOptions:
         violations = []
         if row.placeholder_token not in request.prompt.split() and row.placeholder_token not in request.prompt:

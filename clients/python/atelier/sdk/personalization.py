@@ -25,7 +25,7 @@ from atelier.sdk.progress import CancelToken, ProgressArg, make_sink
 from atelier.sdk.transport import _Transport
 from atelier.v1 import common_pb2, personalization_pb2, personalization_pb2_grpc, segmentation_pb2, tensor_pb2
 
-__all__ = ["PersonalizationClient", "Job", "JobEvent", "Concept", "GenerateResult", "JobFailedError",
+__all__ = ["PersonalizationClient", "Job", "JobEvent", "Concept", "GenerateConceptResult", "JobFailedError",
            "JobCancelledError", "STATES"]
 
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
@@ -90,7 +90,7 @@ class JobEvent:
 
 
 @dataclass(frozen=True, eq=False)
-class GenerateResult:
+class GenerateConceptResult:
     images: list[PILImage.Image]
     concept_id: str
     model: str
@@ -372,11 +372,11 @@ class PersonalizationClient:
         progress: ProgressArg = None,
         timeout: Optional[float] = None,
         cancel: Optional[CancelToken] = None,
-    ) -> GenerateResult:
+    ) -> GenerateConceptResult:
         """Images of ``concept``: ``prompt`` must contain ``concept.token``. ``guidance_scale``
         None: the base model's default (``client.models()``)."""
         concept_id = concept.id if isinstance(concept, Concept) else concept
-        request = personalization_pb2.GenerateRequest(
+        request = personalization_pb2.GenerateConceptRequest(
             concept_id=concept_id, model=common_pb2.ModelRef(name=model or ""), prompt=prompt,
             negative_prompt=negative_prompt, num_inference_steps=int(num_inference_steps),
             seed=int(seed), num_images=int(num_images))
@@ -384,5 +384,5 @@ class PersonalizationClient:
             request.guidance_scale = float(guidance_scale)
         result = self._transport.stream(self._stub.Generate, request, timeout, progress, cancel=cancel)
         images = [codec.image_to_pil(image, f"result.images[{i}]") for i, image in enumerate(result.images)]
-        return GenerateResult(images, result.concept_id, result.model.name, result.seed,
+        return GenerateConceptResult(images, result.concept_id, result.model.name, result.seed,
                               Usage.from_proto(result.usage))

@@ -27,16 +27,18 @@ class Progress(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("unet_forward_evaluations", "unet_backward_evaluations", "wall_seconds", "queue_seconds")
+    __slots__ = ("unet_forward_evaluations", "unet_backward_evaluations", "wall_seconds", "queue_seconds", "vae_decoder_backward_evaluations")
     UNET_FORWARD_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     UNET_BACKWARD_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VAE_DECODER_BACKWARD_EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     unet_forward_evaluations: int
     unet_backward_evaluations: int
     wall_seconds: float
     queue_seconds: float
-    def __init__(self, unet_forward_evaluations: _Optional[int] = ..., unet_backward_evaluations: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    vae_decoder_backward_evaluations: int
+    def __init__(self, unet_forward_evaluations: _Optional[int] = ..., unet_backward_evaluations: _Optional[int] = ..., wall_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., vae_decoder_backward_evaluations: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -317,7 +317,7 @@ class ImportConceptRequest(_message.Message):
     safetensors: bytes
     def __init__(self, safetensors: _Optional[bytes] = ...) -> None: ...
 
-class GenerateRequest(_message.Message):
+class GenerateConceptRequest(_message.Message):
     __slots__ = ("concept_id", "model", "prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "num_images")
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -337,7 +337,7 @@ class GenerateRequest(_message.Message):
     num_images: int
     def __init__(self, concept_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
 
-class GenerateResult(_message.Message):
+class GenerateConceptResult(_message.Message):
     __slots__ = ("images", "concept_id", "model", "seed", "usage")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -351,10 +351,10 @@ class GenerateResult(_message.Message):
     usage: _common_pb2.Usage
     def __init__(self, images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., concept_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., seed: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
-class GenerateEvent(_message.Message):
+class GenerateConceptEvent(_message.Message):
     __slots__ = ("progress", "result")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     progress: _common_pb2.Progress
-    result: GenerateResult
-    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[GenerateResult, _Mapping]] = ...) -> None: ...
+    result: GenerateConceptResult
+    def __init__(self, progress: _Optional[_Union[_common_pb2.Progress, _Mapping]] = ..., result: _Optional[_Union[GenerateConceptResult, _Mapping]] = ...) -> None: ...

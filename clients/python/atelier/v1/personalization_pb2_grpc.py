@@ -94,8 +94,8 @@ class PersonalizationStub:
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/atelier.v1.Personalization/Generate',
-                request_serializer=atelier_dot_v1_dot_personalization__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=atelier_dot_v1_dot_personalization__pb2.GenerateEvent.FromString,
+                request_serializer=atelier_dot_v1_dot_personalization__pb2.GenerateConceptRequest.SerializeToString,
+                response_deserializer=atelier_dot_v1_dot_personalization__pb2.GenerateConceptEvent.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/atelier.v1.Personalization/ListModels',
@@ -256,8 +256,8 @@ def add_PersonalizationServicer_to_server(servicer, server):
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=atelier_dot_v1_dot_personalization__pb2.GenerateRequest.FromString,
-                    response_serializer=atelier_dot_v1_dot_personalization__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=atelier_dot_v1_dot_personalization__pb2.GenerateConceptRequest.FromString,
+                    response_serializer=atelier_dot_v1_dot_personalization__pb2.GenerateConceptEvent.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -567,8 +567,8 @@ class Personalization:
             request,
             target,
             '/atelier.v1.Personalization/Generate',
-            atelier_dot_v1_dot_personalization__pb2.GenerateRequest.SerializeToString,
-            atelier_dot_v1_dot_personalization__pb2.GenerateEvent.FromString,
+            atelier_dot_v1_dot_personalization__pb2.GenerateConceptRequest.SerializeToString,
+            atelier_dot_v1_dot_personalization__pb2.GenerateConceptEvent.FromString,
             options,
             channel_credentials,
             insecure,
