@@ -61,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_methods() -> dict[str, TrainingMethod]:
     """The training methods this build offers, by CreateJobRequest ``method`` field."""
-    return {}
+    from atelier.personalization.eqdiff_method import EqDiffMethod
+
+    return {"eqdiff": EqDiffMethod()}
 
 
 class PersonalizationApp:
