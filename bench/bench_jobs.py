@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as data_dir:
         config = ServerConfig(service="personalization", host="127.0.0.1", port=0, metrics_port=-1,
                               grace_seconds=1, max_image_pixels=256 * 256, extras=dict(
-                                  data_dir=data_dir, checkpoint_every=args.checkpoint_every, job_poll_seconds=0.05))
+                                  data_dir=data_dir, checkpoint_every=args.checkpoint_every, job_poll_seconds=1.0))
         metrics = Metrics(CollectorRegistry())
         app = PersonalizationApp(config, metrics=metrics, methods={"eqdiff": method})
         running = start(app, config, metrics)
