@@ -26,8 +26,7 @@ from atelier.sdk.transport import _Transport
 from atelier.v1 import common_pb2, personalization_pb2, personalization_pb2_grpc, segmentation_pb2, tensor_pb2
 
 __all__ = ["PersonalizationClient", "Job", "JobEvent", "Concept", "GenerateConceptResult", "LayerEditResult",
-           "JobFailedError",
-           "JobCancelledError", "STATES"]
+           "JobFailedError", "JobCancelledError", "STATES"]
 
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 _TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -98,8 +97,8 @@ class JobEvent:
 @dataclass(frozen=True, eq=False)
 class LayerEditResult:
     """A finished layer_edit job: the edited images and the concept that draws more of them
-    (``client.personalization.generate(result.concept, "", seed=s)``: image k of the job is seed
-    job_seed + k)."""
+    (``client.personalization.generate(result.concept, "", seed=s, guidance_scale=7.5)``: image k
+    of the job is seed job_seed + k)."""
 
     images: list[PILImage.Image]
     concept: "Concept"
