@@ -83,6 +83,10 @@ class LayerEditMethod:
                 self._reference_mask(options, size)
         elif options.HasField("reference_mask") or options.HasField("reference_mask_prompt"):
             raise InvalidArgument("reference_mask", "a reference mask needs a reference image")
+        elif self.segmentation is None or not self.segmentation.address:
+            # refused here rather than failing the job at its first step
+            raise InvalidArgument("reference", "this server has no segmentation service (--segmentation-address) "
+                                               "to mask a generated reference: give a reference and its mask")
 
     def complete_request(self, inputs: personalization_pb2.CreateJobRequest, size: tuple[int, int],
                          deadline: Optional[float], request_id: str) -> None:
