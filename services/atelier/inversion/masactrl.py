@@ -1,6 +1,8 @@
 """MasaCtrl mutual self-attention (Cao et al. 2023) as an attention controller.
 
-Follows TencentARC/MasaCtrl's `MutualSelfAttentionControl`: from `start_step` on, in the
+Follows TencentARC/MasaCtrl's `MutualSelfAttentionControl`: for steps in [`start_step`,
+`end_step`) (the reference's `range(start_step, total_steps)`, total_steps = 50 unless given, so
+an edit of more than 50 steps runs its last ones uncontrolled, as the reference does), in the
 self-attention layers from `start_layer` on, every branch's queries (source and targets, in the
 unconditional and the conditional group alike) attend to the SOURCE branch's keys and values of
 the same group; cross-attention is untouched.
@@ -30,6 +32,7 @@ REFERENCE_LAYER_COUNT = 16  # self-attention layers of SD 1.x, the reference's `
 class MasaCtrlParams:
     start_step: int = 4
     start_layer: int = 10
+    end_step: int = 50  # the reference's total_steps default
 
 
 def first_controlled_layer(start_layer: int, self_layer_count: int) -> int:
@@ -41,10 +44,11 @@ class MutualSelfAttention(AttentionController):
         self_layers = [s for s in sites if not s.is_cross]
         first = first_controlled_layer(params.start_layer, len(self_layers))
         self.start_step = params.start_step
+        self.end_step = params.end_step
         self.layers = {s.name for s in self_layers if s.self_index >= first}
 
     def wants(self, site: AttentionSite, step: int) -> bool:
-        return step >= self.start_step and site.name in self.layers
+        return self.start_step <= step < self.end_step and site.name in self.layers
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         layout = call.layout
