@@ -13,6 +13,7 @@ from atelier.core.models import ModelRegistry
 from atelier.core.streaming import stream_call
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
 from atelier.inversion.inversion import invert
+from atelier.inversion.proxedit import DEFAULT_INVERSION_GUIDANCE_TIMESTEP, ProxEditParams
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
 SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
@@ -21,8 +22,14 @@ _METHODS = {
     inversion_pb2.INVERSION_METHOD_UNSPECIFIED: "spdinv",
     inversion_pb2.DDIM: "ddim",
     inversion_pb2.SPDINV: "spdinv",
+    inversion_pb2.NPI: "npi",
+    inversion_pb2.PROXNPI: "proxnpi",
+    inversion_pb2.DIRECT_INVERSION: "directinv",
+    inversion_pb2.NULL_TEXT: "nti",
+    inversion_pb2.FIXED_POINT: "fixed_point",
 }
-_METHOD_ENUMS = {"ddim": inversion_pb2.DDIM, "spdinv": inversion_pb2.SPDINV}
+_METHOD_ENUMS = {name: enum for enum, name in _METHODS.items() if enum != inversion_pb2.INVERSION_METHOD_UNSPECIFIED}
+_PRESETS = {inversion_pb2.EDIT_PRESET_UNSPECIFIED: "", inversion_pb2.SPDINV_PIPELINE: "spdinv"}
 _ENGINES = {
     inversion_pb2.EDIT_ENGINE_UNSPECIFIED: "p2p",
     inversion_pb2.P2P: "p2p",
@@ -55,6 +62,7 @@ class InvertJob:
     steps: int
     return_chain: bool
     spdinv: dict
+    null_text_guidance: float | None = None  # None: 7.5, or the edit's guidance when inverting inside Edit
 
 
 @dataclasses.dataclass
@@ -72,6 +80,11 @@ class EditJob:
     p2p: P2PParams
     masactrl: MasaCtrlParams
     return_source: bool
+    method: str = "spdinv"
+    chain: torch.Tensor | None = None  # (steps+1, 4, h, w) float32, when the client sent it back
+    null_embeddings: torch.Tensor | None = None
+    prox_edit: ProxEditParams = dataclasses.field(default_factory=ProxEditParams)
+    preset: str = ""
 
 
 class InversionServicer(inversion_pb2_grpc.InversionServicer):
@@ -104,16 +117,21 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         )
 
     # ---- work (runs on the compute executor) ------------------------------
-    def _run_invert(self, job: InvertJob, control):
+    def _run_invert(self, job: InvertJob, control, guidance: float = 7.5):
         model = self._registry.load_sd(job.model)
+        nti_guidance = guidance if job.null_text_guidance is None else job.null_text_guidance
         return invert(
-            model, job.image.to(device=model.device, dtype=model.dtype), job.prompt, method=job.method, steps=job.steps, control=control, **job.spdinv
+            model, job.image.to(device=model.device, dtype=model.dtype), job.prompt, method=job.method,
+            steps=job.steps, control=control, guidance_scale=nti_guidance, **job.spdinv
         )
 
     def _run_edit(self, job: EditJob, control):
         model = self._registry.load_sd(job.model)
+        chain, null_embeddings = job.chain, job.null_embeddings
         if job.invert_job is not None:
-            z_t = self._run_invert(job.invert_job, control).chain[-1:]
+            inverted = self._run_invert(job.invert_job, control, guidance=job.guidance)
+            chain, null_embeddings = inverted.chain, inverted.extras.get("null_embeddings")
+            z_t = chain[-1:]
         else:
             z_t = job.z_t.to(device=model.device, dtype=model.dtype)
         return edit(
@@ -127,6 +145,11 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             p2p=job.p2p,
             masactrl=job.masactrl,
             control=control,
+            prox_edit=job.prox_edit,
+            method=job.method,
+            chain=chain,
+            null_embeddings=null_embeddings,
+            preset=job.preset,
         )
 
     # ---- request parsing (cheap, before the call is queued) -------------
@@ -154,38 +177,54 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         )
         if request.method not in _METHODS:
             raise InvalidArgument(prefix + "method", f"unknown inversion method {request.method}")
-        opts = request.spdinv
+        method = _METHODS[request.method]
+        opts = request.fixed_point if method == "fixed_point" else request.spdinv
+        group = "fixed_point" if method == "fixed_point" else "spdinv"
         spdinv = {}
         if opts.HasField("max_rounds"):
             if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
                 raise InvalidArgument(
-                    prefix + "spdinv.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}"
+                    f"{prefix}{group}.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}"
                 )
             spdinv["max_rounds"] = opts.max_rounds
-        for name in ("learning_rate", "loss_threshold", "weight_decay"):
+        names = ("loss_threshold",) if group == "fixed_point" else ("learning_rate", "loss_threshold", "weight_decay")
+        for name in names:
             if opts.HasField(name):
                 value = getattr(opts, name)
                 if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                    raise InvalidArgument(f"{prefix}spdinv.{name}", f"must be a finite positive number, got {value}")
+                    raise InvalidArgument(f"{prefix}{group}.{name}", f"must be a finite positive number, got {value}")
                 spdinv[name] = value
+        if group == "spdinv" and opts.HasField("check_first"):
+            spdinv["check_first"] = opts.check_first
+        if group == "fixed_point" and opts.HasField("anderson_memory"):
+            if not 0 <= opts.anderson_memory <= 16:
+                raise InvalidArgument(f"{prefix}fixed_point.anderson_memory", "must be between 0 and 16")
+            spdinv["anderson_memory"] = opts.anderson_memory
+        null_text_guidance = None
+        if request.null_text.HasField("guidance_scale"):
+            null_text_guidance = request.null_text.guidance_scale
+            if not np.isfinite(null_text_guidance) or not 0.0 <= null_text_guidance <= 50.0:
+                raise InvalidArgument(f"{prefix}null_text.guidance_scale", "must be between 0 and 50")
         return InvertJob(
             model=self._model_name(request.model, prefix + "model"),
             image=image,
             prompt=self._prompt(request.prompt, prefix + "prompt"),
-            method=_METHODS[request.method],
+            method=method,
             steps=self._steps(request, prefix + "steps"),
             return_chain=request.return_chain,
             spdinv=spdinv,
+            null_text_guidance=null_text_guidance,
         )
 
     def _parse_edit(self, request: inversion_pb2.EditRequest) -> EditJob:
         source = request.WhichOneof("source")
         if source is None:
             raise InvalidArgument("source", "set either inversion (a result of Invert) or invert (a request)")
-        invert_job, z_t = None, None
+        invert_job, z_t, chain, null_embeddings = None, None, None, None
         if source == "invert":
             invert_job = self._parse_invert(request.invert, prefix="invert.")
             model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
+            method = invert_job.method
             height, width = invert_job.image.shape[2:]
         else:
             inv = request.inversion
@@ -202,6 +241,19 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
                 raise InvalidArgument("inversion.z_t", f"larger than {self._limits.max_pixels} pixels")
             if not torch.isfinite(z_t).all():
                 raise InvalidArgument("inversion.z_t", "contains NaN or infinite values")
+            if inv.method not in _METHODS:
+                raise InvalidArgument("inversion.method", f"unknown inversion method {inv.method}")
+            method = _METHODS[inv.method]
+            if inv.HasField("chain"):
+                chain = codecs.tensor_to_torch(inv.chain, field="inversion.chain",
+                                               shape=(steps + 1, *z_t.shape[1:])).float()
+                if not torch.isfinite(chain).all():
+                    raise InvalidArgument("inversion.chain", "contains NaN or infinite values")
+            if inv.HasField("null_embeddings"):
+                null_embeddings = codecs.tensor_to_torch(inv.null_embeddings, field="inversion.null_embeddings",
+                                                         shape=(steps, None, None)).float()
+                if not torch.isfinite(null_embeddings).all():
+                    raise InvalidArgument("inversion.null_embeddings", "contains NaN or infinite values")
         if request.model.name and request.model.name != model:
             raise InvalidArgument("model", f"differs from the inversion's model {model!r}")
         engine = _ENGINES.get(request.engine)
@@ -212,6 +264,18 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
             raise InvalidArgument("guidance_scale", f"must be between 0 and 50, got {guidance}")
         p2p, masactrl = _p2p_params(request.p2p), _masactrl_params(request.masactrl)
+        if request.preset not in _PRESETS:
+            raise InvalidArgument("preset", f"unknown preset {request.preset}")
+        prox_edit = _prox_edit_params(request.prox_edit)
+        if method == "directinv" and chain is None and invert_job is None:
+            raise InvalidArgument("inversion.chain", "DirectInversion edits along the inverted chain: invert with "
+                                  "return_chain and send the result back, or invert in the same call")
+        if method == "nti" and null_embeddings is None and invert_job is None:
+            raise InvalidArgument("inversion.null_embeddings", "null-text inversion's embeddings are required "
+                                  "(send the Invert result back as returned)")
+        if prox_edit.inversion_guidance and chain is None and invert_job is None:
+            raise InvalidArgument("inversion.chain", "inversion guidance needs the inverted chain: invert with "
+                                  "return_chain and send the result back, or invert in the same call")
         # The method's own checks, before the call is queued (and before any inversion in it).
         check_edit_options(target, steps, engine, guidance, p2p, masactrl)
         return EditJob(
@@ -228,6 +292,11 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             p2p=p2p,
             masactrl=masactrl,
             return_source=request.return_source,
+            method=method,
+            chain=chain,
+            null_embeddings=null_embeddings,
+            prox_edit=prox_edit,
+            preset=_PRESETS[request.preset],
         )
 
 
@@ -250,9 +319,22 @@ def _p2p_params(opts: inversion_pb2.P2POptions) -> P2PParams:
 
 
 def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions) -> MasaCtrlParams:
-    defaults = MasaCtrlParams()  # the reference's step 4, layer 10
+    defaults = MasaCtrlParams()  # the reference's step 4, layer 10, total_steps 50
     return MasaCtrlParams(start_step=_optional(opts, "start_step", defaults.start_step),
-                          start_layer=_optional(opts, "start_layer", defaults.start_layer))
+                          start_layer=_optional(opts, "start_layer", defaults.start_layer),
+                          end_step=_optional(opts, "end_step", defaults.end_step))
+
+
+def _prox_edit_params(opts: inversion_pb2.ProxEditOptions) -> ProxEditParams:
+    quantile = _optional(opts, "quantile", None)
+    if quantile is not None and not (np.isfinite(quantile) and 0.0 < quantile < 1.0):
+        raise InvalidArgument("prox_edit.quantile", f"must be in (0, 1), got {quantile}")
+    timestep = _optional(opts, "inversion_guidance_timestep", DEFAULT_INVERSION_GUIDANCE_TIMESTEP)
+    if timestep < 0:
+        raise InvalidArgument("prox_edit.inversion_guidance_timestep", f"must not be negative, got {timestep}")
+    return ProxEditParams(proximal_guidance=_optional(opts, "proximal_guidance", None), quantile=quantile,
+                          inversion_guidance=_optional(opts, "inversion_guidance", None),
+                          inversion_guidance_timestep=timestep)
 
 
 def _progress(event) -> common_pb2.Progress:
@@ -280,6 +362,9 @@ def _inversion_result(job: InvertJob, out, control) -> inversion_pb2.InversionRe
     )
     if job.return_chain:
         result.chain.CopyFrom(codecs.tensor_from_torch(chain, name="chain"))
+    if "null_embeddings" in out.extras:
+        result.null_embeddings.CopyFrom(codecs.tensor_from_torch(out.extras["null_embeddings"].float().cpu(),
+                                                                 name="null_embeddings"))
     for index, (timestep, residual, rounds) in enumerate(zip(out.timesteps, out.residuals, out.rounds), 1):
         result.diagnostics.add(index=index, timestep=int(timestep), residual=float(residual), rounds=int(rounds))
     return result
