@@ -43,7 +43,7 @@ def result_of(events):
 
 
 def invert(stub, **kwargs) -> inversion_pb2.InversionResult:
-    request = inversion_pb2.InvertRequest(image=image_from_pil(scene()), prompt=PROMPT, steps=3, **kwargs)
+    request = inversion_pb2.InvertRequest(image=image_from_pil(scene()), prompt=PROMPT, num_inference_steps=3, **kwargs)
     return result_of(stub.Invert(request, timeout=120))
 
 
@@ -68,7 +68,7 @@ def test_null_text_inversion_returns_embeddings_that_edit_takes_back(stub):
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Edit(inversion_pb2.EditRequest(inversion=result, target_prompt=TARGET), timeout=60))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violations(error.value) == ["inversion.null_embeddings"]
+    assert violations(error.value) == ["source"]
 
 
 @pytest.mark.parametrize("method", [inversion_pb2.NPI, inversion_pb2.PROXNPI, inversion_pb2.DIRECT_INVERSION,
@@ -85,7 +85,7 @@ def test_directinversion_without_its_chain_is_refused(stub):
     result = invert(stub, method=inversion_pb2.DIRECT_INVERSION)
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Edit(inversion_pb2.EditRequest(inversion=result, target_prompt=TARGET), timeout=60))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(error.value) == ["inversion.chain"]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(error.value) == ["source"]
 
 
 def test_check_first_option_reaches_spdinv(stub):
@@ -98,10 +98,10 @@ def test_check_first_option_reaches_spdinv(stub):
 
 
 @pytest.mark.parametrize("request_fields, field", [
-    (dict(prox_edit=inversion_pb2.ProxEditOptions(inversion_guidance=True)), "inversion.chain"),
-    (dict(prox_edit=inversion_pb2.ProxEditOptions(quantile=1.5)), "prox_edit.quantile"),
-    (dict(p2p=inversion_pb2.P2POptions(reweight={"green": 1e308})), "p2p.reweight"),
-    (dict(masactrl=inversion_pb2.MasaCtrlOptions(end_step=-1), engine=inversion_pb2.MASACTRL), "masactrl.end_step"),
+    (dict(prox_edit=inversion_pb2.ProxEditOptions(inversion_guidance=True)), "source"),
+    (dict(prox_edit=inversion_pb2.ProxEditOptions(quantile=1.5)), "quantile"),
+    (dict(p2p=inversion_pb2.P2POptions(reweight={"green": 1e308})), "reweight"),
+    (dict(masactrl=inversion_pb2.MasaCtrlOptions(end_step=-1), engine=inversion_pb2.MASACTRL), "end_step"),
     (dict(target_prompt="a green\x1ccircle on a blue background"), "target_prompt"),
 ])
 def test_bad_editing_options_name_the_field(stub, request_fields, field):

@@ -65,7 +65,7 @@ def test_null_text_inversion_reconstructs_better_than_ddim_under_guidance(model,
     assert torch.mean((with_nti.source_image - truth) ** 2) < torch.mean((with_null.source_image - truth) ** 2)
     with pytest.raises(InvalidArgument) as error:
         edit(model, nti.z_T, PROMPT, PROMPT, STEPS, method="nti")
-    assert [field for field, _ in error.value.violations] == ["inversion.null_embeddings"]
+    assert [field for field, _ in error.value.violations] == ["source"]
 
 
 def test_unknown_method_and_bad_options_are_invalid(model, image):

@@ -81,13 +81,13 @@ def test_inversion_guidance_needs_the_chain_when_asked(model, ddim_inversion, sc
     source, target = colour_edit(scene)
     with pytest.raises(InvalidArgument) as error:
         edit(model, ddim_inversion.z_T, source, target, STEPS, prox_edit=ProxEditParams(inversion_guidance=True))
-    assert "inversion.chain" in [field for field, _ in error.value.violations]
+    assert "source" in [field for field, _ in error.value.violations]
     with pytest.raises(InvalidArgument) as error:
         edit(model, ddim_inversion.z_T, source, target, STEPS, chain=ddim_inversion.chain[1:])
-    assert "inversion.chain" in [field for field, _ in error.value.violations]
+    assert "source" in [field for field, _ in error.value.violations]
     with pytest.raises(InvalidArgument) as error:
         edit(model, ddim_inversion.z_T, source, target, STEPS, prox_edit=ProxEditParams(quantile=1.0))
-    assert "prox_edit.quantile" in [field for field, _ in error.value.violations]
+    assert "quantile" in [field for field, _ in error.value.violations]
 
 
 def test_directinversion_source_branch_walks_the_chain(model, ddim_inversion, scene):
@@ -182,5 +182,5 @@ def test_reweight_beyond_float32_is_an_invalid_argument(model, ddim_inversion):
     with pytest.raises(InvalidArgument) as error:
         edit(model, ddim_inversion.z_T, "a red circle", "a blue circle", STEPS, control=control,
              p2p=P2PParams(reweight={"blue": 1e308}))
-    assert [field for field, _ in error.value.violations] == ["p2p.reweight"]
+    assert [field for field, _ in error.value.violations] == ["reweight"]
     assert control.forward_evaluations == 0

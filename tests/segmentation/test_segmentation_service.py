@@ -113,12 +113,12 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_masks(service, pr
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"points": [(WIDTH + 5, 10)]}, "prompt.points[0]"),
-    ({"points": [(10, -3)]}, "prompt.points[0]"),
-    ({}, "prompt"),
-    ({"points": [(10, 10)], "labels": [2]}, "prompt.points[0].label"),
-    ({"boxes": (40, 5, 10, 30)}, "prompt.boxes[0]"),
-    ({"points": [(10, 10)], "mask_input": np.zeros((8, 8), np.float32)}, "prompt.mask_input"),
+    ({"points": [(WIDTH + 5, 10)]}, "points[0]"),
+    ({"points": [(10, -3)]}, "points[0]"),
+    ({}, "points"),
+    ({"points": [(10, 10)], "labels": [2]}, "labels[0]"),
+    ({"boxes": (40, 5, 10, 30)}, "boxes[0]"),
+    ({"points": [(10, 10)], "mask_input": np.zeros((8, 8), np.float32)}, "mask_input"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(service, image, kwargs, field):
     with pytest.raises(atelier.InvalidArgumentError) as caught:
@@ -129,7 +129,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(service, image, kwargs, 
 def test_batch_bad_input_names_the_prompt_set(service, image):
     with pytest.raises(atelier.InvalidArgumentError) as caught:
         service.client.segmentation.segment_many(image, [{"points": [(1, 1)]}, {"boxes": (9, 9, 1, 1)}, {}])
-    assert [f for f, _ in caught.value.field_violations] == ["prompts[1].boxes[0]", "prompts[2]"]
+    assert [f for f, _ in caught.value.field_violations] == ["prompt_sets[1].boxes[0]", "prompt_sets[2]"]
 
 
 def test_image_over_the_size_limit_is_invalid_argument(sam_source):

@@ -74,17 +74,17 @@ def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParam
         violations.append(("target_prompt", "reweight mode scales the source prompt's attention: the target "
                            "prompt must equal the source prompt (combine reweight with replace/refine otherwise)"))
     if mode == "reweight" and not params.reweight:
-        violations.append(("p2p.reweight", "reweight mode needs at least one word -> scale entry"))
+        violations.append(("reweight", "reweight mode needs at least one word -> scale entry"))
     for word in params.reweight:
         if not word_positions(target, word):
-            violations.append(("p2p.reweight", f"word {word!r} is not in the target prompt"))
+            violations.append(("reweight", f"word {word!r} is not in the target prompt"))
     blend_weights = None
     if params.blend_words:
         blend_weights = torch.zeros(2, max_len)
         for word in params.blend_words:
             source_positions, target_positions = word_positions(source, word), word_positions(target, word)
             if not source_positions and not target_positions:
-                violations.append(("p2p.blend_words", f"word {word!r} is in neither the source nor the target prompt"))
+                violations.append(("blend_words", f"word {word!r} is in neither the source nor the target prompt"))
             blend_weights[0, source_positions] = 1.0
             blend_weights[1, target_positions] = 1.0
     if violations:
@@ -107,14 +107,14 @@ def _p2p_option_violations(target_prompt: str, params: P2PParams) -> list[tuple[
     if not target_prompt.strip():
         violations.append(("target_prompt", "must not be empty for Prompt-to-Prompt"))
     if params.mode not in MODES:
-        violations.append(("p2p.mode", f"unknown mode {params.mode!r}; expected one of {', '.join(MODES)}"))
-    _check_fraction(violations, "p2p.cross_replace_fraction", params.cross_replace_fraction)
-    _check_fraction(violations, "p2p.self_replace_fraction", params.self_replace_fraction)
-    _check_fraction(violations, "p2p.blend_threshold", params.blend_threshold)
-    _check_fraction(violations, "p2p.blend_start_fraction", params.blend_start_fraction)
+        violations.append(("mode", f"unknown mode {params.mode!r}; expected one of {', '.join(MODES)}"))
+    _check_fraction(violations, "cross_replace_fraction", params.cross_replace_fraction)
+    _check_fraction(violations, "self_replace_fraction", params.self_replace_fraction)
+    _check_fraction(violations, "blend_threshold", params.blend_threshold)
+    _check_fraction(violations, "blend_start_fraction", params.blend_start_fraction)
     for word, value in params.reweight.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= MAX_REWEIGHT):
-            violations.append(("p2p.reweight", f"scale of {word[:40]!r} must be a number in "
+            violations.append(("reweight", f"scale of {word[:40]!r} must be a number in "
                                f"[-{MAX_REWEIGHT:g}, {MAX_REWEIGHT:g}], got {value!r}"))
     return violations
 
@@ -127,18 +127,18 @@ def check_edit_options(target_prompt: str, steps: int, engine: str, guidance: fl
     if engine not in ENGINES:
         violations.append(("engine", f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}"))
     if not isinstance(steps, int) or steps < 1:
-        violations.append(("steps", f"must be a positive integer, got {steps!r}"))
+        violations.append(("num_inference_steps", f"must be a positive integer, got {steps!r}"))
     if not math.isfinite(guidance):
         violations.append(("guidance_scale", f"must be finite, got {guidance!r}"))
     if engine == "p2p":
         violations += _p2p_option_violations(target_prompt, p2p)
     if engine == "masactrl":
         if not isinstance(masactrl.start_step, int) or masactrl.start_step < 0:
-            violations.append(("masactrl.start_step", f"must be >= 0, got {masactrl.start_step!r}"))
+            violations.append(("start_step", f"must be >= 0, got {masactrl.start_step!r}"))
         if not isinstance(masactrl.end_step, int) or masactrl.end_step < 0:
-            violations.append(("masactrl.end_step", f"must be >= 0, got {masactrl.end_step!r}"))
+            violations.append(("end_step", f"must be >= 0, got {masactrl.end_step!r}"))
         if not isinstance(masactrl.start_layer, int) or not 0 <= masactrl.start_layer <= REFERENCE_LAYER_COUNT:
-            violations.append(("masactrl.start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
+            violations.append(("start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
                                f"(Stable Diffusion's self-attention layer numbering), got {masactrl.start_layer!r}"))
     if violations:
         raise InvalidArgument.many(violations)
@@ -169,18 +169,18 @@ def resolve_prox_edit(options: ProxEditParams, recipe: EditRecipe, engine: str, 
     violations = []
     quantile = proxedit.DEFAULT_QUANTILE[engine] if options.quantile is None else options.quantile
     if not (isinstance(quantile, (int, float)) and math.isfinite(quantile) and 0.0 < quantile < 1.0):
-        violations.append(("prox_edit.quantile", f"must be a number in (0, 1), got {quantile!r}"))
+        violations.append(("quantile", f"must be a number in (0, 1), got {quantile!r}"))
     if not isinstance(options.inversion_guidance_timestep, int) or options.inversion_guidance_timestep < 0:
-        violations.append(("prox_edit.inversion_guidance_timestep",
+        violations.append(("inversion_guidance_timestep",
                            f"must be a non-negative integer, got {options.inversion_guidance_timestep!r}"))
     prox = recipe.proximal_guidance if options.proximal_guidance is None else options.proximal_guidance
     guide = options.inversion_guidance
     if guide and engine != "p2p":
-        violations.append(("prox_edit.inversion_guidance", "SPDInv's pipeline runs it with P2P only"))
+        violations.append(("inversion_guidance", "SPDInv's pipeline runs it with P2P only"))
     if guide and not prox:
-        violations.append(("prox_edit.inversion_guidance", "needs proximal guidance (its mask comes from it)"))
+        violations.append(("inversion_guidance", "needs proximal guidance (its mask comes from it)"))
     if guide and not has_chain:
-        violations.append(("inversion.chain", "inversion guidance needs the inverted chain: invert with "
+        violations.append(("source", "inversion guidance needs the inverted chain: invert with "
                            "return_chain and send the result back, or invert in the same call"))
     if guide is None:
         guide = recipe.inversion_guidance and prox and engine == "p2p" and has_chain
@@ -213,7 +213,7 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     check_edit_options(target_prompt, steps, engine, guidance, p2p, masactrl)
     recipe = RECIPES.get(method)
     if recipe is None:
-        raise InvalidArgument("inversion.method", f"unknown inversion method {method!r}")
+        raise InvalidArgument("source", f"unknown inversion method {method!r}")
     check_method_inputs(recipe, steps, z_T, chain, null_embeddings)
     prox = resolve_prox_edit(prox_edit or ProxEditParams(), recipe, engine, chain is not None)
 
@@ -265,17 +265,17 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
 def check_method_inputs(recipe: EditRecipe, steps: int, z_T: torch.Tensor, chain, null_embeddings) -> None:
     violations = []
     if chain is not None and (chain.ndim != 4 or chain.shape[0] != steps + 1 or chain.shape[1:] != z_T.shape[1:]):
-        violations.append(("inversion.chain", f"expected z_0..z_T of shape ({steps + 1}, {', '.join(map(str, z_T.shape[1:]))})"
+        violations.append(("source", f"expected z_0..z_T of shape ({steps + 1}, {', '.join(map(str, z_T.shape[1:]))})"
                            f", got {tuple(chain.shape)}"))
     if recipe.pin_source and chain is None:
-        violations.append(("inversion.chain", "DirectInversion edits along the inverted chain: invert with "
+        violations.append(("source", "DirectInversion edits along the inverted chain: invert with "
                            "return_chain and send the result back, or invert in the same call"))
     if recipe.unconditional == "optimised":
         if null_embeddings is None:
-            violations.append(("inversion.null_embeddings", "null-text inversion's per-step embeddings are "
+            violations.append(("source", "null-text inversion's per-step embeddings are "
                                "required (send the Invert result back as returned)"))
         elif null_embeddings.ndim != 3 or null_embeddings.shape[0] != steps:
-            violations.append(("inversion.null_embeddings",
+            violations.append(("source",
                                f"expected ({steps}, L, D), got {tuple(null_embeddings.shape)}"))
     if violations:
         raise InvalidArgument.many(violations)
@@ -286,7 +286,7 @@ def _unconditional(model, recipe: EditRecipe, engine: str, embeddings: torch.Ten
     if recipe.unconditional == "optimised":
         per_step = null_embeddings.to(model.device, embeddings.dtype)
         if per_step.shape[1:] != embeddings.shape[1:]:
-            raise InvalidArgument("inversion.null_embeddings",
+            raise InvalidArgument("source",
                                   f"expected (steps, {', '.join(map(str, embeddings.shape[1:]))}), got {tuple(per_step.shape)}")
         return lambda step: per_step[step:step + 1].expand_as(embeddings)
     null = model.encode_prompt([""])

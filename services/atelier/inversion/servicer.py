@@ -35,6 +35,9 @@ _ENGINES = {
     inversion_pb2.P2P: "p2p",
     inversion_pb2.MASACTRL: "masactrl",
 }
+# InvertRequest field -> the SDK argument that sets it, in invert() and in edit() of an image.
+INVERT_ARGS = {name: name for name in ("image", "prompt", "method", "num_inference_steps", "model")}
+EDIT_INVERT_ARGS = {**INVERT_ARGS, "image": "source", "prompt": "source_prompt"}
 _P2P_MODES = {
     inversion_pb2.P2POptions.MODE_UNSPECIFIED: "auto",
     inversion_pb2.P2POptions.REPLACE: "replace",
@@ -97,7 +100,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
     # ---- RPCs -------------------------------------------------------------
     def Invert(self, request, context):
         # Errors raised here or in the work are mapped to statuses by the error interceptor.
-        job = self._parse_invert(request, prefix="")
+        job = self._parse_invert(request)
         yield from stream_call(
             context,
             self._executor,
@@ -153,13 +156,15 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         )
 
     # ---- request parsing (cheap, before the call is queued) -------------
+    # Field violations name the argument the SDK user passed (client.inversion.invert/edit),
+    # not the proto path: ``args`` maps an InvertRequest field to that argument.
     def _model_name(self, ref: common_pb2.ModelRef, field: str) -> str:
         name = ref.name or self._default_model
         self._registry.resolve(name)  # NotFound for unknown names
         return name
 
     def _steps(self, request, field: str) -> int:
-        steps = request.steps if request.HasField("steps") else 50
+        steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
         if not 1 <= steps <= self._limits.max_steps:
             raise InvalidArgument(field, f"must be between 1 and {self._limits.max_steps}, got {steps}")
         return steps
@@ -169,48 +174,46 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             raise InvalidArgument(field, f"longer than {self._limits.max_prompt_chars} characters")
         return text
 
-    def _parse_invert(self, request: inversion_pb2.InvertRequest, prefix: str) -> InvertJob:
+    def _parse_invert(self, request: inversion_pb2.InvertRequest, args: dict[str, str] = INVERT_ARGS) -> InvertJob:
         if not request.HasField("image"):
-            raise InvalidArgument(prefix + "image", "an image is required")
+            raise InvalidArgument(args["image"], "an image is required")
         image = codecs.image_to_torch(
-            request.image, field=prefix + "image", max_pixels=self._limits.max_pixels, multiple_of=8
+            request.image, field=args["image"], max_pixels=self._limits.max_pixels, multiple_of=8
         )
         if request.method not in _METHODS:
-            raise InvalidArgument(prefix + "method", f"unknown inversion method {request.method}")
+            raise InvalidArgument(args["method"], f"unknown inversion method {request.method}")
         method = _METHODS[request.method]
         opts = request.fixed_point if method == "fixed_point" else request.spdinv
         group = "fixed_point" if method == "fixed_point" else "spdinv"
         spdinv = {}
         if opts.HasField("max_rounds"):
             if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
-                raise InvalidArgument(
-                    f"{prefix}{group}.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}"
-                )
+                raise InvalidArgument("max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
             spdinv["max_rounds"] = opts.max_rounds
         names = ("loss_threshold",) if group == "fixed_point" else ("learning_rate", "loss_threshold", "weight_decay")
         for name in names:
             if opts.HasField(name):
                 value = getattr(opts, name)
                 if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                    raise InvalidArgument(f"{prefix}{group}.{name}", f"must be a finite positive number, got {value}")
+                    raise InvalidArgument(name, f"must be a finite positive number, got {value}")
                 spdinv[name] = value
         if group == "spdinv" and opts.HasField("check_first"):
             spdinv["check_first"] = opts.check_first
         if group == "fixed_point" and opts.HasField("anderson_memory"):
             if not 0 <= opts.anderson_memory <= 16:
-                raise InvalidArgument(f"{prefix}fixed_point.anderson_memory", "must be between 0 and 16")
+                raise InvalidArgument("anderson_memory", "must be between 0 and 16")
             spdinv["anderson_memory"] = opts.anderson_memory
         null_text_guidance = None
         if request.null_text.HasField("guidance_scale"):
             null_text_guidance = request.null_text.guidance_scale
             if not np.isfinite(null_text_guidance) or not 0.0 <= null_text_guidance <= 50.0:
-                raise InvalidArgument(f"{prefix}null_text.guidance_scale", "must be between 0 and 50")
+                raise InvalidArgument("null_text_guidance_scale", "must be between 0 and 50")
         return InvertJob(
-            model=self._model_name(request.model, prefix + "model"),
+            model=self._model_name(request.model, args["model"]),
             image=image,
-            prompt=self._prompt(request.prompt, prefix + "prompt"),
+            prompt=self._prompt(request.prompt, args["prompt"]),
             method=method,
-            steps=self._steps(request, prefix + "steps"),
+            steps=self._steps(request, args["num_inference_steps"]),
             return_chain=request.return_chain,
             spdinv=spdinv,
             null_text_guidance=null_text_guidance,
@@ -222,38 +225,39 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             raise InvalidArgument("source", "set either inversion (a result of Invert) or invert (a request)")
         invert_job, z_t, chain, null_embeddings = None, None, None, None
         if source == "invert":
-            invert_job = self._parse_invert(request.invert, prefix="invert.")
+            invert_job = self._parse_invert(request.invert, EDIT_INVERT_ARGS)
             model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
             method = invert_job.method
             height, width = invert_job.image.shape[2:]
         else:
+            # An Inversion sent back as is: whatever is wrong with it, the SDK argument is ``source``.
             inv = request.inversion
-            model = self._model_name(inv.model if inv.model.name else request.model, "inversion.model")
-            prompt = self._prompt(inv.prompt, "inversion.prompt")
-            steps = inv.steps
+            model = self._model_name(inv.model if inv.model.name else request.model, "source")
+            prompt = self._prompt(inv.prompt, "source")
+            steps = inv.num_inference_steps
             if not 1 <= steps <= self._limits.max_steps:
-                raise InvalidArgument("inversion.steps", f"must be between 1 and {self._limits.max_steps}")
-            z_t = codecs.tensor_to_torch(inv.z_t, field="inversion.z_t", shape=(1, 4, None, None)).float()
+                raise InvalidArgument("source", f"num_inference_steps must be between 1 and {self._limits.max_steps}")
+            z_t = codecs.tensor_to_torch(inv.z_t, field="source.z_t", shape=(1, 4, None, None)).float()
             height, width = inv.height, inv.width
             if (height, width) != (z_t.shape[2] * 8, z_t.shape[3] * 8):
-                raise InvalidArgument("inversion.width", "width/height do not match z_t's spatial size x 8")
+                raise InvalidArgument("source", "width/height do not match z_t's spatial size x 8")
             if height * width > self._limits.max_pixels:
-                raise InvalidArgument("inversion.z_t", f"larger than {self._limits.max_pixels} pixels")
+                raise InvalidArgument("source.z_t", f"larger than {self._limits.max_pixels} pixels")
             if not torch.isfinite(z_t).all():
-                raise InvalidArgument("inversion.z_t", "contains NaN or infinite values")
+                raise InvalidArgument("source.z_t", "contains NaN or infinite values")
             if inv.method not in _METHODS:
-                raise InvalidArgument("inversion.method", f"unknown inversion method {inv.method}")
+                raise InvalidArgument("source", f"unknown inversion method {inv.method}")
             method = _METHODS[inv.method]
             if inv.HasField("chain"):
-                chain = codecs.tensor_to_torch(inv.chain, field="inversion.chain",
+                chain = codecs.tensor_to_torch(inv.chain, field="source.chain",
                                                shape=(steps + 1, *z_t.shape[1:])).float()
                 if not torch.isfinite(chain).all():
-                    raise InvalidArgument("inversion.chain", "contains NaN or infinite values")
+                    raise InvalidArgument("source.chain", "contains NaN or infinite values")
             if inv.HasField("null_embeddings"):
-                null_embeddings = codecs.tensor_to_torch(inv.null_embeddings, field="inversion.null_embeddings",
+                null_embeddings = codecs.tensor_to_torch(inv.null_embeddings, field="source.null_embeddings",
                                                          shape=(steps, None, None)).float()
                 if not torch.isfinite(null_embeddings).all():
-                    raise InvalidArgument("inversion.null_embeddings", "contains NaN or infinite values")
+                    raise InvalidArgument("source.null_embeddings", "contains NaN or infinite values")
         if request.model.name and request.model.name != model:
             raise InvalidArgument("model", f"differs from the inversion's model {model!r}")
         engine = _ENGINES.get(request.engine)
@@ -268,13 +272,13 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             raise InvalidArgument("preset", f"unknown preset {request.preset}")
         prox_edit = _prox_edit_params(request.prox_edit)
         if method == "directinv" and chain is None and invert_job is None:
-            raise InvalidArgument("inversion.chain", "DirectInversion edits along the inverted chain: invert with "
+            raise InvalidArgument("source", "DirectInversion edits along the inverted chain: invert with "
                                   "return_chain and send the result back, or invert in the same call")
         if method == "nti" and null_embeddings is None and invert_job is None:
-            raise InvalidArgument("inversion.null_embeddings", "null-text inversion's embeddings are required "
+            raise InvalidArgument("source", "null-text inversion's embeddings are required "
                                   "(send the Invert result back as returned)")
         if prox_edit.inversion_guidance and chain is None and invert_job is None:
-            raise InvalidArgument("inversion.chain", "inversion guidance needs the inverted chain: invert with "
+            raise InvalidArgument("source", "inversion guidance needs the inverted chain: invert with "
                                   "return_chain and send the result back, or invert in the same call")
         # The method's own checks, before the call is queued (and before any inversion in it).
         check_edit_options(target, steps, engine, guidance, p2p, masactrl)
@@ -306,7 +310,7 @@ def _optional(opts, name: str, default):
 
 def _p2p_params(opts: inversion_pb2.P2POptions) -> P2PParams:
     if opts.mode not in _P2P_MODES:
-        raise InvalidArgument("p2p.mode", f"unknown mode {opts.mode}")
+        raise InvalidArgument("mode", f"unknown mode {opts.mode}")
     defaults = P2PParams()
     return P2PParams(
         mode=_P2P_MODES[opts.mode],
@@ -328,10 +332,10 @@ def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions) -> MasaCtrlParams:
 def _prox_edit_params(opts: inversion_pb2.ProxEditOptions) -> ProxEditParams:
     quantile = _optional(opts, "quantile", None)
     if quantile is not None and not (np.isfinite(quantile) and 0.0 < quantile < 1.0):
-        raise InvalidArgument("prox_edit.quantile", f"must be in (0, 1), got {quantile}")
+        raise InvalidArgument("quantile", f"must be in (0, 1), got {quantile}")
     timestep = _optional(opts, "inversion_guidance_timestep", DEFAULT_INVERSION_GUIDANCE_TIMESTEP)
     if timestep < 0:
-        raise InvalidArgument("prox_edit.inversion_guidance_timestep", f"must not be negative, got {timestep}")
+        raise InvalidArgument("inversion_guidance_timestep", f"must not be negative, got {timestep}")
     return ProxEditParams(proximal_guidance=_optional(opts, "proximal_guidance", None), quantile=quantile,
                           inversion_guidance=_optional(opts, "inversion_guidance", None),
                           inversion_guidance_timestep=timestep)
@@ -354,7 +358,7 @@ def _inversion_result(job: InvertJob, out, control) -> inversion_pb2.InversionRe
         model=common_pb2.ModelRef(name=job.model),
         prompt=job.prompt,
         method=_METHOD_ENUMS[job.method],
-        steps=job.steps,
+        num_inference_steps=job.steps,
         width=width,
         height=height,
         z_t=codecs.tensor_from_torch(chain[-1:], name="z_T"),

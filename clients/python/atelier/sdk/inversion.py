@@ -41,7 +41,7 @@ class StepDiagnostics:
 @dataclass(frozen=True, eq=False)
 class Inversion:
     """An inverted image. ``z_T``: (1, 4, H/8, W/8) float32; ``chain``: z_0..z_T,
-    (steps+1, 4, H/8, W/8), when requested. ``proto`` is the server's result,
+    (num_inference_steps+1, 4, H/8, W/8), when requested. ``proto`` is the server's result,
     sent back as is by ``edit``; ``to_bytes``/``from_bytes`` persist it."""
 
     z_T: np.ndarray
@@ -50,7 +50,7 @@ class Inversion:
     usage: Usage
     prompt: str
     method: str
-    steps: int
+    num_inference_steps: int
     width: int
     height: int
     model: str
@@ -65,7 +65,7 @@ class Inversion:
             usage=Usage.from_proto(msg.usage),
             prompt=msg.prompt,
             method=_METHOD_NAMES.get(msg.method, str(msg.method)),
-            steps=msg.steps,
+            num_inference_steps=msg.num_inference_steps,
             width=msg.width,
             height=msg.height,
             model=msg.model.name,
@@ -113,7 +113,7 @@ class InversionClient:
         image: ImageLike,
         prompt: str,
         method: str = "spdinv",
-        steps: int = 50,
+        num_inference_steps: int = 50,
         return_chain: bool = False,
         max_rounds: Optional[int] = None,
         learning_rate: Optional[float] = None,
@@ -130,7 +130,7 @@ class InversionClient:
         loss threshold 5e-6, weight decay 1e-2).
         """
         request = self._invert_request(
-            image, prompt, method, steps, return_chain, max_rounds, learning_rate, loss_threshold, weight_decay, model
+            image, prompt, method, num_inference_steps, return_chain, max_rounds, learning_rate, loss_threshold, weight_decay, model
         )
         result = self._transport.stream(self._stub.Invert, request, timeout, progress, cancel=cancel)
         return Inversion.from_proto(result)
@@ -140,14 +140,14 @@ class InversionClient:
         source: Union[Inversion, inversion_pb2.InversionResult, PILImage.Image, np.ndarray],
         target_prompt: str,
         engine: str = "p2p",
-        guidance: Optional[float] = 7.5,
+        guidance_scale: Optional[float] = 7.5,
         *,
         source_prompt: Optional[str] = None,
         method: Optional[str] = None,
-        steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         mode: Optional[str] = None,
-        cross_replace: Optional[float] = None,
-        self_replace: Optional[float] = None,
+        cross_replace_fraction: Optional[float] = None,
+        self_replace_fraction: Optional[float] = None,
         reweight: Optional[dict[str, float]] = None,
         blend_words: Optional[Sequence[str]] = None,
         blend_threshold: Optional[float] = None,
@@ -162,9 +162,9 @@ class InversionClient:
 
         ``source`` is an ``Inversion`` (from ``invert``) or an image; an image needs
         ``source_prompt`` and is inverted in the same call with ``method`` (default
-        "spdinv") and ``steps`` (default 50). ``engine="p2p"`` takes ``mode``
+        "spdinv") and ``num_inference_steps`` (default 50). ``engine="p2p"`` takes ``mode``
         ("replace", "refine", "reweight"; default: chosen by the server),
-        ``cross_replace``/``self_replace`` fractions, ``reweight`` {word: scale},
+        ``cross_replace_fraction``/``self_replace_fraction``, ``reweight`` {word: scale},
         ``blend_words`` and ``blend_threshold``; ``engine="masactrl"`` takes
         ``start_step`` and ``start_layer``. Use ``edit_result`` for the source
         reconstruction and usage as well.
@@ -177,15 +177,15 @@ class InversionClient:
         source: Union[Inversion, inversion_pb2.InversionResult, PILImage.Image, np.ndarray],
         target_prompt: str,
         engine: str = "p2p",
-        guidance: Optional[float] = 7.5,
+        guidance_scale: Optional[float] = 7.5,
         *,
         return_source: bool = False,
         source_prompt: Optional[str] = None,
         method: Optional[str] = None,
-        steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         mode: Optional[str] = None,
-        cross_replace: Optional[float] = None,
-        self_replace: Optional[float] = None,
+        cross_replace_fraction: Optional[float] = None,
+        self_replace_fraction: Optional[float] = None,
         reweight: Optional[dict[str, float]] = None,
         blend_words: Optional[Sequence[str]] = None,
         blend_threshold: Optional[float] = None,
@@ -212,7 +212,7 @@ class InversionClient:
 
     @staticmethod
     def _invert_request(
-        image, prompt, method, steps, return_chain, max_rounds, learning_rate, loss_threshold, weight_decay, model
+        image, prompt, method, num_inference_steps, return_chain, max_rounds, learning_rate, loss_threshold, weight_decay, model
     ) -> inversion_pb2.InvertRequest:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -221,7 +221,7 @@ class InversionClient:
             image=to_image_proto(image),
             prompt=prompt,
             method=choice(method, _METHODS, "inversion method"),
-            steps=steps,
+            num_inference_steps=num_inference_steps,
             return_chain=return_chain,
         )
         spdinv = {
@@ -240,14 +240,14 @@ class InversionClient:
         source,
         target_prompt: str,
         engine: str,
-        guidance: Optional[float],
+        guidance_scale: Optional[float],
         return_source: bool,
         source_prompt: Optional[str],
         method: Optional[str],
-        steps: Optional[int],
+        num_inference_steps: Optional[int],
         mode: Optional[str],
-        cross_replace: Optional[float],
-        self_replace: Optional[float],
+        cross_replace_fraction: Optional[float],
+        self_replace_fraction: Optional[float],
         reweight: Optional[dict[str, float]],
         blend_words: Optional[Sequence[str]],
         blend_threshold: Optional[float],
@@ -264,28 +264,28 @@ class InversionClient:
             engine=engine_value,
             return_source=return_source,
         )
-        if guidance is not None:
-            request.guidance_scale = guidance
+        if guidance_scale is not None:
+            request.guidance_scale = guidance_scale
 
         if isinstance(source, Inversion):
             source = source.proto
         if isinstance(source, inversion_pb2.InversionResult):
-            self._check_matches_inversion(source, source_prompt, method, steps)
+            self._check_matches_inversion(source, source_prompt, method, num_inference_steps)
             request.inversion.CopyFrom(source)
         else:
             if source_prompt is None:
                 raise ValueError("source_prompt is required when editing an image (it is inverted in the same call)")
             request.invert.CopyFrom(
                 self._invert_request(
-                    source, source_prompt, method or "spdinv", 50 if steps is None else steps, False,
+                    source, source_prompt, method or "spdinv", 50 if num_inference_steps is None else num_inference_steps, False,
                     None, None, None, None, model,
                 )
             )
 
         p2p = {
             "mode": mode,
-            "cross_replace": cross_replace,
-            "self_replace": self_replace,
+            "cross_replace_fraction": cross_replace_fraction,
+            "self_replace_fraction": self_replace_fraction,
             "reweight": reweight,
             "blend_words": blend_words,
             "blend_threshold": blend_threshold,
@@ -296,10 +296,10 @@ class InversionClient:
         if foreign:
             raise ValueError(f"{', '.join(foreign)} do not apply to engine={engine!r}")
         request.p2p.mode = choice(mode, _P2P_MODES, "p2p mode")
-        if cross_replace is not None:
-            request.p2p.cross_replace_fraction = cross_replace
-        if self_replace is not None:
-            request.p2p.self_replace_fraction = self_replace
+        if cross_replace_fraction is not None:
+            request.p2p.cross_replace_fraction = cross_replace_fraction
+        if self_replace_fraction is not None:
+            request.p2p.self_replace_fraction = self_replace_fraction
         if blend_threshold is not None:
             request.p2p.blend_threshold = blend_threshold
         request.p2p.reweight.update(reweight or {})
@@ -311,7 +311,7 @@ class InversionClient:
         return request
 
     @staticmethod
-    def _check_matches_inversion(inversion, source_prompt, method, steps) -> None:
+    def _check_matches_inversion(inversion, source_prompt, method, num_inference_steps) -> None:
         """Options that only apply to an image must not contradict a given inversion."""
         mismatches = []
         if source_prompt is not None and source_prompt != inversion.prompt:
@@ -319,7 +319,9 @@ class InversionClient:
         inverted_with = _METHOD_NAMES.get(inversion.method)
         if method is not None and choice(method, _METHODS, "inversion method") != _METHODS.get(inverted_with):
             mismatches.append(f"method {method!r} (inverted with {inverted_with!r})")
-        if steps is not None and steps != inversion.steps:
-            mismatches.append(f"steps {steps} (inverted with {inversion.steps})")
+        if num_inference_steps is not None and num_inference_steps != inversion.num_inference_steps:
+            mismatches.append(
+                f"num_inference_steps {num_inference_steps} (inverted with {inversion.num_inference_steps})"
+            )
         if mismatches:
             raise ValueError("the inversion given does not match: " + "; ".join(mismatches))

@@ -186,7 +186,7 @@ class SegmentationClient:
         request = segmentation_pb2.SegmentBatchRequest(
             model=common_pb2.ModelRef(name=model or ""),
             image=to_image_proto(image),
-            prompts=prompts,
+            prompt_sets=prompts,
             options=_options(multimask, mask_threshold),
         )
         response = self._transport.unary(self._stub.SegmentBatch, request, timeout, cancel=cancel)

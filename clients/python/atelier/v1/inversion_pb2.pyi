@@ -75,12 +75,12 @@ class FixedPointOptions(_message.Message):
     def __init__(self, max_rounds: _Optional[int] = ..., loss_threshold: _Optional[float] = ..., anderson_memory: _Optional[int] = ...) -> None: ...
 
 class InvertRequest(_message.Message):
-    __slots__ = ("model", "image", "prompt", "method", "steps", "return_chain", "spdinv", "null_text", "fixed_point")
+    __slots__ = ("model", "image", "prompt", "method", "num_inference_steps", "return_chain", "spdinv", "null_text", "fixed_point")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
-    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     RETURN_CHAIN_FIELD_NUMBER: _ClassVar[int]
     SPDINV_FIELD_NUMBER: _ClassVar[int]
     NULL_TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -89,12 +89,12 @@ class InvertRequest(_message.Message):
     image: _tensor_pb2.Image
     prompt: str
     method: InversionMethod
-    steps: int
+    num_inference_steps: int
     return_chain: bool
     spdinv: SPDInvOptions
     null_text: NullTextOptions
     fixed_point: FixedPointOptions
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., steps: _Optional[int] = ..., return_chain: _Optional[bool] = ..., spdinv: _Optional[_Union[SPDInvOptions, _Mapping]] = ..., null_text: _Optional[_Union[NullTextOptions, _Mapping]] = ..., fixed_point: _Optional[_Union[FixedPointOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., num_inference_steps: _Optional[int] = ..., return_chain: _Optional[bool] = ..., spdinv: _Optional[_Union[SPDInvOptions, _Mapping]] = ..., null_text: _Optional[_Union[NullTextOptions, _Mapping]] = ..., fixed_point: _Optional[_Union[FixedPointOptions, _Mapping]] = ...) -> None: ...
 
 class StepDiagnostics(_message.Message):
     __slots__ = ("index", "timestep", "residual", "rounds")
@@ -109,11 +109,11 @@ class StepDiagnostics(_message.Message):
     def __init__(self, index: _Optional[int] = ..., timestep: _Optional[int] = ..., residual: _Optional[float] = ..., rounds: _Optional[int] = ...) -> None: ...
 
 class InversionResult(_message.Message):
-    __slots__ = ("model", "prompt", "method", "steps", "width", "height", "z_t", "chain", "diagnostics", "usage", "null_embeddings")
+    __slots__ = ("model", "prompt", "method", "num_inference_steps", "width", "height", "z_t", "chain", "diagnostics", "usage", "null_embeddings")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
-    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     Z_T_FIELD_NUMBER: _ClassVar[int]
@@ -124,7 +124,7 @@ class InversionResult(_message.Message):
     model: _common_pb2.ModelRef
     prompt: str
     method: InversionMethod
-    steps: int
+    num_inference_steps: int
     width: int
     height: int
     z_t: _tensor_pb2.Tensor
@@ -132,7 +132,7 @@ class InversionResult(_message.Message):
     diagnostics: _containers.RepeatedCompositeFieldContainer[StepDiagnostics]
     usage: _common_pb2.Usage
     null_embeddings: _tensor_pb2.Tensor
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., steps: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., z_t: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., chain: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., diagnostics: _Optional[_Iterable[_Union[StepDiagnostics, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., null_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., num_inference_steps: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., z_t: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., chain: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., diagnostics: _Optional[_Iterable[_Union[StepDiagnostics, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., null_embeddings: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class InvertEvent(_message.Message):
     __slots__ = ("progress", "result")
