@@ -40,6 +40,7 @@ def invert_all(model, edits, methods, steps: int, guidance: float) -> dict[tuple
     and cost); NTI adds its embedding optimisation to its own DDIM run."""
     inversions = {}
     for edit_ in edits:
+        print(f"inverting source {edit_.source_id}", flush=True)
         if any((edit_.source_id, m) in inversions for m in methods):
             continue
         image = edit_.source_tensor()
@@ -60,7 +61,8 @@ def run_table(model, evaluator, edits, methods=METHODS, engines=ENGINES, steps: 
     """One row per (edit, method, engine)."""
     inversions = invert_all(model, edits, methods, steps, guidance)
     rows = []
-    for edit_ in edits:
+    for number, edit_ in enumerate(edits, 1):
+        print(f"edit {number}/{len(edits)}: {edit_.kind}", flush=True)
         source01 = (edit_.source_tensor() + 1) / 2
         for method in methods:
             inv = inversions[(edit_.source_id, method)]

@@ -76,6 +76,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5],
                         help="guidances for the (reported) reconstruction PSNR")
+    parser.add_argument("--fixed-point-thresholds", type=float, nargs="*", default=[],
+                        help="extra fixed_point rows at these deltas (its cost at SPDInv's residual)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per method; fastest kept")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on shared CPUs)")
     args = parser.parse_args(argv)
@@ -98,10 +100,13 @@ def main(argv=None):
         results, best_seconds = {}, {}
         # Interleaved repeats, fastest kept: on a shared CPU the minimum is the least noisy estimate.
         for _ in range(args.repeats):
-            for method in ("ddim", "spdinv", "spdinv-check-first", "fixed_point"):
-                out = invert(model, image, PROMPT, method=method.removesuffix("-check-first"), steps=steps,
+            extra = [f"fixed_point@{delta:g}" for delta in args.fixed_point_thresholds]
+            for method in ("ddim", "spdinv", "spdinv-check-first", "fixed_point", *extra):
+                name, _, delta = method.partition("@")
+                out = invert(model, image, PROMPT, method=name.removesuffix("-check-first"), steps=steps,
                              control=CallControl(), max_rounds=args.rounds, learning_rate=args.lr,
-                             loss_threshold=args.threshold, check_first=method.endswith("check-first"))
+                             loss_threshold=float(delta) if delta else args.threshold,
+                             check_first=method.endswith("check-first"))
                 seconds = out.seconds
                 results[method] = (out.chain, out.forward_evaluations, out.backward_evaluations, out.rounds,
                                    out.residuals)
