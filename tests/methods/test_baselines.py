@@ -73,3 +73,18 @@ def test_unknown_method_and_bad_options_are_invalid(model, image):
         invert(model, image, PROMPT, method="edict", steps=STEPS)
     with pytest.raises(InvalidArgument):
         invert(model, image, PROMPT, method="fixed_point", steps=STEPS, anderson_memory=-1)
+
+
+@pytest.mark.parametrize("method", ["nti", "fixed_point"])
+def test_cancellation_stops_the_baselines_within_one_evaluation(model, image, method):
+    from atelier.core.errors import Cancelled
+
+    calls = []
+    handle = model.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    control = CallControl(is_cancelled=lambda: control.forward_evaluations + control.backward_evaluations >= 9)
+    try:
+        with pytest.raises(Cancelled):
+            invert(model, image, PROMPT, method=method, steps=STEPS, control=control, loss_threshold=0.0)
+    finally:
+        handle.remove()
+    assert len(calls) == 9
