@@ -10,6 +10,8 @@ alignment by the world evaluator, inversion time and UNet evaluations. Seeds are
     make bench-inversion            # or: .venv/bin/python bench/bench_inversion_table.py [--steps 25]
 
 Writes docs/benchmarks/inversion.md, docs/benchmarks/inversion_*.png and a JSON of every row.
+On a shared machine the work may be split by source scene into processes and merged:
+    bench_inversion_table.py --shard 0/3 & ... --shard 2/3; bench_inversion_table.py --merge 3
 """
 from __future__ import annotations
 
@@ -40,9 +42,9 @@ def invert_all(model, edits, methods, steps: int, guidance: float) -> dict[tuple
     and cost); NTI adds its embedding optimisation to its own DDIM run."""
     inversions = {}
     for edit_ in edits:
-        print(f"inverting source {edit_.source_id}", flush=True)
         if any((edit_.source_id, m) in inversions for m in methods):
             continue
+        print(f"inverting source {edit_.source_id}", flush=True)
         image = edit_.source_tensor()
         ddim = None
         for method in methods:
@@ -197,15 +199,33 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--sources", type=int, default=8, help="one-object source scenes (3 edits each)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--shard", default="", help="i/n: only the source scenes with id %% n == i; rows to a JSON")
+    parser.add_argument("--merge", type=int, default=0, help="merge n shards' JSON into the report")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        shards = [json.loads((out / f"inversion_shard{i}.json").read_text()) for i in range(args.merge)]
+        rows = [row for shard in shards for row in shard["rows"]]
+        write_report(rows, args, out, max(shard["wall"] for shard in shards))
+        for i in range(args.merge):
+            (out / f"inversion_shard{i}.json").unlink()
+        print((out / "inversion.md").read_text())
+        return
     torch.manual_seed(0)
     model = ModelRegistry().load_sd("toy")
     evaluator = load_evaluator()
     edits = edit_bench.edit_set(one_object_sources=args.sources, seed=args.seed)
+    if args.shard:
+        index, count = (int(v) for v in args.shard.split("/"))
+        edits = [e for e in edits if e.source_id % count == index]
     started = time.perf_counter()
     rows = run_table(model, evaluator, edits, steps=args.steps, guidance=args.guidance)
     wall = time.perf_counter() - started
-    write_report(rows, args, Path(args.out), wall)
+    if args.shard:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"inversion_shard{index}.json").write_text(json.dumps({"rows": rows, "wall": wall}))
+        return
+    write_report(rows, args, out, wall)
     print((Path(args.out) / "inversion.md").read_text())
 
 
