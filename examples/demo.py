@@ -48,10 +48,10 @@ def main() -> int:
         residual = float(np.mean([d.residual for d in inversion.diagnostics]))
         print(f"{method}: z_T {inversion.z_T.shape}, mean fixed-point residual {residual:.3e}, usage {inversion.usage}")
         reconstruction = client.inversion.edit(inversion, source_prompt, engine="p2p", guidance_scale=args.guidance_scale)
-        reconstruction.save(out / f"{method}_reconstruction.png")
+        reconstruction.image.save(out / f"{method}_reconstruction.png")
         for engine, target in (("p2p", "a green circle on a blue background"), ("masactrl", "a red square on a blue background")):
             edited = client.inversion.edit(inversion, target, engine=engine, guidance_scale=args.guidance_scale, progress=True)
-            edited.save(out / f"{method}_{engine}.png")
+            edited.image.save(out / f"{method}_{engine}.png")
             print(f"  {engine}: '{target}' -> {out / f'{method}_{engine}.png'}")
 
     if hasattr(client, "segmentation"):

@@ -74,8 +74,8 @@ def test_invert_then_edit_round_trip(service):
     assert inv.usage.unet_forward_evaluations + inv.usage.unet_backward_evaluations >= 4
     assert events and events[-1].step == events[-1].total
     edited = client.inversion.edit(inv, "a green circle on a blue background", engine="p2p")
-    assert edited.size == (64, 64) and edited.mode == "RGB"
-    both = client.inversion.edit_result(inv, "a red square on a blue background", engine="masactrl", return_source=True)
+    assert edited.image.size == (64, 64) and edited.image.mode == "RGB" and edited.source_image is None
+    both = client.inversion.edit(inv, "a red square on a blue background", engine="masactrl", return_source=True)
     assert both.image.size == both.source_image.size == (64, 64)
     assert both.usage.unet_forward_evaluations == 4  # one batched UNet call per step
 
@@ -84,7 +84,7 @@ def test_edit_inverts_an_image_in_the_same_call(service):
     _, _, client = service
     edited = client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
                                    method="ddim", num_inference_steps=3)
-    assert edited.size == (64, 64)
+    assert edited.image.size == (64, 64)
 
 
 def test_ddim_chain_is_deterministic_and_spdinv_lowers_the_residual(service):
@@ -227,3 +227,36 @@ def test_bad_edit_options_are_refused_before_any_compute(service):
                               num_inference_steps=5, cross_replace_fraction=1.5, start_step=None)
     assert [f for f, _ in info.value.field_violations] == ["cross_replace_fraction"]
     assert unet_evaluations(metrics) == before  # the inversion in the same call never ran
+
+
+def test_the_asyncio_client_inverts_and_edits_like_the_sync_one(service):
+    import asyncio
+
+    import atelier.aio
+
+    running, _, client = service
+    want = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3)
+
+    async def main():
+        async with atelier.aio.Client(inversion=running.address, timeout=120) as aio_client:
+            inv = await aio_client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3)
+            edited = await aio_client.inversion.edit(inv, "a green circle on a blue background")
+            return inv, edited
+
+    inv, edited = asyncio.run(main())
+    np.testing.assert_array_equal(inv.z_T, want.z_T)  # DDIM inversion is deterministic
+    assert edited.image.size == (64, 64)
+
+
+def test_edit_of_an_image_names_the_edit_arguments(service):
+    _, _, client = service
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(60), "a green circle on a blue background", source_prompt=PROMPT)
+    assert [f.split(".")[0] for f, _ in info.value.field_violations] == ["source"]  # not invert.image
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
+                              num_inference_steps=0)
+    assert [f for f, _ in info.value.field_violations] == ["num_inference_steps"]
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt="x" * 5000)
+    assert [f for f, _ in info.value.field_violations] == ["source_prompt"]

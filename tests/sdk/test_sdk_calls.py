@@ -74,7 +74,7 @@ def test_status_codes_map_to_typed_errors_without_retry(fake_and_client, code, e
 
 def test_rich_details_other_than_bad_request_are_unpacked(fake_and_client):
     fake, client = fake_and_client
-    retry_info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=250_000_000))
+    retry_info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=2_000_000))
     error_info = error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain="atelier")
 
     def saturated(request, context, attempt):
@@ -84,8 +84,9 @@ def test_rich_details_other_than_bad_request_are_unpacked(fake_and_client):
     fake.invert_behaviour = saturated
     with pytest.raises(atelier.ResourceExhaustedError) as caught:
         client.inversion.invert(IMAGE, "x")
-    assert caught.value.retry_delay == 0.25
+    assert caught.value.retry_delay == 0.002
     assert error_info in caught.value.details
+    assert fake.attempts == FAST_RETRIES.max_attempts  # RetryInfo makes it retryable, within the bound
 
 
 def test_unavailable_is_retried_until_it_succeeds(fake_and_client):

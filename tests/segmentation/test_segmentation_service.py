@@ -176,3 +176,25 @@ def test_sdk_rejects_malformed_arguments_before_sending(service, image):
         segmentation.segment_many(image, [{"points": [(1, 1)]}, {"points": [(1, 2, 3)]}])
     with pytest.raises(ValueError, match="prompt_sets"):
         segmentation.segment_many(image, [])
+
+
+def test_the_asyncio_client_gets_the_same_masks_concurrently(service, image):
+    import asyncio
+
+    import atelier.aio
+
+    want = service.client.segmentation.segment(image, points=[(10, 20)])
+    many_want = service.client.segmentation.segment_many(image, [{"points": [(10, 20)]}, {"boxes": (5, 5, 40, 30)}])
+
+    async def main():
+        async with atelier.aio.Client(segmentation=service.running.address, timeout=60) as client:
+            assert await client.ready()
+            singles = await asyncio.gather(*(client.segmentation.segment(image, points=[(10, 20)]) for _ in range(4)))
+            many = await client.segmentation.segment_many(image, [{"points": [(10, 20)]}, {"boxes": (5, 5, 40, 30)}])
+            return singles, many
+
+    singles, many = asyncio.run(main())
+    for result in singles:
+        np.testing.assert_array_equal(result.masks, want.masks)
+    for got, expected in zip(many, many_want):
+        np.testing.assert_array_equal(got.masks, expected.masks)

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from atelier.core import auth
 from atelier.sdk import channel_options
 
 __all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries"]
@@ -57,6 +58,8 @@ class ServerConfig:
     device: Optional[str] = None  # None: auto (CUDA fp16 when present, else CPU fp32)
     # Service-specific settings parsed by the ``add_arguments`` hook of from_args.
     extras: dict = field(default_factory=dict)
+    # Bearer tokens, TLS, and this service's credentials for calls to others (core/auth.py).
+    auth: auth.AuthConfig = field(default_factory=auth.AuthConfig)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return channel_options.server_options(
@@ -117,9 +120,14 @@ class ServerConfig:
                             help="JSON object {name: source} [ATELIER_MODELS_FILE]")
         parser.add_argument("--device", default=env_default("ATELIER_DEVICE", None),
                             help="torch device, e.g. cuda:0 or cpu; default auto [ATELIER_DEVICE]")
+        auth.add_arguments(parser, env)
         if add_arguments is not None:
             add_arguments(parser)
         args = parser.parse_args(argv)
+        try:
+            auth_config = auth.from_args(args, env)
+        except ValueError as error:
+            parser.error(str(error))
 
         try:
             models = parse_model_entries(env.get("ATELIER_MODELS", "").split(";"), "ATELIER_MODELS")
@@ -139,7 +147,7 @@ class ServerConfig:
                 parser.error(message)
 
         core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
-                "max_image_pixels", "model", "models_file", "device"}
+                "max_image_pixels", "model", "models_file", "device", *auth.AUTH_DESTS}
         extras = {dest: value for dest, value in vars(args).items() if dest not in core}
         return cls(
             service=service,
@@ -154,4 +162,5 @@ class ServerConfig:
             models_file=args.models_file,
             device=args.device,
             extras=extras,
+            auth=auth_config,
         )

@@ -23,9 +23,11 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from atelier.core import auth
 from atelier.core.config import ServerConfig
 from atelier.core.interceptors import ErrorInterceptor, MetricsInterceptor, Readiness
 from atelier.core.metrics import Metrics, default_metrics
+from atelier.core.reflection import enable_reflection
 
 __all__ = ["App", "RunningServer", "ServerConfig", "start", "serve"]
 
@@ -144,7 +146,7 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
     threads = config.max_queue + 1 + _SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"grpc-{app.name}"),
-        interceptors=[MetricsInterceptor(metrics), ErrorInterceptor(readiness)],
+        interceptors=[MetricsInterceptor(metrics), *auth.server_interceptors(config.auth), ErrorInterceptor(readiness)],
         options=config.grpc_options(),
         # Beyond this gRPC answers RESOURCE_EXHAUSTED itself instead of letting
         # requests (each up to max_message_bytes) pile up in memory.
@@ -155,10 +157,11 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.add_to_server(server)
-    reflection.enable_server_reflection(
-        (*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    # Reflection from descriptors that carry the .proto comments (grpcurl describe shows them).
+    enable_reflection((*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = auth.server_credentials(config.auth)
+    bind = f"{config.host}:{config.port}"
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
     server.start()
