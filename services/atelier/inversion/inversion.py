@@ -173,6 +173,8 @@ def _spdinv_chain_check_first(model, z0, cond, schedule, control, max_rounds, le
     With this order the residual is worse than the reference's at 94-98% of steps (median ratio
     1.31 at 25 steps, 2.59 at 50); at 50 steps 172 of 200 steps take zero rounds (plain DDIM),
     and guidance-1 regeneration reaches 44.9 dB against the reference order's 48.2 (DDIM 42.5).
+    bench/bench_spdinv.py on its scene: 31.7 vs 45.0 dB at 50 steps (DDIM 31.4), for half the
+    backward passes (44 vs 93).
 
     The first check of a step (often the only one) and the final check after K steps also carry
     eps(z_t, t_next), the next step's DDIM estimate, in the same UNet batch. Evaluations that
