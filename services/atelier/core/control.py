@@ -1,8 +1,8 @@
 """Per-call control: deadline, cancellation, progress, UNet-evaluation accounting.
 
 Method code calls ``control.unet()`` exactly once immediately before every UNet
-call, so a deadline or a client cancel stops the work after at most one more
-evaluation.
+call (``control.decoder()`` before every VAE-decoder forward+backward), so a deadline
+or a client cancel stops the work after at most one more evaluation.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class CallControl:
         self._metrics = metrics
         self.forward_evaluations = 0
         self.backward_evaluations = 0
+        self.decoder_backward_evaluations = 0
         self.created_at = time.monotonic()
         self.started_at: Optional[float] = None
 
@@ -81,6 +82,13 @@ class CallControl:
             self.forward_evaluations += 1
         metrics = self._metrics if self._metrics is not None else default_metrics()
         metrics.unet_evaluations.labels(kind="backward" if backward else "forward").inc()
+
+    def decoder(self) -> None:
+        """Check, then count one VAE-decoder forward+backward pass (GradOP+'s optimisation)."""
+        self.check()
+        self.decoder_backward_evaluations += 1
+        metrics = self._metrics if self._metrics is not None else default_metrics()
+        metrics.decoder_evaluations.inc()
 
     # ---- progress
     def progress(self, stage: str, step: int, total: int, message: str = "") -> ProgressEvent:

@@ -8,12 +8,15 @@ import numpy as np
 import torch
 
 from atelier.core import codecs
+from atelier.core.admission import charge_response
+from atelier.core.catalog import ListModelsRpc
 from atelier.core.errors import InvalidArgument
-from atelier.core.models import ModelRegistry
+from atelier.core.models import SD, ModelRegistry, fit_to_vae
 from atelier.core.streaming import stream_call
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
 from atelier.inversion.inversion import invert
 from atelier.inversion.proxedit import DEFAULT_INVERSION_GUIDANCE_TIMESTEP, ProxEditParams
+from atelier.sdk import codec
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
 SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
@@ -65,7 +68,7 @@ class InvertJob:
     steps: int
     return_chain: bool
     spdinv: dict
-    null_text_guidance: float | None = None  # None: 7.5, or the edit's guidance when inverting inside Edit
+    null_text_guidance: float | None = None  # None: the model's default, or the edit's guidance inside Edit
 
 
 @dataclasses.dataclass
@@ -90,49 +93,66 @@ class EditJob:
     preset: str = ""
 
 
-class InversionServicer(inversion_pb2_grpc.InversionServicer):
+# How long a call waits for its model to load (on the registry's loader thread) before
+# answering UNAVAILABLE; never longer than the call's deadline.
+MODEL_LOAD_WAIT_SECONDS = 10.0
+
+
+class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
     def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits()):
         self._registry = registry
         self._executor = executor
         self._default_model = default_model
         self._limits = limits
+        self.model_registry, self.default_model_name = registry, default_model  # ListModels
 
     # ---- RPCs -------------------------------------------------------------
     def Invert(self, request, context):
         # Errors raised here or in the work are mapped to statuses by the error interceptor.
         job = self._parse_invert(request)
+        charge_response(_invert_answer_bytes(job, self._registry.info(job.model).facts),
+                        "return_chain" if job.return_chain else "num_inference_steps",
+                        "ask without return_chain, or for fewer steps or a smaller image")
+        model = self._model(job.model, context)
+        guidance = self._registry.info(job.model).default_guidance_scale  # what NTI optimises for, unless given
         yield from stream_call(
             context,
             self._executor,
-            lambda control: self._run_invert(job, control),
+            lambda control: self._run_invert(job, control, model, guidance),
             lambda event: inversion_pb2.InvertEvent(progress=_progress(event)),
             lambda result, control: inversion_pb2.InvertEvent(result=_inversion_result(job, result, control)),
         )
 
     def Edit(self, request, context):
         job = self._parse_edit(request)
+        charge_response(_edit_answer_bytes(job), "return_source", "a smaller image")
+        model = self._model(job.model, context)
         yield from stream_call(
             context,
             self._executor,
-            lambda control: self._run_edit(job, control),
+            lambda control: self._run_edit(job, control, model),
             lambda event: inversion_pb2.EditEvent(progress=_progress(event)),
             lambda result, control: inversion_pb2.EditEvent(result=_edit_result(job, result, control)),
         )
 
     # ---- work (runs on the compute executor) ------------------------------
-    def _run_invert(self, job: InvertJob, control, guidance: float = 7.5):
-        model = self._registry.load_sd(job.model)
+    def _model(self, name: str, context):
+        """The loaded model, loaded off the compute worker (UNAVAILABLE while still loading)."""
+        remaining = context.time_remaining()
+        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
+        return self._registry.get(name, kind=SD, wait_seconds=wait)
+
+    def _run_invert(self, job: InvertJob, control, model, guidance: float):
         nti_guidance = guidance if job.null_text_guidance is None else job.null_text_guidance
         return invert(
             model, job.image.to(device=model.device, dtype=model.dtype), job.prompt, method=job.method,
             steps=job.steps, control=control, guidance_scale=nti_guidance, **job.spdinv
         )
 
-    def _run_edit(self, job: EditJob, control):
-        model = self._registry.load_sd(job.model)
+    def _run_edit(self, job: EditJob, control, model):
         chain, null_embeddings = job.chain, job.null_embeddings
         if job.invert_job is not None:
-            inverted = self._run_invert(job.invert_job, control, guidance=job.guidance)
+            inverted = self._run_invert(job.invert_job, control, model, guidance=job.guidance)
             chain, null_embeddings = inverted.chain, inverted.extras.get("null_embeddings")
             z_t = chain[-1:]
         else:
@@ -160,7 +180,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
     # not the proto path: ``args`` maps an InvertRequest field to that argument.
     def _model_name(self, ref: common_pb2.ModelRef, field: str) -> str:
         name = ref.name or self._default_model
-        self._registry.resolve(name)  # NotFound for unknown names
+        self._registry.check(name, kind=SD)  # NotFound if unknown, FailedPrecondition if not servable
         return name
 
     def _steps(self, request, field: str) -> int:
@@ -177,9 +197,9 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
     def _parse_invert(self, request: inversion_pb2.InvertRequest, args: dict[str, str] = INVERT_ARGS) -> InvertJob:
         if not request.HasField("image"):
             raise InvalidArgument(args["image"], "an image is required")
-        image = codecs.image_to_torch(
-            request.image, field=args["image"], max_pixels=self._limits.max_pixels, multiple_of=8
-        )
+        model = self._model_name(request.model, args["model"])
+        pixels = codec.image_to_pil(request.image, field=args["image"], max_pixels=self._limits.max_pixels)
+        image = codecs.array_to_torch(np.array(fit_to_vae(pixels, self._registry.info(model), args["image"])))
         if request.method not in _METHODS:
             raise InvalidArgument(args["method"], f"unknown inversion method {request.method}")
         method = _METHODS[request.method]
@@ -209,7 +229,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             if not np.isfinite(null_text_guidance) or not 0.0 <= null_text_guidance <= 50.0:
                 raise InvalidArgument("null_text_guidance_scale", "must be between 0 and 50")
         return InvertJob(
-            model=self._model_name(request.model, args["model"]),
+            model=model,
             image=image,
             prompt=self._prompt(request.prompt, args["prompt"]),
             method=method,
@@ -237,10 +257,14 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             steps = inv.num_inference_steps
             if not 1 <= steps <= self._limits.max_steps:
                 raise InvalidArgument("source", f"num_inference_steps must be between 1 and {self._limits.max_steps}")
-            z_t = codecs.tensor_to_torch(inv.z_t, field="source.z_t", shape=(1, 4, None, None)).float()
+            facts = self._registry.info(model).facts
+            z_t = codecs.tensor_to_torch(inv.z_t, field="source.z_t",
+                                         shape=(1, facts.latent_channels, None, None)).float()
             height, width = inv.height, inv.width
-            if (height, width) != (z_t.shape[2] * 8, z_t.shape[3] * 8):
-                raise InvalidArgument("source", "width/height do not match z_t's spatial size x 8")
+            factor = facts.vae_scale_factor
+            if (height, width) != (z_t.shape[2] * factor, z_t.shape[3] * factor):
+                raise InvalidArgument("source", f"width/height do not match z_t's spatial size x {factor} "
+                                                "(the model's VAE factor)")
             if height * width > self._limits.max_pixels:
                 raise InvalidArgument("source.z_t", f"larger than {self._limits.max_pixels} pixels")
             if not torch.isfinite(z_t).all():
@@ -264,7 +288,8 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         if engine is None:
             raise InvalidArgument("engine", f"unknown editing engine {request.engine}")
         target = self._prompt(request.target_prompt, "target_prompt")
-        guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
+        guidance = request.guidance_scale if request.HasField("guidance_scale") else \
+            self._registry.info(model).default_guidance_scale
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
             raise InvalidArgument("guidance_scale", f"must be between 0 and 50, got {guidance}")
         p2p, masactrl = _p2p_params(request.p2p), _masactrl_params(request.masactrl)
@@ -302,6 +327,21 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             prox_edit=prox_edit,
             preset=_PRESETS[request.preset],
         )
+
+
+def _invert_answer_bytes(job: InvertJob, facts) -> int:
+    """Upper estimate of the InvertEvent stream: latents in FP32, diagnostics, progress."""
+    height, width = job.image.shape[2:]
+    latent = 4 * facts.latent_channels * (height // facts.vae_scale_factor) * (width // facts.vae_scale_factor)
+    chain = (job.steps + 1) * latent if job.return_chain else 0
+    null_embeddings = job.steps * 77 * 1024 * 4 if job.method == "nti" else 0  # CLIP L <= 77 tokens, D <= 1024
+    return latent + chain + null_embeddings + 64 * job.steps + 4096
+
+
+def _edit_answer_bytes(job: EditJob) -> int:
+    """Upper estimate of the EditEvent stream: PNG images are at most raw RGB plus headers."""
+    image = 3 * job.width * job.height + 4096
+    return image * (2 if job.return_source else 1) + 64 * job.steps + 4096
 
 
 def _optional(opts, name: str, default):
