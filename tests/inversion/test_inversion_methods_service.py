@@ -116,3 +116,19 @@ def test_bad_editing_options_name_the_field(stub, request_fields, field):
         list(stub.Edit(request, timeout=60))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(error.value) == [field]
+
+
+def test_foreign_null_embeddings_and_chains_are_invalid_arguments(stub):
+    import numpy as np
+    from atelier.sdk.codec import tensor_from_numpy
+
+    result = invert(stub, method=inversion_pb2.NULL_TEXT)
+    result.null_embeddings.CopyFrom(tensor_from_numpy(np.zeros((3, 5, 7), np.float32)))
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Edit(inversion_pb2.EditRequest(inversion=result, target_prompt=TARGET), timeout=60))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(error.value) == ["source"]
+    chained = invert(stub, method=inversion_pb2.DIRECT_INVERSION)
+    chained.chain.CopyFrom(tensor_from_numpy(np.full((4, 4, 8, 8), np.nan, np.float32)))
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Edit(inversion_pb2.EditRequest(inversion=chained, target_prompt=TARGET), timeout=60))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(error.value) == ["source.chain"]
