@@ -103,6 +103,8 @@ def test_check_first_option_reaches_spdinv(stub):
     (dict(p2p=inversion_pb2.P2POptions(reweight={"green": 1e308})), "reweight"),
     (dict(masactrl=inversion_pb2.MasaCtrlOptions(end_step=-1), engine=inversion_pb2.MASACTRL), "end_step"),
     (dict(target_prompt="a green\x1ccircle on a blue background"), "target_prompt"),
+    (dict(masactrl=inversion_pb2.MasaCtrlOptions(mask_source_words=["circle"], mask_threshold=2.0),
+          engine=inversion_pb2.MASACTRL), None),
 ])
 def test_bad_editing_options_name_the_field(stub, request_fields, field):
     result = invert(stub, method=inversion_pb2.SPDINV, spdinv=inversion_pb2.SPDInvOptions(max_rounds=0))
@@ -115,7 +117,7 @@ def test_bad_editing_options_name_the_field(stub, request_fields, field):
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Edit(request, timeout=60))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violations(error.value) == [field]
+    assert violations(error.value) == ([field] if field else ["mask_target_words", "mask_threshold"])
 
 
 def test_foreign_null_embeddings_and_chains_are_invalid_arguments(stub):
@@ -132,3 +134,16 @@ def test_foreign_null_embeddings_and_chains_are_invalid_arguments(stub):
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Edit(inversion_pb2.EditRequest(inversion=chained, target_prompt=TARGET), timeout=60))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(error.value) == ["source.chain"]
+
+
+def test_masactrl_mask_auto_through_the_service(stub):
+    result = invert(stub, method=inversion_pb2.DDIM)
+    request = inversion_pb2.EditRequest(inversion=result, target_prompt="a red square on a blue background",
+                                        engine=inversion_pb2.MASACTRL, guidance_scale=2.5,
+                                        masactrl=inversion_pb2.MasaCtrlOptions(mask_source_words=["circle"],
+                                                                               mask_target_words=["square"]))
+    assert result_of(stub.Edit(request, timeout=120)).image.data
+    request.masactrl.mask_target_words[:] = ["zebra"]
+    with pytest.raises(grpc.RpcError) as error:
+        list(stub.Edit(request, timeout=60))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(error.value) == ["mask_target_words"]

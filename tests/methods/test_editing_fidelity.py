@@ -184,3 +184,57 @@ def test_reweight_beyond_float32_is_an_invalid_argument(model, ddim_inversion):
              p2p=P2PParams(reweight={"blue": 1e308}))
     assert [field for field, _ in error.value.violations] == ["reweight"]
     assert control.forward_evaluations == 0
+
+
+# ---------------------------------------------------------------- MasaCtrl MaskAuto
+
+def test_mask_auto_attends_foreground_to_foreground(model):
+    from types import SimpleNamespace
+
+    from atelier.core.attention import AttentionCall, BatchLayout
+    from atelier.inversion.masactrl import MutualSelfAttentionMaskAuto
+
+    with controlled_attention(model.unet) as sites:
+        controller = MutualSelfAttentionMaskAuto(sites, MasaCtrlParams(start_step=0), torch.zeros(2, 77),
+                                                 frozenset(), threshold=0.5)
+    site = next(s for s in sites if s.name in controller.layers)
+    source_map, target_map = torch.zeros(16), torch.zeros(16)
+    source_map[:8], target_map[8:] = 1.0, 1.0  # source object: first 8 positions; target object: last 8
+    controller.maps, controller.map_size = [torch.stack([source_map, target_map])], (4, 4)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 1, 16, 8, generator=generator) for _ in range(3))
+    call = AttentionCall(module=SimpleNamespace(scale=0.5, heads=1), site=site, step=0, layout=BatchLayout(2),
+                         query=q, key=k, value=v, hidden_states=None, context=None, attention_mask=None,
+                         spatial_size=(4, 4))
+    out = controller.attend(call).view(2, 2, 1, 16, 8)
+    for group in range(2):
+        source_k, source_v = k[2 * group], v[2 * group]
+        own = torch.softmax(q[2 * group] @ source_k.transpose(-1, -2) * 0.5, -1) @ source_v
+        torch.testing.assert_close(out[group, 0], own)
+        target_q = q[2 * group + 1]
+        fg = torch.softmax(target_q[:, 8:] @ source_k[:, :8].transpose(-1, -2) * 0.5, -1) @ source_v[:, :8]
+        bg = torch.softmax(target_q[:, :8] @ source_k[:, 8:].transpose(-1, -2) * 0.5, -1) @ source_v[:, 8:]
+        torch.testing.assert_close(out[group, 1, :, 8:], fg)
+        torch.testing.assert_close(out[group, 1, :, :8], bg)
+
+
+def test_mask_auto_at_threshold_zero_is_plain_masactrl_and_checks_its_words(model, ddim_inversion, scene):
+    source, target = colour_edit(scene)
+    obj = scene.spec.objects[0]
+    kwargs = dict(engine="masactrl", guidance=2.5, method="ddim")
+    plain = edit(model, ddim_inversion.z_T, source, target, STEPS, masactrl=MasaCtrlParams(start_step=1), **kwargs)
+    words = dict(mask_source_words=[obj.shape], mask_target_words=[obj.shape])
+    everywhere = edit(model, ddim_inversion.z_T, source, target, STEPS,
+                      masactrl=MasaCtrlParams(start_step=1, mask_threshold=0.0, **words), **kwargs)
+    torch.testing.assert_close(everywhere.image, plain.image, atol=1e-5, rtol=0)
+    masked = edit(model, ddim_inversion.z_T, source, target, STEPS, masactrl=MasaCtrlParams(start_step=1, **words),
+                  **kwargs)
+    assert (masked.image - plain.image).abs().max() > 1e-4
+    with pytest.raises(InvalidArgument) as error:
+        edit(model, ddim_inversion.z_T, source, target, STEPS,
+             masactrl=MasaCtrlParams(mask_source_words=["zebra"], mask_target_words=[obj.shape]), **kwargs)
+    assert [field for field, _ in error.value.violations] == ["mask_source_words"]
+    with pytest.raises(InvalidArgument) as error:
+        edit(model, ddim_inversion.z_T, source, target, STEPS, masactrl=MasaCtrlParams(mask_source_words=["a"]),
+             **kwargs)
+    assert [field for field, _ in error.value.violations] == ["mask_target_words"]

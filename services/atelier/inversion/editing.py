@@ -26,7 +26,8 @@ from atelier.core.errors import InvalidArgument
 from atelier.inversion import presets, proxedit
 from atelier.inversion.proxedit import ProxEditParams, ResolvedProxEdit
 from atelier.inversion.recipes import RECIPES, EditRecipe
-from atelier.inversion.masactrl import REFERENCE_LAYER_COUNT, MasaCtrlParams, MutualSelfAttention
+from atelier.inversion.masactrl import (REFERENCE_LAYER_COUNT, MasaCtrlParams, MutualSelfAttention,
+                                       MutualSelfAttentionMaskAuto)
 from atelier.inversion.p2p import (MAX_REWEIGHT, MODES, LocalBlend, P2PController, P2PParams, blend_sites, equalizer,
                                    refine_edit, refinement_mapper, replace_edit, reweight_edit,
                                    self_replace_sites, tokenize_words, word_positions, replacement_mapper)
@@ -137,6 +138,10 @@ def check_edit_options(target_prompt: str, steps: int, engine: str, guidance: fl
             violations.append(("start_step", f"must be >= 0, got {masactrl.start_step!r}"))
         if not isinstance(masactrl.end_step, int) or masactrl.end_step < 0:
             violations.append(("end_step", f"must be >= 0, got {masactrl.end_step!r}"))
+        if bool(masactrl.mask_source_words) != bool(masactrl.mask_target_words):
+            violations.append(("mask_target_words" if masactrl.mask_source_words else "mask_source_words",
+                               "MaskAuto needs words of both prompts (mask_source_words and mask_target_words)"))
+        _check_fraction(violations, "mask_threshold", masactrl.mask_threshold)
         if not isinstance(masactrl.start_layer, int) or not 0 <= masactrl.start_layer <= REFERENCE_LAYER_COUNT:
             violations.append(("start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
                                f"(Stable Diffusion's self-attention layer numbering), got {masactrl.start_layer!r}"))
@@ -145,9 +150,13 @@ def check_edit_options(target_prompt: str, steps: int, engine: str, guidance: fl
 
 
 def make_controller(sites, steps: int, plan: PlannedP2P | None, p2p: P2PParams, masactrl: MasaCtrlParams,
-                    latent_size: tuple[int, int], native_side: int):
-    """The engine's controller for one edit: P2P when a plan is given, else MasaCtrl."""
+                    latent_size: tuple[int, int], native_side: int, mask_weights: torch.Tensor | None = None):
+    """The engine's controller for one edit: P2P when a plan is given, else MasaCtrl (MaskAuto
+    when ``mask_weights``, the MaskAuto words' token weights, are given)."""
     if plan is None:
+        if mask_weights is not None:
+            return MutualSelfAttentionMaskAuto(sites, masactrl, mask_weights, blend_sites(sites, latent_size).sites,
+                                               masactrl.mask_threshold)
         return MutualSelfAttention(sites, masactrl)
     local_blend, blend_at = None, frozenset()
     if plan.blend_weights is not None:
@@ -219,6 +228,8 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
 
     plan = plan_p2p(model.tokenizer, source_prompt, target_prompt, p2p, model.tokenizer.model_max_length) \
         if engine == "p2p" else None
+    mask_weights = _mask_auto_weights(model.tokenizer, source_prompt, target_prompt, masactrl) \
+        if engine == "masactrl" and masactrl.mask_source_words else None
     embeddings = model.encode_prompt([source_prompt, target_prompt])  # (2, L, D), L = model_max_length
     unconditional = _unconditional(model, recipe, engine, embeddings, null_embeddings)
     # Per-branch guidance: MasaCtrl's source branch runs unguided (SPDInv's [1, scale]).
@@ -233,7 +244,7 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     scheduler = model.new_scheduler()
     scheduler.set_timesteps(steps, device=model.device)
     with torch.no_grad(), controlled_attention(model.unet) as sites:
-        controller = make_controller(sites, steps, plan, p2p, masactrl, latent_size, _native_side(model))
+        controller = make_controller(sites, steps, plan, p2p, masactrl, latent_size, _native_side(model), mask_weights)
         for i, t in enumerate(scheduler.timesteps):
             kwargs = attention_kwargs(controller, i, layout, latent_size)
             mask = None
@@ -299,3 +310,21 @@ def _native_side(model) -> int:
     """The UNet's training latent side (SD 1.x: 64), which the references' layer rules assume."""
     size = model.unet.config.sample_size
     return int(size if isinstance(size, int) else size[0])
+
+
+def _mask_auto_weights(tokenizer, source_prompt: str, target_prompt: str, masactrl: MasaCtrlParams) -> torch.Tensor:
+    """(2, tokens): 1 at the MaskAuto words' tokens of the source (row 0) and target (row 1) prompts."""
+    max_len = tokenizer.model_max_length
+    weights = torch.zeros(2, max_len)
+    violations = []
+    for row, (prompt, words, name) in enumerate(((source_prompt, masactrl.mask_source_words, "mask_source_words"),
+                                                 (target_prompt, masactrl.mask_target_words, "mask_target_words"))):
+        tokens = tokenize_words(tokenizer, prompt, max_len, field="source_prompt" if row == 0 else "target_prompt")
+        for word in words:
+            positions = word_positions(tokens, word)
+            if not positions:
+                violations.append((name, f"word {word[:40]!r} is not in the {'source' if row == 0 else 'target'} prompt"))
+            weights[row, positions] = 1.0
+    if violations:
+        raise InvalidArgument.many(violations)
+    return weights

@@ -366,7 +366,10 @@ def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions) -> MasaCtrlParams:
     defaults = MasaCtrlParams()  # the reference's step 4, layer 10, total_steps 50
     return MasaCtrlParams(start_step=_optional(opts, "start_step", defaults.start_step),
                           start_layer=_optional(opts, "start_layer", defaults.start_layer),
-                          end_step=_optional(opts, "end_step", defaults.end_step))
+                          end_step=_optional(opts, "end_step", defaults.end_step),
+                          mask_source_words=list(opts.mask_source_words),
+                          mask_target_words=list(opts.mask_target_words),
+                          mask_threshold=_optional(opts, "mask_threshold", defaults.mask_threshold))
 
 
 def _prox_edit_params(opts: inversion_pb2.ProxEditOptions) -> ProxEditParams:

@@ -176,14 +176,20 @@ class P2POptions(_message.Message):
     def __init__(self, mode: _Optional[_Union[P2POptions.Mode, str]] = ..., cross_replace_fraction: _Optional[float] = ..., self_replace_fraction: _Optional[float] = ..., reweight: _Optional[_Mapping[str, float]] = ..., blend_words: _Optional[_Iterable[str]] = ..., blend_threshold: _Optional[float] = ...) -> None: ...
 
 class MasaCtrlOptions(_message.Message):
-    __slots__ = ("start_step", "start_layer", "end_step")
+    __slots__ = ("start_step", "start_layer", "end_step", "mask_source_words", "mask_target_words", "mask_threshold")
     START_STEP_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_STEP_FIELD_NUMBER: _ClassVar[int]
+    MASK_SOURCE_WORDS_FIELD_NUMBER: _ClassVar[int]
+    MASK_TARGET_WORDS_FIELD_NUMBER: _ClassVar[int]
+    MASK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     start_step: int
     start_layer: int
     end_step: int
-    def __init__(self, start_step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_step: _Optional[int] = ...) -> None: ...
+    mask_source_words: _containers.RepeatedScalarFieldContainer[str]
+    mask_target_words: _containers.RepeatedScalarFieldContainer[str]
+    mask_threshold: float
+    def __init__(self, start_step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_step: _Optional[int] = ..., mask_source_words: _Optional[_Iterable[str]] = ..., mask_target_words: _Optional[_Iterable[str]] = ..., mask_threshold: _Optional[float] = ...) -> None: ...
 
 class ProxEditOptions(_message.Message):
     __slots__ = ("proximal_guidance", "quantile", "inversion_guidance", "inversion_guidance_timestep")
