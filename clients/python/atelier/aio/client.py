@@ -115,6 +115,12 @@ class Client:
         statuses = await asyncio.gather(*(check(address, service) for address, service in targets.values()))
         return dict(zip(targets, statuses))
 
+    async def edit_with_concept(self, image: Any, source_prompt: str, target_prompt: str, concept: Any,
+                                inversion: str = "spdinv", **options: Any) -> Any:
+        """As ``atelier.Client.edit_with_concept``."""
+        return await self.inversion.edit(image, target_prompt, source_prompt=source_prompt, method=inversion,
+                                         concept=concept, **options)
+
     async def models(self, timeout: Optional[float] = None) -> list[ModelInfo]:
         """As ``atelier.Client.models``; the services are asked concurrently."""
         from atelier.sdk.errors import UnimplementedError

@@ -1,11 +1,11 @@
 """``atelier.aio`` Inversion client: the same calls as ``atelier.sdk.inversion``, awaited."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from atelier.aio.transport import AsyncTransport
 from atelier.sdk.common import ImageLike
-from atelier.sdk.inversion import EditResult, EditSource, Inversion, edit_request, invert_request
+from atelier.sdk.inversion import EditResult, EditSource, Inversion, edit_request, invert_request, with_concept
 from atelier.sdk.progress import CancelToken, ProgressArg
 from atelier.v1 import inversion_pb2_grpc
 
@@ -66,6 +66,7 @@ class AsyncInversionClient:
         progress: ProgressArg = None,
         timeout: Optional[float] = None,
         cancel: Optional[CancelToken] = None,
+        concept: Any = None,
     ) -> EditResult:
         request = edit_request(
             source, target_prompt, engine, guidance_scale, return_source=return_source, source_prompt=source_prompt,
@@ -74,5 +75,6 @@ class AsyncInversionClient:
             reweight=reweight, blend_words=blend_words, blend_threshold=blend_threshold, start_step=start_step,
             start_layer=start_layer, model=model,
         )
+        with_concept(request, concept)
         return EditResult.from_proto(await self._transport.stream(self._stub().Edit, request, timeout, progress,
                                                                 cancel=cancel))

@@ -348,6 +348,14 @@ class Client:
             found += model_infos(name, response)
         return found
 
+    def edit_with_concept(self, image: Any, source_prompt: str, target_prompt: str, concept: Any,
+                          inversion: str = "spdinv", **options: Any) -> Any:
+        """Invert ``image`` (with ``inversion``) and edit it towards ``target_prompt`` with a
+        personalization ``concept`` (a ``Concept`` or its id; ``target_prompt`` contains its
+        token), in one Edit call. ``options``: those of ``client.inversion.edit``."""
+        return self.inversion.edit(image, target_prompt, source_prompt=source_prompt, method=inversion,
+                                   concept=concept, **options)
+
     # ------------------------------------------------------------------ channels
 
     def _channel(self, address: str) -> grpc.Channel:

@@ -229,6 +229,17 @@ def edit_request(
     return request
 
 
+def with_concept(request: inversion_pb2.EditRequest, concept: Any) -> inversion_pb2.EditRequest:
+    """Name ``concept`` (a personalization ``Concept``, anything with an ``id``, or an id) in ``request``."""
+    if concept is None:
+        return request
+    concept_id = getattr(concept, "id", concept)
+    if not isinstance(concept_id, str) or not concept_id:
+        raise TypeError(f"concept must be a Concept or a non-empty concept id, got {type(concept).__name__}")
+    request.concept_id = concept_id
+    return request
+
+
 def _check_matches_inversion(inversion: inversion_pb2.InversionResult, source_prompt: Optional[str],
                              method: Optional[str], num_inference_steps: Optional[int]) -> None:
     """Options that only apply to an image must not contradict a given inversion."""
@@ -304,6 +315,7 @@ class InversionClient:
         progress: ProgressArg = None,
         timeout: Optional[float] = None,
         cancel: Optional[CancelToken] = None,
+        concept: Any = None,
     ) -> EditResult:
         """Edit towards ``target_prompt``; returns an ``EditResult`` (``.image``, ``.usage``,
         and with ``return_source=True`` the source branch's reconstruction ``.source_image``).
@@ -316,6 +328,8 @@ class InversionClient:
         ``blend_words`` and ``blend_threshold``; ``engine="masactrl"`` takes
         ``start_step`` and ``start_layer``. ``guidance_scale=None`` uses the model's default
         (``client.models()``: ``default_guidance_scale``, e.g. 2.5 for the embedded toy).
+        ``concept`` (a personalization ``Concept`` or its id) applies a trained EqDiff concept to
+        the target: ``target_prompt`` must contain its token (``concept.token``).
         """
         request = edit_request(
             source, target_prompt, engine, guidance_scale, return_source=return_source, source_prompt=source_prompt,
@@ -324,4 +338,5 @@ class InversionClient:
             reweight=reweight, blend_words=blend_words, blend_threshold=blend_threshold, start_step=start_step,
             start_layer=start_layer, model=model,
         )
+        with_concept(request, concept)
         return EditResult.from_proto(self._transport.stream(self._stub.Edit, request, timeout, progress, cancel=cancel))
