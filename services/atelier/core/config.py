@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from atelier.sdk import channel_options
 
-__all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries"]
+__all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries", "cpu_limit"]
 
 # service -> (gRPC port, metrics port); see docs/INTERNALS.md.
 DEFAULT_PORTS: dict[str, tuple[int, int]] = {
@@ -37,6 +37,45 @@ def parse_model_entries(entries: Sequence[str], origin: str) -> dict[str, str]:
     return models
 
 
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: the container's CFS quota (cgroup v2 ``cpu.max``, else v1
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), rounded up, capped by the CPUs the process
+    may run on; without a quota, the latter (``os.sched_getaffinity``, else ``os.cpu_count``).
+
+    os.cpu_count() alone sees the host's CPUs: a pod limited to 2 CPUs on a 64-core node
+    would start 64 OpenMP threads that the quota then throttles."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    quota = period = None
+    v2 = _read(os.path.join(cgroup_root, "cpu.max"))
+    if v2:
+        parts = v2.split()
+        if len(parts) == 2 and parts[0] != "max":
+            quota, period = parts
+    else:
+        quota = _read(os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us")) or _read(
+            os.path.join(cgroup_root, "cpu.cfs_quota_us"))
+        period = _read(os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us")) or _read(
+            os.path.join(cgroup_root, "cpu.cfs_period_us"))
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except (TypeError, ValueError):
+        return max(1, available)
+    if quota_us <= 0 or period_us <= 0:  # v1 reports -1 for "no limit"
+        return max(1, available)
+    return max(1, min(available, -(-quota_us // period_us)))
+
+
 @dataclass
 class ServerConfig:
     service: str
@@ -55,6 +94,13 @@ class ServerConfig:
     models: dict[str, str] = field(default_factory=dict)
     models_file: Optional[str] = None
     device: Optional[str] = None  # None: auto (CUDA fp16 when present, else CPU fp32)
+    # torch intra-op / OpenMP threads; None: the container's CPU limit (see cpu_limit).
+    threads: Optional[int] = None
+    # Health turns NOT_SERVING when a call runs this long past its deadline (the compute
+    # worker is wedged: nothing else can run) or the worker thread died.
+    wedged_after_seconds: float = 60.0
+    # How often health re-checks the compute worker and the app's backend (Triton).
+    health_interval_seconds: float = 1.0
     # Service-specific settings parsed by the ``add_arguments`` hook of from_args.
     extras: dict = field(default_factory=dict)
 
@@ -64,7 +110,15 @@ class ServerConfig:
             keepalive_time_ms=self.keepalive_time_ms,
             keepalive_timeout_ms=self.keepalive_timeout_ms,
             min_ping_interval_ms=self.min_ping_interval_ms,
-        )
+        ) + [
+            # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
+            # start and silently take half the connections. Refuse to bind instead.
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def resolved_threads(self, cgroup_root: str = "/sys/fs/cgroup") -> int:
+        """``threads``, or the container's CPU limit when unset."""
+        return self.threads if self.threads is not None else cpu_limit(cgroup_root)
 
     @classmethod
     def from_args(
@@ -117,6 +171,12 @@ class ServerConfig:
                             help="JSON object {name: source} [ATELIER_MODELS_FILE]")
         parser.add_argument("--device", default=env_default("ATELIER_DEVICE", None),
                             help="torch device, e.g. cuda:0 or cpu; default auto [ATELIER_DEVICE]")
+        parser.add_argument("--threads", type=int, default=env_default("ATELIER_THREADS", None, int),
+                            help="torch/OpenMP threads; default the container's CPU limit [ATELIER_THREADS]")
+        parser.add_argument("--wedged-after-seconds", type=float,
+                            default=env_default("ATELIER_WEDGED_AFTER_SECONDS", cls.wedged_after_seconds, float),
+                            help="report NOT_SERVING when a call runs this long past its deadline "
+                                 "[ATELIER_WEDGED_AFTER_SECONDS]")
         if add_arguments is not None:
             add_arguments(parser)
         args = parser.parse_args(argv)
@@ -133,13 +193,15 @@ class ServerConfig:
             (args.max_image_pixels > 0, "--max-image-pixels must be positive"),
             (0 <= args.port < 65536, "--port must be in 0..65535"),
             (args.metrics_port < 65536, "--metrics-port must be below 65536"),
+            (args.threads is None or args.threads > 0, "--threads must be positive"),
+            (args.wedged_after_seconds > 0, "--wedged-after-seconds must be positive"),
         ]
         for ok, message in checks:
             if not ok:
                 parser.error(message)
 
         core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
-                "max_image_pixels", "model", "models_file", "device"}
+                "max_image_pixels", "model", "models_file", "device", "threads", "wedged_after_seconds"}
         extras = {dest: value for dest, value in vars(args).items() if dest not in core}
         return cls(
             service=service,
@@ -153,5 +215,7 @@ class ServerConfig:
             models=models,
             models_file=args.models_file,
             device=args.device,
+            threads=args.threads,
+            wedged_after_seconds=args.wedged_after_seconds,
             extras=extras,
         )

@@ -9,6 +9,7 @@ models built from configs and cached on disk (see tiny_models).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -19,7 +20,9 @@ import torch
 
 from . import tiny_models
 from .device import pick_device
-from .errors import NotFound
+from .errors import NotFound, quoted
+
+_LOG = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 DEFAULT_ENTRIES = {"toy": "builtin:toy", "toy-sam": "builtin:toy-sam"}
@@ -140,7 +143,8 @@ class ModelRegistry:
     def resolve(self, name: str) -> str:
         """A loadable source for ``name``: a local folder path, or a hub id. NotFound if unknown."""
         if name not in self.entries:
-            raise NotFound(f"unknown model {name!r}; known: {', '.join(self.names())}")
+            # Only the caller's own (shortened) name: the model list and sources stay on the server.
+            raise NotFound(f"model {quoted(name)} not found")
         source = self.entries[name]
         if source == "builtin:toy":
             shipped = EMBEDDED_DIR / "toy"
@@ -152,7 +156,8 @@ class ModelRegistry:
         if path.exists():
             return str(path)
         if source.startswith(("/", ".", "~")) or source.count("/") != 1:
-            raise NotFound(f"model {name!r}: folder {source!r} does not exist")
+            _LOG.error("model %r: folder %r does not exist", name, source)
+            raise NotFound(f"model {quoted(name)} is not available on this server")
         return source  # a hub id; loading honours ATELIER_ALLOW_DOWNLOADS
 
     def load_sd(self, name: str) -> SDModel:
@@ -174,8 +179,9 @@ class ModelRegistry:
             except OSError as error:
                 if is_local:
                     raise
-                raise NotFound(f"model {name!r}: hub id {source!r} is not in the local cache and "
-                               f"downloads are disabled (set ATELIER_ALLOW_DOWNLOADS=1)") from error
+                _LOG.error("model %r: hub id %r is not in the local cache and downloads are disabled "
+                           "(set ATELIER_ALLOW_DOWNLOADS=1)", name, source)
+                raise NotFound(f"model {quoted(name)} is not available on this server") from error
             model.load_seconds = time.perf_counter() - started  # includes building the tiny fallback
             with self._lock:
                 self._loaded[name] = model

@@ -15,7 +15,7 @@ import torch
 
 from atelier.core.attention import BatchLayout, attention_kwargs, controlled_attention
 from atelier.core.control import CallControl
-from atelier.core.diffusion import ddim_step, guided_eps, step_alphas
+from atelier.core.diffusion import ddim_step, guided_eps, set_timesteps, step_alphas
 from atelier.core.errors import InvalidArgument
 from atelier.inversion.masactrl import REFERENCE_LAYER_COUNT, MasaCtrlParams, MutualSelfAttention
 from atelier.inversion.p2p import (MODES, LocalBlend, P2PController, P2PParams, blend_sites, equalizer,
@@ -166,7 +166,7 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     latents = z_T.to(model.device, model.dtype).expand(2, *z_T.shape[1:]).clone()
     latent_size = tuple(latents.shape[-2:])
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(steps, device=model.device)
+    set_timesteps(scheduler, steps, device=model.device)
     with torch.no_grad(), controlled_attention(model.unet) as sites:
         controller = make_controller(sites, steps, plan, p2p, masactrl)
         for i, t in enumerate(scheduler.timesteps):
@@ -175,5 +175,6 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
             alpha_t, alpha_prev = step_alphas(scheduler, t)
             latents = controller.after_step(i, ddim_step(latents, eps, alpha_t, alpha_prev))
             control.progress("edit", i + 1, steps)
+    control.vae()
     images = model.decode_latents(latents)
     return EditOutput(image=images[1:2], source_image=images[:1], mode=plan.mode if plan else "")
