@@ -133,7 +133,7 @@ def test_batch_bad_input_names_the_prompt_set(service, image):
 
 
 def test_image_over_the_size_limit_is_invalid_argument(sam_source):
-    with running_service(sam_source, max_image_pixels=40 * 40, attach=False) as small:
+    with running_service(sam_source, max_image_pixels=40 * 40) as small:
         with pytest.raises(atelier.InvalidArgumentError) as caught:
             small.client.segmentation.segment(make_image(1), points=[(1, 1)])
         assert caught.value.field_violations[0][0] == "image.width"

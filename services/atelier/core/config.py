@@ -116,9 +116,17 @@ class ServerConfig:
             ("grpc.so_reuseport", 0),
         ]
 
-    def resolved_threads(self, cgroup_root: str = "/sys/fs/cgroup") -> int:
-        """``threads``, or the container's CPU limit when unset."""
-        return self.threads if self.threads is not None else cpu_limit(cgroup_root)
+    def resolved_threads(self, cgroup_root: str = "/sys/fs/cgroup", environ: Optional[Mapping[str, str]] = None) -> int:
+        """``threads`` (--threads / ATELIER_THREADS); else an OMP_NUM_THREADS the operator set
+        (OpenMP's own knob); else the container's CPU limit."""
+        if self.threads is not None:
+            return self.threads
+        env = os.environ if environ is None else environ
+        try:
+            omp = int(env.get("OMP_NUM_THREADS", ""))
+        except ValueError:
+            omp = 0
+        return omp if omp > 0 else cpu_limit(cgroup_root)
 
     @classmethod
     def from_args(
@@ -172,7 +180,8 @@ class ServerConfig:
         parser.add_argument("--device", default=env_default("ATELIER_DEVICE", None),
                             help="torch device, e.g. cuda:0 or cpu; default auto [ATELIER_DEVICE]")
         parser.add_argument("--threads", type=int, default=env_default("ATELIER_THREADS", None, int),
-                            help="torch/OpenMP threads; default the container's CPU limit [ATELIER_THREADS]")
+                            help="torch/OpenMP threads; default OMP_NUM_THREADS if set, else the container's CPU limit "
+                                 "[ATELIER_THREADS]")
         parser.add_argument("--wedged-after-seconds", type=float,
                             default=env_default("ATELIER_WEDGED_AFTER_SECONDS", cls.wedged_after_seconds, float),
                             help="report NOT_SERVING when a call runs this long past its deadline "

@@ -29,6 +29,7 @@ __all__ = [
     "to_grpc_status",
     "shorten",
     "quoted",
+    "Violations",
 ]
 
 # gRPC refuses response metadata beyond 8 KiB (the client's default max_metadata_size) and
@@ -84,6 +85,31 @@ class InvalidArgument(AtelierError):
         error.message = "; ".join(f"{field}: {description}" for field, description in violations)
         error.args = (error.message,)
         return error
+
+
+class Violations:
+    """Collects the field violations of several independent checks, so that a request's every
+    bad field is reported in one INVALID_ARGUMENT (as a form shows all its errors at once)."""
+
+    def __init__(self):
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append((field, description))
+
+    def attempt(self, check, *args, **kwargs):
+        """``check(*args, **kwargs)``; its InvalidArgument/CodecError is recorded (result None)."""
+        try:
+            return check(*args, **kwargs)
+        except InvalidArgument as error:
+            self.items.extend(error.violations)
+        except CodecError as error:
+            self.items.append((error.field, error.description))
+        return None
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument.many(self.items)
 
 
 class NotFound(AtelierError):

@@ -175,18 +175,19 @@ _DEADLINE_TOLERANCE_SECONDS = 0.25
 _DEADLINE_TOLERANCE_FRACTION = 0.1
 
 
-def _deadline_of(context) -> Optional[tuple[float, float]]:
-    """(monotonic deadline, budget seconds) of the call, or None without a deadline."""
+def _deadline_budget(context) -> Optional[float]:
+    """Seconds the call had when it started, or None without a deadline."""
     remaining = context.time_remaining()
     if remaining is None or remaining >= _NO_DEADLINE_SECONDS:
         return None
-    return time.monotonic() + remaining, remaining
+    return remaining
 
 
-def _near_deadline(deadline: tuple[float, float]) -> bool:
-    instant, budget = deadline
+def _ended_by_deadline(context, budget: Optional[float]) -> bool:
+    if budget is None:
+        return False
     tolerance = min(_DEADLINE_TOLERANCE_SECONDS, _DEADLINE_TOLERANCE_FRACTION * budget)
-    return time.monotonic() >= instant - tolerance
+    return context.time_remaining() <= tolerance
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -207,7 +208,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             def begin(context) -> dict:
                 outcome = {"finished": False}
                 started = time.perf_counter()
-                deadline = _deadline_of(context)
+                budget = _deadline_budget(context)
                 metrics.started.labels(*labels).inc()
                 if not handler.request_streaming:
                     metrics.msg_received.labels(*labels).inc()
@@ -220,7 +221,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     if code is None:
                         if outcome["finished"]:
                             code = grpc.StatusCode.OK
-                        elif deadline is not None and _near_deadline(deadline):
+                        elif _ended_by_deadline(context, budget):
                             code = grpc.StatusCode.DEADLINE_EXCEEDED
                         else:
                             code = grpc.StatusCode.CANCELLED

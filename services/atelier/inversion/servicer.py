@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from atelier.core import codecs
-from atelier.core.errors import InvalidArgument
+from atelier.core.errors import InvalidArgument, Violations, quoted
 from atelier.core.models import ModelRegistry
 from atelier.core.streaming import stream_call
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
@@ -146,74 +146,95 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             raise InvalidArgument(field, f"longer than {self._limits.max_prompt_chars} characters")
         return text
 
-    def _parse_invert(self, request: inversion_pb2.InvertRequest, prefix: str) -> InvertJob:
+    def _parse_invert(self, request: inversion_pb2.InvertRequest, prefix: str,
+                      violations: Violations | None = None) -> InvertJob | None:
+        """The job for an InvertRequest. Every bad field is recorded in ``violations`` (then
+        None is returned) or, without a collector, raised together as one InvalidArgument."""
+        own = violations is None
+        violations = Violations() if own else violations
+        before = len(violations.items)
+        image = None
         if not request.HasField("image"):
-            raise InvalidArgument(prefix + "image", "an image is required")
-        image = codecs.image_to_torch(
-            request.image, field=prefix + "image", max_pixels=self._limits.max_pixels, multiple_of=8
-        )
+            violations.add(prefix + "image", "an image is required")
+        else:
+            image = violations.attempt(codecs.image_to_torch, request.image, field=prefix + "image",
+                                       max_pixels=self._limits.max_pixels, multiple_of=8)
         if request.method not in _METHODS:
-            raise InvalidArgument(prefix + "method", f"unknown inversion method {request.method}")
+            violations.add(prefix + "method", f"unknown inversion method {request.method}")
         opts = request.spdinv
         spdinv = {}
         if opts.HasField("max_rounds"):
             if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
-                raise InvalidArgument(
-                    prefix + "spdinv.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}"
-                )
+                violations.add(prefix + "spdinv.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
             spdinv["max_rounds"] = opts.max_rounds
         for name in ("learning_rate", "loss_threshold", "weight_decay"):
             if opts.HasField(name):
                 value = getattr(opts, name)
                 if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                    raise InvalidArgument(f"{prefix}spdinv.{name}", f"must be a finite positive number, got {value}")
+                    violations.add(f"{prefix}spdinv.{name}", f"must be a finite positive number, got {value}")
                 spdinv[name] = value
+        prompt = violations.attempt(self._prompt, request.prompt, prefix + "prompt")
+        steps = violations.attempt(self._steps, request, prefix + "steps")
+        if own:
+            violations.raise_if_any()
+        if len(violations.items) > before:
+            return None
         return InvertJob(
             model=self._model_name(request.model, prefix + "model"),
             image=image,
-            prompt=self._prompt(request.prompt, prefix + "prompt"),
+            prompt=prompt,
             method=_METHODS[request.method],
-            steps=self._steps(request, prefix + "steps"),
+            steps=steps,
             return_chain=request.return_chain,
             spdinv=spdinv,
         )
 
     def _parse_edit(self, request: inversion_pb2.EditRequest) -> EditJob:
+        violations = Violations()
         source = request.WhichOneof("source")
-        if source is None:
-            raise InvalidArgument("source", "set either inversion (a result of Invert) or invert (a request)")
         invert_job, z_t = None, None
-        if source == "invert":
-            invert_job = self._parse_invert(request.invert, prefix="invert.")
-            model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
-            height, width = invert_job.image.shape[2:]
+        model = prompt = steps = height = width = None
+        if source is None:
+            violations.add("source", "set either inversion (a result of Invert) or invert (a request)")
+        elif source == "invert":
+            invert_job = self._parse_invert(request.invert, prefix="invert.", violations=violations)
+            if invert_job is not None:
+                model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
+                height, width = invert_job.image.shape[2:]
         else:
             inv = request.inversion
-            model = self._model_name(inv.model if inv.model.name else request.model, "inversion.model")
-            prompt = self._prompt(inv.prompt, "inversion.prompt")
+            prompt = violations.attempt(self._prompt, inv.prompt, "inversion.prompt")
             steps = inv.steps
             if not 1 <= steps <= self._limits.max_steps:
-                raise InvalidArgument("inversion.steps", f"must be between 1 and {self._limits.max_steps}")
-            z_t = codecs.tensor_to_torch(inv.z_t, field="inversion.z_t", shape=(1, 4, None, None)).float()
+                violations.add("inversion.steps", f"must be between 1 and {self._limits.max_steps}")
+            z_t = violations.attempt(codecs.tensor_to_torch, inv.z_t, field="inversion.z_t", shape=(1, 4, None, None))
             height, width = inv.height, inv.width
-            if (height, width) != (z_t.shape[2] * 8, z_t.shape[3] * 8):
-                raise InvalidArgument("inversion.width", "width/height do not match z_t's spatial size x 8")
-            if height * width > self._limits.max_pixels:
-                raise InvalidArgument("inversion.z_t", f"larger than {self._limits.max_pixels} pixels")
-            if not torch.isfinite(z_t).all():
-                raise InvalidArgument("inversion.z_t", "contains NaN or infinite values")
-        if request.model.name and request.model.name != model:
-            raise InvalidArgument("model", f"differs from the inversion's model {model!r}")
+            if z_t is not None:
+                z_t = z_t.float()
+                if (height, width) != (z_t.shape[2] * 8, z_t.shape[3] * 8):
+                    violations.add("inversion.width", "width/height do not match z_t's spatial size x 8")
+                if height * width > self._limits.max_pixels:
+                    violations.add("inversion.z_t", f"larger than {self._limits.max_pixels} pixels")
+                if not torch.isfinite(z_t).all():
+                    violations.add("inversion.z_t", "contains NaN or infinite values")
         engine = _ENGINES.get(request.engine)
         if engine is None:
-            raise InvalidArgument("engine", f"unknown editing engine {request.engine}")
-        target = self._prompt(request.target_prompt, "target_prompt")
+            violations.add("engine", f"unknown editing engine {request.engine}")
+        target = violations.attempt(self._prompt, request.target_prompt, "target_prompt")
         guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
-            raise InvalidArgument("guidance_scale", f"must be between 0 and 50, got {guidance}")
-        p2p, masactrl = _p2p_params(request.p2p), _masactrl_params(request.masactrl)
-        # The method's own checks, before the call is queued (and before any inversion in it).
-        check_edit_options(target, steps, engine, guidance, p2p, masactrl)
+            violations.add("guidance_scale", f"must be between 0 and 50, got {guidance}")
+        p2p = violations.attempt(_p2p_params, request.p2p)
+        masactrl = _masactrl_params(request.masactrl)
+        if engine is not None and target is not None and p2p is not None and isinstance(steps, int):
+            # The method's own checks, before the call is queued (and before any inversion in it).
+            violations.attempt(check_edit_options, target, steps, engine, guidance, p2p, masactrl)
+        violations.raise_if_any()
+        if source == "inversion":
+            inv = request.inversion
+            model = self._model_name(inv.model if inv.model.name else request.model, "inversion.model")
+        if request.model.name and request.model.name != model:
+            raise InvalidArgument("model", f"differs from the inversion's model {quoted(model)}")
         return EditJob(
             model=model,
             invert_job=invert_job,
