@@ -255,3 +255,12 @@ def test_all_training_timesteps_run_until_the_deadline(service):
         client.inversion.invert(scene(), PROMPT, method="ddim", steps=1000, timeout=3, progress=events.append)
     assert events, "the inversion never started stepping"
     wait_idle(running)
+
+
+@pytest.mark.parametrize("option", ["learning_rate", "weight_decay", "loss_threshold"])
+def test_spdinv_options_beyond_float32_are_invalid_argument(service, option):
+    # Found by tests/fuzz: 1e308 passed isfinite and overflowed AdamW's float32 scalars (INTERNAL).
+    _, _, client = service
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.invert(scene(), PROMPT, steps=2, **{option: 1e308})
+    assert [f for f, _ in info.value.field_violations] == [f"spdinv.{option}"]

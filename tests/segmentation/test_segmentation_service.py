@@ -176,3 +176,22 @@ def test_sdk_rejects_malformed_arguments_before_sending(service, image):
         segmentation.segment_many(image, [{"points": [(1, 1)]}, {"points": [(1, 2, 3)]}])
     with pytest.raises(ValueError, match="prompt_sets"):
         segmentation.segment_many(image, [])
+
+
+def test_many_bad_points_are_invalid_argument_with_bounded_details(service, image):
+    # 60 points outside the image: 60 violations would overflow gRPC's 8 KiB trailers
+    # (the client saw RESOURCE_EXHAUSTED); the status keeps the first ones and a count.
+    points = [(WIDTH + 100 + i, HEIGHT + 100 + i) for i in range(60)]
+    with pytest.raises(atelier.InvalidArgumentError) as caught:
+        service.client.segmentation.segment(image, points=points)
+    violations = caught.value.field_violations
+    assert violations[0][0] == "prompt.points[0]"
+    assert violations[-1][1].endswith("more violations omitted") and len(violations) < 60
+
+
+@pytest.mark.parametrize("size", [(200, 1), (1, 200)])
+def test_thin_images_segment(service, size):
+    width, height = size
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    result = service.client.segmentation.segment(pixels, points=[(0, 0)])
+    assert result.masks.shape[-2:] == (height, width)

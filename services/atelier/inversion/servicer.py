@@ -36,6 +36,12 @@ _P2P_MODES = {
 }
 
 
+# The optimiser runs in float32 (AdamW turns lr and decay into float32 scalars: 1e308 raised
+# "value cannot be converted to type float without overflow"). Bounds far above any useful
+# value (the reference uses lr 1e-3, decay 1e-2, threshold 5e-6) that stay finite in float32.
+_SPDINV_UPPER_BOUNDS = {"learning_rate": 1e3, "loss_threshold": 1e30, "weight_decay": 1e3}
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Request limits: what a single call may ask of the service."""
@@ -167,11 +173,13 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
                 violations.add(prefix + "spdinv.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
             spdinv["max_rounds"] = opts.max_rounds
-        for name in ("learning_rate", "loss_threshold", "weight_decay"):
+        for name, upper in _SPDINV_UPPER_BOUNDS.items():
             if opts.HasField(name):
                 value = getattr(opts, name)
                 if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
                     violations.add(f"{prefix}spdinv.{name}", f"must be a finite positive number, got {value}")
+                elif value > upper:
+                    violations.add(f"{prefix}spdinv.{name}", f"must be at most {upper:g}, got {value:g}")
                 spdinv[name] = value
         prompt = violations.attempt(self._prompt, request.prompt, prefix + "prompt")
         steps = violations.attempt(self._steps, request, prefix + "steps")
