@@ -20,9 +20,12 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 venv: $(VENV)/.installed
 
 # Python stubs from the .proto files (committed; tests/test_protos_in_sync.py fails on drift).
+# atelier.protoset: the FileDescriptorSet with source info (the .proto comments), which the
+# python output drops; server reflection serves it so that `grpcurl describe` shows the comments.
 protos: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(STUBS_DIR) --pyi_out=$(STUBS_DIR) \
-		--grpc_python_out=$(STUBS_DIR) $(PROTOS)
+		--grpc_python_out=$(STUBS_DIR) --include_source_info \
+		--descriptor_set_out=$(STUBS_DIR)/atelier/v1/atelier.protoset $(PROTOS)
 
 # System tools the tests call. promtool comes from Debian's `prometheus` package (installed here
 # when root, else the exact command is printed); kubectl is preinstalled on these machines and

@@ -58,7 +58,7 @@ def main() -> None:
         codecs.image_from_torch(result.image)  # the server encodes the PNG too
 
     def through_sdk() -> None:
-        inv = client.inversion.invert(image, SOURCE, method=args.method, steps=args.steps)
+        inv = client.inversion.invert(image, SOURCE, method=args.method, num_inference_steps=args.steps)
         client.inversion.edit(inv, TARGET)
 
     in_process(), through_sdk()  # warm-up

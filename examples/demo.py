@@ -24,12 +24,12 @@ def scene() -> Image.Image:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/demo")
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--num-inference-steps", type=int, default=25)
     # The service's default guidance is SD's 7.5. The embedded 6.7 M-parameter toy model
     # over-saturates there under negative-prompt-inversion guidance (measured: at 5 and 7.5
     # the toy-world evaluator reads wrong colours/shapes for most edits; at 2.5 it reads every
     # demo edit right, for P2P and MasaCtrl). Real SD 1.x weights want the default.
-    parser.add_argument("--guidance", type=float, default=2.5)
+    parser.add_argument("--guidance-scale", type=float, default=2.5)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,14 +44,14 @@ def main() -> int:
     image.save(out / "source.png")
 
     for method in ("ddim", "spdinv"):
-        inversion = client.inversion.invert(image, source_prompt, method=method, steps=args.steps, progress=True)
+        inversion = client.inversion.invert(image, source_prompt, method=method, num_inference_steps=args.num_inference_steps, progress=True)
         residual = float(np.mean([d.residual for d in inversion.diagnostics]))
         print(f"{method}: z_T {inversion.z_T.shape}, mean fixed-point residual {residual:.3e}, usage {inversion.usage}")
-        reconstruction = client.inversion.edit(inversion, source_prompt, engine="p2p", guidance=args.guidance)
-        reconstruction.save(out / f"{method}_reconstruction.png")
+        reconstruction = client.inversion.edit(inversion, source_prompt, engine="p2p", guidance_scale=args.guidance_scale)
+        reconstruction.image.save(out / f"{method}_reconstruction.png")
         for engine, target in (("p2p", "a green circle on a blue background"), ("masactrl", "a red square on a blue background")):
-            edited = client.inversion.edit(inversion, target, engine=engine, guidance=args.guidance, progress=True)
-            edited.save(out / f"{method}_{engine}.png")
+            edited = client.inversion.edit(inversion, target, engine=engine, guidance_scale=args.guidance_scale, progress=True)
+            edited.image.save(out / f"{method}_{engine}.png")
             print(f"  {engine}: '{target}' -> {out / f'{method}_{engine}.png'}")
 
     if hasattr(client, "segmentation"):

@@ -28,9 +28,9 @@ class FakeInversionServicer(inversion_pb2_grpc.InversionServicer):
         self.app = app
 
     def Invert(self, request, context):
-        steps = request.steps if request.HasField("steps") else 50
+        steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
         if steps <= 0 or steps > 100_000:
-            raise InvalidArgument("steps", f"must be in 1..100000, got {steps}")
+            raise InvalidArgument("num_inference_steps", f"must be in 1..100000, got {steps}")
         if request.model.name and request.model.name != "toy":
             raise NotFound(f"unknown model {request.model.name!r}; known: ['toy']")
         width = height = 8
@@ -66,7 +66,7 @@ class FakeInversionServicer(inversion_pb2_grpc.InversionServicer):
                 unet_forward_evaluations=control.forward_evaluations,
                 wall_seconds=control.elapsed(), queue_seconds=control.queue_seconds())
             return inversion_pb2.InvertEvent(result=inversion_pb2.InversionResult(
-                steps=steps, width=width, height=height, z_t=codec.tensor_from_numpy(z_t, "z_T"), usage=usage))
+                num_inference_steps=steps, width=width, height=height, z_t=codec.tensor_from_numpy(z_t, "z_T"), usage=usage))
 
         return stream_call(context, self.app.executor, work, progress_message, result_message)
 

@@ -95,7 +95,7 @@ def test_client_deadline_is_counted_deadline_exceeded_not_cancelled():
         h.app.release.clear()
         for _ in range(3):
             with pytest.raises(grpc.RpcError) as caught:
-                list(h.stub.Invert(inversion_pb2.InvertRequest(steps=100), timeout=0.3))
+                list(h.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=100), timeout=0.3))
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         key = ("Invert", "server_stream", "DeadlineExceeded")
         assert _wait_for(lambda: _handled(h)[0].get(key) == 3), _handled(h)[0]

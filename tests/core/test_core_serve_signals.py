@@ -47,7 +47,7 @@ def test_sigterm_drains_in_flight_call_and_exits_zero():
         port = _wait_for_line(lines, r"listening on 127\.0\.0\.1:(\d+)").group(1)
         _wait_for_line(lines, r"ready on")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = inversion_pb2_grpc.InversionStub(channel).Invert(inversion_pb2.InvertRequest(steps=20), timeout=30)
+            call = inversion_pb2_grpc.InversionStub(channel).Invert(inversion_pb2.InvertRequest(num_inference_steps=20), timeout=30)
             assert next(call).progress.step == 1
             process.send_signal(signal.SIGTERM)
             _wait_for_line(lines, r"draining")
@@ -77,7 +77,7 @@ def test_calls_cut_off_after_the_grace_period_exit_nonzero():
         port = _wait_for_line(lines, r"listening on 127\.0\.0\.1:(\d+)").group(1)
         _wait_for_line(lines, r"ready on")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = inversion_pb2_grpc.InversionStub(channel).Invert(inversion_pb2.InvertRequest(steps=10_000), timeout=30)
+            call = inversion_pb2_grpc.InversionStub(channel).Invert(inversion_pb2.InvertRequest(num_inference_steps=10_000), timeout=30)
             assert next(call).progress.step == 1
             process.send_signal(signal.SIGTERM)
             _wait_for_line(lines, r"grace period over")

@@ -92,7 +92,7 @@ def _violations(error):
 
 def test_streams_progress_then_exactly_one_result(harness):
     image = codec.image_from_array(np.zeros((16, 24, 3), np.uint8))
-    events = list(harness.stub.Invert(inversion_pb2.InvertRequest(image=image, steps=5), timeout=20))
+    events = list(harness.stub.Invert(inversion_pb2.InvertRequest(image=image, num_inference_steps=5), timeout=20))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds == ["progress"] * 5 + ["result"]
     assert [e.progress.step for e in events[:5]] == [1, 2, 3, 4, 5]
@@ -120,7 +120,7 @@ def test_message_size_limit_is_configurable():
 
 def test_invalid_argument_carries_field_violations(harness):
     cases = [
-        (inversion_pb2.InvertRequest(steps=0), "steps"),
+        (inversion_pb2.InvertRequest(num_inference_steps=0), "num_inference_steps"),
         (inversion_pb2.InvertRequest(image=tensor_pb2.Image(data=b"junk")), "image.encoding"),
         (inversion_pb2.InvertRequest(image=codec.image_from_array(np.zeros((12, 16, 3), np.uint8))), "image.height"),
         (inversion_pb2.InvertRequest(image=codec.image_from_array(np.zeros((128, 128, 3), np.uint8))), "image.width"),
@@ -139,10 +139,10 @@ def test_invalid_argument_carries_field_violations(harness):
 
 def test_not_found_and_internal_errors(harness, caplog):
     with pytest.raises(grpc.RpcError) as caught:
-        list(harness.stub.Invert(inversion_pb2.InvertRequest(model={"name": "nope"}, steps=2), timeout=10))
+        list(harness.stub.Invert(inversion_pb2.InvertRequest(model={"name": "nope"}, num_inference_steps=2), timeout=10))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in caught.value.details()
     with pytest.raises(grpc.RpcError) as caught:
-        list(harness.stub.Invert(inversion_pb2.InvertRequest(prompt="boom", steps=2), timeout=10))
+        list(harness.stub.Invert(inversion_pb2.InvertRequest(prompt="boom", num_inference_steps=2), timeout=10))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in caught.value.details() and "incident" in caught.value.details()
     incident = caught.value.details().split("incident ")[1].split(")")[0]
@@ -155,7 +155,7 @@ def _run_until_stopped(harness, stop):
     code, the evaluation count when the client saw the end, and the final count."""
     harness.app.release.clear()
     harness.app.step_seconds = 0.02
-    call = harness.stub.Invert(inversion_pb2.InvertRequest(steps=100_000), timeout=stop.get("timeout"))
+    call = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=100_000), timeout=stop.get("timeout"))
     code = None
     try:
         for index, event in enumerate(call):
@@ -185,9 +185,9 @@ def test_full_queue_is_resource_exhausted():
     try:
         assert harness.server.wait_loaded(10)
         harness.app.release.clear()
-        running = harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=30)
+        running = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=30)
         assert next(running).progress.step == 1  # on the executor, waiting inside step 1
-        queued = harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=30)
+        queued = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=30)
         queued_events = []
         def read_queued():
             try:
@@ -199,14 +199,14 @@ def test_full_queue_is_resource_exhausted():
         reader.start()
         assert _wait_for(lambda: harness.app.executor.queue_depth() == 1)
         with pytest.raises(grpc.RpcError) as caught:
-            list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=10))
+            list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=10))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "already waiting" in caught.value.details()
         # A queued call whose client gives up leaves the queue at once.
         queued.cancel()
         reader.join(10)
         assert _wait_for(lambda: harness.app.executor.queue_depth() == 0)
-        replacement = harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=30)
+        replacement = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=30)
         harness.app.release.set()
         assert list(running)[-1].HasField("result")
         assert list(replacement)[-1].result.usage.unet_forward_evaluations == 2
@@ -221,7 +221,7 @@ def test_health_not_serving_while_loading_then_serving():
         for service in ("", "atelier.v1.Inversion"):
             assert harness.health_status(service) == NOT_SERVING
         with pytest.raises(grpc.RpcError) as caught:
-            list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=1), timeout=10))
+            list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=1), timeout=10))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in caught.value.details()
         harness.app.loaded.set()
         assert harness.server.wait_loaded(10) and harness.server.load_error is None
@@ -235,7 +235,7 @@ def test_drain_reports_not_serving_and_lets_in_flight_calls_finish():
     harness = Harness(step_seconds=30)
     assert harness.server.wait_loaded(10)
     harness.app.release.clear()
-    in_flight = harness.stub.Invert(inversion_pb2.InvertRequest(steps=3), timeout=30)
+    in_flight = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=3), timeout=30)
     assert next(in_flight).progress.step == 1
     stopper = threading.Thread(target=harness.server.stop, kwargs={"grace": 20})
     stopper.start()
@@ -243,7 +243,7 @@ def test_drain_reports_not_serving_and_lets_in_flight_calls_finish():
         assert _wait_for(lambda: harness.health_status() == NOT_SERVING)
         assert harness.health_status("atelier.v1.Inversion") == NOT_SERVING
         with pytest.raises(grpc.RpcError) as caught:
-            list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=1), timeout=10))
+            list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=1), timeout=10))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in caught.value.details()
         assert stopper.is_alive()  # still draining: the call holds it
     finally:
@@ -278,16 +278,16 @@ def _handled(harness):
 
 
 def test_metrics_endpoint_counts_handled_calls_with_codes(harness):
-    list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=2), timeout=10))
-    list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=3), timeout=10))
+    list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=10))
+    list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=3), timeout=10))
     with pytest.raises(grpc.RpcError):
-        list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=0), timeout=10))
+        list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=0), timeout=10))
     harness.echo(codec.tensor_from_numpy(np.ones(2, np.float32)), timeout=10)
     harness.app.release.clear()
     harness.app.step_seconds = 0.02
     with pytest.raises(grpc.RpcError):
-        list(harness.stub.Invert(inversion_pb2.InvertRequest(steps=100_000), timeout=0.3))
-    cancelled = harness.stub.Invert(inversion_pb2.InvertRequest(steps=100_000), timeout=10)
+        list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=100_000), timeout=0.3))
+    cancelled = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=100_000), timeout=10)
     next(cancelled)
     cancelled.cancel()
     expected = {

@@ -1,8 +1,10 @@
-"""Packaging: the server wheel carries the embedded models; the SDK wheel needs no torch."""
+"""Packaging: the server wheel carries the embedded models; the SDK wheel needs no torch;
+the two share the ``atelier`` namespace without both shipping ``atelier/__init__.py``."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -43,3 +45,39 @@ def test_sdk_wheel_is_torch_free_and_carries_the_stubs(tmp_path):
     names = set(wheel.namelist())
     assert {"atelier/__init__.py", "atelier/v1/inversion_pb2.py", "atelier/v1/segmentation_pb2_grpc.py",
             "atelier/sdk/client.py"} <= names
+
+
+def test_sdk_wheel_is_typed(tmp_path):
+    names = set(_wheel(ROOT / "clients" / "python", tmp_path).namelist())
+    assert {"atelier/py.typed", "atelier/v1/inversion_pb2.pyi", "atelier/v1/atelier.protoset",
+            "atelier/aio/client.py"} <= names
+
+
+def test_only_the_sdk_owns_the_package_init_and_survives_uninstalling_the_server(tmp_path):
+    sdk = _wheel(ROOT / "clients" / "python", tmp_path / "sdk")
+    server = _wheel(ROOT, tmp_path / "server")
+    assert "atelier/__init__.py" in sdk.namelist()
+    assert "atelier/__init__.py" not in server.namelist()  # the server is a namespace portion
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # Third-party dependencies come from this environment (a path entry: its own .pth files, which
+    # point at the editable atelier sources, are not processed), so nothing is downloaded.
+    Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    def pip(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "--python", python, *args], check=True, capture_output=True)
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+
+    pip("install", "-q", "--no-deps", sdk.filename, server.filename)
+    both = run("import atelier, atelier.core.errors, atelier.inversion.servicer; print(atelier.Client.__name__)")
+    assert both.returncode == 0 and both.stdout.strip() == "Client", both.stderr
+    pip("uninstall", "-q", "-y", "atelier-server")
+    sdk_only = run("import atelier; atelier.Client('127.0.0.1:1').close(); import atelier.sdk.inversion")
+    assert sdk_only.returncode == 0, sdk_only.stderr
+    assert "No module named 'atelier.core'" in run("import atelier.core").stderr

@@ -217,7 +217,7 @@ def _inversion_result(draw, cls):
     image size, a few steps, a prompt (other fields from the generic strategies)."""
     h, w = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     z_t = np.random.default_rng(draw(st.integers(0, 3))).standard_normal((1, 4, h, w)).astype(np.float32)
-    result = cls(prompt=draw(st.sampled_from(_STRING_EDGES)), steps=draw(st.integers(1, 4)),
+    result = cls(prompt=draw(st.sampled_from(_STRING_EDGES)), num_inference_steps=draw(st.integers(1, 4)),
                  width=8 * w, height=8 * h)
     result.z_t.datatype, result.z_t.raw = "FP32", z_t.tobytes()
     result.z_t.shape.extend(z_t.shape)

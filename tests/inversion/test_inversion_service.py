@@ -66,7 +66,7 @@ def wait_idle(running, timeout: float = 60.0) -> None:
 def test_invert_then_edit_round_trip(service):
     running, _, client = service
     events = []
-    inv = client.inversion.invert(scene(), PROMPT, method="spdinv", steps=4, return_chain=True, progress=events.append)
+    inv = client.inversion.invert(scene(), PROMPT, method="spdinv", num_inference_steps=4, return_chain=True, progress=events.append)
     assert inv.z_T.shape == (1, 4, 8, 8) and inv.chain.shape == (5, 4, 8, 8)
     np.testing.assert_allclose(inv.chain[-1:], inv.z_T)
     assert [d.index for d in inv.diagnostics] == [1, 2, 3, 4]
@@ -74,8 +74,8 @@ def test_invert_then_edit_round_trip(service):
     assert inv.usage.unet_forward_evaluations + inv.usage.unet_backward_evaluations >= 4
     assert events and events[-1].step == events[-1].total
     edited = client.inversion.edit(inv, "a green circle on a blue background", engine="p2p")
-    assert edited.size == (64, 64) and edited.mode == "RGB"
-    both = client.inversion.edit_result(inv, "a red square on a blue background", engine="masactrl", return_source=True)
+    assert edited.image.size == (64, 64) and edited.image.mode == "RGB" and edited.source_image is None
+    both = client.inversion.edit(inv, "a red square on a blue background", engine="masactrl", return_source=True)
     assert both.image.size == both.source_image.size == (64, 64)
     assert both.usage.unet_forward_evaluations == 4  # one batched UNet call per step
 
@@ -83,27 +83,27 @@ def test_invert_then_edit_round_trip(service):
 def test_edit_inverts_an_image_in_the_same_call(service):
     _, _, client = service
     edited = client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
-                                   method="ddim", steps=3)
-    assert edited.size == (64, 64)
+                                   method="ddim", num_inference_steps=3)
+    assert edited.image.size == (64, 64)
 
 
 def test_ddim_chain_is_deterministic_and_spdinv_lowers_the_residual(service):
     _, _, client = service
-    ddim = client.inversion.invert(scene(), PROMPT, method="ddim", steps=4)
-    again = client.inversion.invert(scene(), PROMPT, method="ddim", steps=4)
+    ddim = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=4)
+    again = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=4)
     np.testing.assert_array_equal(ddim.z_T, again.z_T)
-    spd = client.inversion.invert(scene(), PROMPT, method="spdinv", steps=4)
+    spd = client.inversion.invert(scene(), PROMPT, method="spdinv", num_inference_steps=4)
     assert np.mean([d.residual for d in spd.diagnostics]) < np.mean([d.residual for d in ddim.diagnostics])
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"steps": 0}, "steps"),
-        ({"steps": 100000}, "steps"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 100000}, "num_inference_steps"),
         ({"image": scene(60)}, "image"),
         ({"image": scene(256)}, "image"),
-        ({"learning_rate": -1.0}, "spdinv.learning_rate"),
+        ({"learning_rate": -1.0}, "learning_rate"),
     ],
 )
 def test_bad_invert_requests_name_the_field(service, kwargs, field):
@@ -118,17 +118,17 @@ def test_bad_invert_requests_name_the_field(service, kwargs, field):
 def test_unknown_model_is_not_found(service):
     _, _, client = service
     with pytest.raises(atelier.NotFoundError):
-        client.inversion.invert(scene(), PROMPT, steps=2, model="no-such-model")
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, model="no-such-model")
 
 
 def test_malformed_latent_and_empty_target_prompt(service):
     _, _, client = service
-    inv = client.inversion.invert(scene(), PROMPT, method="ddim", steps=2)
+    inv = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=2)
     broken = atelier.Inversion.from_bytes(inv.to_bytes())
     broken.proto.z_t.raw = broken.proto.z_t.raw[:-4]
     with pytest.raises(atelier.InvalidArgumentError) as info:
         client.inversion.edit(broken, "a green circle on a blue background")
-    assert any(f.startswith("inversion.z_t") for f, _ in info.value.field_violations)
+    assert any(f.startswith("source.z_t") for f, _ in info.value.field_violations)
     with pytest.raises(atelier.InvalidArgumentError) as info:
         client.inversion.edit(inv, "   ")
     assert [f for f, _ in info.value.field_violations] == ["target_prompt"]
@@ -136,7 +136,7 @@ def test_malformed_latent_and_empty_target_prompt(service):
 
 def _long_invert_request() -> inversion_pb2.InvertRequest:
     # SPDInv that never meets its threshold: 25 gradient rounds per step, long enough to interrupt.
-    return dict(method="spdinv", steps=200, loss_threshold=0.0)
+    return dict(method="spdinv", num_inference_steps=200, loss_threshold=0.0)
 
 
 def test_deadline_mid_run_stops_compute(service):
@@ -192,7 +192,7 @@ def test_full_queue_is_resource_exhausted(service):
     try:
         assert started.wait(60)
         with pytest.raises(atelier.ResourceExhaustedError):  # max_queue=0: nothing may wait
-            client.inversion.invert(scene(), PROMPT, method="ddim", steps=2)
+            client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=2)
     finally:
         cancel.cancel()
         worker.join(60)
@@ -203,7 +203,7 @@ def test_full_queue_is_resource_exhausted(service):
 def test_health_reflection_and_metrics(service):
     running, _, client = service
     wait_idle(running)
-    client.inversion.invert(scene(), PROMPT, method="ddim", steps=2)
+    client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=2)
     with grpc.insecure_channel(running.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", "atelier.v1.Inversion"):
@@ -224,8 +224,8 @@ def test_bad_edit_options_are_refused_before_any_compute(service):
     before = unet_evaluations(metrics)
     with pytest.raises(atelier.InvalidArgumentError) as info:
         client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
-                              steps=5, cross_replace=1.5, start_step=None)
-    assert [f for f, _ in info.value.field_violations] == ["p2p.cross_replace_fraction"]
+                              num_inference_steps=5, cross_replace_fraction=1.5, start_step=None)
+    assert [f for f, _ in info.value.field_violations] == ["cross_replace_fraction"]
     assert unet_evaluations(metrics) == before  # the inversion in the same call never ran
 
 
@@ -233,7 +233,7 @@ def test_a_long_unknown_model_name_is_not_found_without_leaks(service):
     _, _, client = service
     name = "m" * 10_000
     with pytest.raises(atelier.NotFoundError) as info:  # not RESOURCE_EXHAUSTED (trailer too big)
-        client.inversion.invert(scene(), PROMPT, steps=2, model=name)
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, model=name)
     message = info.value.message
     assert message.startswith("model 'mmm") and "not found" in message and len(message) < 300
     assert "toy" not in message and "/" not in message  # neither the model list nor folders
@@ -242,9 +242,9 @@ def test_a_long_unknown_model_name_is_not_found_without_leaks(service):
 def test_every_bad_invert_field_is_reported_at_once(service):
     _, _, client = service
     with pytest.raises(atelier.InvalidArgumentError) as info:
-        client.inversion.invert(scene(60), "p" * 5000, steps=0, learning_rate=-1.0)
+        client.inversion.invert(scene(60), "p" * 5000, num_inference_steps=0, learning_rate=-1.0)
     fields = {f.split(".")[0] if f.startswith("image") else f for f, _ in info.value.field_violations}
-    assert {"image", "prompt", "steps", "spdinv.learning_rate"} <= fields, fields
+    assert {"image", "prompt", "num_inference_steps", "learning_rate"} <= fields, fields
 
 
 def test_all_training_timesteps_run_until_the_deadline(service):
@@ -252,7 +252,8 @@ def test_all_training_timesteps_run_until_the_deadline(service):
     wait_idle(running)
     events = []
     with pytest.raises(atelier.DeadlineExceededError):  # not INTERNAL (t = 1000 overflowed)
-        client.inversion.invert(scene(), PROMPT, method="ddim", steps=1000, timeout=3, progress=events.append)
+        client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=1000, timeout=3,
+                                progress=events.append)
     assert events, "the inversion never started stepping"
     wait_idle(running)
 
@@ -262,5 +263,38 @@ def test_spdinv_options_beyond_float32_are_invalid_argument(service, option):
     # Found by tests/fuzz: 1e308 passed isfinite and overflowed AdamW's float32 scalars (INTERNAL).
     _, _, client = service
     with pytest.raises(atelier.InvalidArgumentError) as info:
-        client.inversion.invert(scene(), PROMPT, steps=2, **{option: 1e308})
-    assert [f for f, _ in info.value.field_violations] == [f"spdinv.{option}"]
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, **{option: 1e308})
+    assert [f for f, _ in info.value.field_violations] == [option]
+
+
+def test_the_asyncio_client_inverts_and_edits_like_the_sync_one(service):
+    import asyncio
+
+    import atelier.aio
+
+    running, _, client = service
+    want = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3)
+
+    async def main():
+        async with atelier.aio.Client(inversion=running.address, timeout=120) as aio_client:
+            inv = await aio_client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=3)
+            edited = await aio_client.inversion.edit(inv, "a green circle on a blue background")
+            return inv, edited
+
+    inv, edited = asyncio.run(main())
+    np.testing.assert_array_equal(inv.z_T, want.z_T)  # DDIM inversion is deterministic
+    assert edited.image.size == (64, 64)
+
+
+def test_edit_of_an_image_names_the_edit_arguments(service):
+    _, _, client = service
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(60), "a green circle on a blue background", source_prompt=PROMPT)
+    assert [f.split(".")[0] for f, _ in info.value.field_violations] == ["source"]  # not invert.image
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
+                              num_inference_steps=0)
+    assert [f for f, _ in info.value.field_violations] == ["num_inference_steps"]
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt="x" * 5000)
+    assert [f for f, _ in info.value.field_violations] == ["source_prompt"]

@@ -34,13 +34,13 @@ def progress_event(stage: str, step: int, total: int, message: str = "") -> comm
 
 
 def inversion_result(request: inversion_pb2.InvertRequest) -> inversion_pb2.InversionResult:
-    steps = request.steps if request.HasField("steps") else 50
+    steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
     z_t = latent_for(request.prompt)
     result = inversion_pb2.InversionResult(
         model=common_pb2.ModelRef(name=request.model.name or "toy"),
         prompt=request.prompt,
         method=request.method or inversion_pb2.SPDINV,
-        steps=steps,
+        num_inference_steps=steps,
         width=24,
         height=16,
         z_t=codec.tensor_from_numpy(z_t, name="z_T"),
@@ -55,7 +55,7 @@ def inversion_result(request: inversion_pb2.InvertRequest) -> inversion_pb2.Inve
 
 
 def default_invert(request, context, attempt):
-    steps = request.steps if request.HasField("steps") else 50
+    steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
     for step in (1, 2):
         yield inversion_pb2.InvertEvent(progress=progress_event("invert", step, steps))
     yield inversion_pb2.InvertEvent(result=inversion_result(request))

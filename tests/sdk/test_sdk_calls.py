@@ -34,17 +34,17 @@ def test_invalid_argument_carries_field_violations_and_is_not_retried(fake_and_c
 
     def reject(request, context, attempt):
         abort_with(context, grpc.StatusCode.INVALID_ARGUMENT, "bad request",
-                   [("steps", "must be between 1 and 1000, got 0"), ("image.width", "not a multiple of 8")])
+                   [("num_inference_steps", "must be between 1 and 1000, got 0"), ("image.width", "not a multiple of 8")])
         yield  # pragma: no cover - abort raises
 
     fake.invert_behaviour = reject
     with pytest.raises(atelier.InvalidArgumentError) as caught:
-        client.inversion.invert(IMAGE, "x", steps=0)
+        client.inversion.invert(IMAGE, "x", num_inference_steps=0)
     error = caught.value
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.message == "bad request"
-    assert error.field_violations == [("steps", "must be between 1 and 1000, got 0"), ("image.width", "not a multiple of 8")]
+    assert error.field_violations == [("num_inference_steps", "must be between 1 and 1000, got 0"), ("image.width", "not a multiple of 8")]
     assert isinstance(error.details[0], error_details_pb2.BadRequest)
-    assert "steps: must be between 1 and 1000" in str(error)
+    assert "num_inference_steps: must be between 1 and 1000" in str(error)
     assert fake.attempts == 1
 
 
@@ -74,7 +74,7 @@ def test_status_codes_map_to_typed_errors_without_retry(fake_and_client, code, e
 
 def test_rich_details_other_than_bad_request_are_unpacked(fake_and_client):
     fake, client = fake_and_client
-    retry_info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=250_000_000))
+    retry_info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=2_000_000))
     error_info = error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain="atelier")
 
     def saturated(request, context, attempt):
@@ -84,16 +84,17 @@ def test_rich_details_other_than_bad_request_are_unpacked(fake_and_client):
     fake.invert_behaviour = saturated
     with pytest.raises(atelier.ResourceExhaustedError) as caught:
         client.inversion.invert(IMAGE, "x")
-    assert caught.value.retry_delay == 0.25
+    assert caught.value.retry_delay == 0.002
     assert error_info in caught.value.details
+    assert fake.attempts == FAST_RETRIES.max_attempts  # RetryInfo makes it retryable, within the bound
 
 
 def test_unavailable_is_retried_until_it_succeeds(fake_and_client):
     fake, client = fake_and_client
     fake.invert_behaviour = fail_first(2, progress_first=True)
     events = []
-    inversion = client.inversion.invert(IMAGE, "x", steps=2, progress=events.append)
-    assert fake.attempts == 3 and inversion.steps == 2
+    inversion = client.inversion.invert(IMAGE, "x", num_inference_steps=2, progress=events.append)
+    assert fake.attempts == 3 and inversion.num_inference_steps == 2
     retries = [event for event in events if event.stage == "retry"]
     assert [(event.step, event.total) for event in retries] == [(2, 4), (3, 4)]
     assert "model still loading" in retries[0].message

@@ -18,7 +18,7 @@ IMAGE = np.zeros((16, 16, 3), dtype=np.uint8)
 def test_token_travels_as_bearer_metadata_on_every_call(servers):
     fake, _, address = servers()
     with atelier.Client(address, token="s3cret") as client:
-        inversion = client.inversion.invert(IMAGE, "x", steps=1)
+        inversion = client.inversion.invert(IMAGE, "x", num_inference_steps=1)
         client.inversion.edit(inversion, "y")
     assert [metadata.get("authorization") for metadata in fake.metadata] == ["Bearer s3cret"] * 2
 
@@ -26,7 +26,7 @@ def test_token_travels_as_bearer_metadata_on_every_call(servers):
 def test_no_token_no_authorization_header(servers):
     fake, _, address = servers()
     with atelier.Client(address) as client:
-        client.inversion.invert(IMAGE, "x", steps=1)
+        client.inversion.invert(IMAGE, "x", num_inference_steps=1)
     assert "authorization" not in fake.metadata[0]
     assert fake.metadata[0]["user-agent"].startswith("atelier-python/")
 
@@ -39,7 +39,7 @@ def test_one_channel_per_distinct_address(servers):
         assert client.transport("inversion").channel is not client.transport("segmentation").channel
         assert client.transport("synthesis").channel is not client.transport("segmentation").channel
         assert client.inversion is client.inversion
-        client.inversion.invert(IMAGE, "x", steps=1)  # routed to the per-service address
+        client.inversion.invert(IMAGE, "x", num_inference_steps=1)  # routed to the per-service address
         assert fake.attempts == 1
     finally:
         client.close()
@@ -58,11 +58,11 @@ def test_missing_addresses_are_reported_clearly(servers):
 def test_a_closed_client_refuses_calls(servers):
     _, _, address = servers()
     client = atelier.Client(address)
-    client.inversion.invert(IMAGE, "x", steps=1)
+    client.inversion.invert(IMAGE, "x", num_inference_steps=1)
     client.close()
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
-        client.inversion.invert(IMAGE, "x", steps=1)
+        client.inversion.invert(IMAGE, "x", num_inference_steps=1)
 
 
 def test_max_message_bytes_applies_to_the_channel(servers):
@@ -90,11 +90,11 @@ def test_tls_with_token_uses_call_credentials(servers, tmp_path):
     fake, _, address = servers(grpc.ssl_server_credentials([(key, cert)]))
     tls = atelier.TLSConfig(root_certificates=tmp_path / "cert.pem", server_name="atelier.test")
     with atelier.Client(address, tls=tls, token="tls-token") as client:
-        client.inversion.invert(IMAGE, "x", steps=1)
+        client.inversion.invert(IMAGE, "x", num_inference_steps=1)
     assert fake.metadata[0]["authorization"] == "Bearer tls-token"
     with atelier.Client(address, retries=0) as plaintext:  # the TLS port refuses plaintext
         with pytest.raises(atelier.UnavailableError):
-            plaintext.inversion.invert(IMAGE, "x", steps=1)
+            plaintext.inversion.invert(IMAGE, "x", num_inference_steps=1)
     assert fake.attempts == 1
 
 

@@ -73,22 +73,22 @@ def test_previous_low_res_mask_is_used_like_transformers_input_masks(predictor, 
 
 def _fields(prompts, size=64):
     with pytest.raises(InvalidArgument) as caught:
-        validate_prompts(prompts, WIDTH, HEIGHT, size, ["prompt"] if len(prompts) == 1 else None)
+        validate_prompts(prompts, WIDTH, HEIGHT, size, [""] if len(prompts) == 1 else None)
     return [field for field, _ in caught.value.violations]
 
 
 @pytest.mark.parametrize("prompt, field", [
-    (Prompt.of([(WIDTH, 5)], [1]), "prompt.points[0]"),
-    (Prompt.of([(5, -1)], [1]), "prompt.points[0]"),
-    (Prompt.of([(float("nan"), 5)], [1]), "prompt.points[0]"),
-    (Prompt.of([(5, 5)], [2]), "prompt.points[0].label"),
-    (Prompt.of([(5, 5)], [-1]), "prompt.points[0].label"),
-    (Prompt.of(boxes=[(30, 5, 10, 20)]), "prompt.boxes[0]"),
-    (Prompt.of(boxes=[(5, 20, 10, 5)]), "prompt.boxes[0]"),
-    (Prompt.of(boxes=[(5, 5, WIDTH + 1, 20)]), "prompt.boxes[0]"),
-    (Prompt.of(boxes=[(0, 0, 5, 5), (1, 1, 6, 6)]), "prompt.boxes"),
-    (Prompt.of(), "prompt"),
-    (Prompt.of([(5, 5)], [1], mask_input=np.zeros((32, 32), np.float32)), "prompt.mask_input"),
+    (Prompt.of([(WIDTH, 5)], [1]), "points[0]"),
+    (Prompt.of([(5, -1)], [1]), "points[0]"),
+    (Prompt.of([(float("nan"), 5)], [1]), "points[0]"),
+    (Prompt.of([(5, 5)], [2]), "labels[0]"),
+    (Prompt.of([(5, 5)], [-1]), "labels[0]"),
+    (Prompt.of(boxes=[(30, 5, 10, 20)]), "boxes[0]"),
+    (Prompt.of(boxes=[(5, 20, 10, 5)]), "boxes[0]"),
+    (Prompt.of(boxes=[(5, 5, WIDTH + 1, 20)]), "boxes[0]"),
+    (Prompt.of(boxes=[(0, 0, 5, 5), (1, 1, 6, 6)]), "boxes"),
+    (Prompt.of(), "points"),
+    (Prompt.of([(5, 5)], [1], mask_input=np.zeros((32, 32), np.float32)), "mask_input"),
 ])
 def test_bad_prompts_name_the_field(prompt, field):
     assert _fields([prompt]) == [field]
@@ -96,8 +96,8 @@ def test_bad_prompts_name_the_field(prompt, field):
 
 def test_every_violation_is_reported_with_its_prompt_index():
     prompts = [Prompt.of([(5, 5)], [1]), Prompt.of([(500, 5)], [3]), Prompt.of()]
-    assert _fields(prompts) == ["prompts[1].points[0]", "prompts[1].points[0].label", "prompts[2]"]
-    with pytest.raises(InvalidArgument, match="prompts"):
+    assert _fields(prompts) == ["prompt_sets[1].points[0]", "prompt_sets[1].labels[0]", "prompt_sets[2]"]
+    with pytest.raises(InvalidArgument, match="prompt_sets"):
         validate_prompts([], WIDTH, HEIGHT, 64)
 
 

@@ -113,12 +113,12 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_masks(service, pr
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"points": [(WIDTH + 5, 10)]}, "prompt.points[0]"),
-    ({"points": [(10, -3)]}, "prompt.points[0]"),
-    ({}, "prompt"),
-    ({"points": [(10, 10)], "labels": [2]}, "prompt.points[0].label"),
-    ({"boxes": (40, 5, 10, 30)}, "prompt.boxes[0]"),
-    ({"points": [(10, 10)], "mask_input": np.zeros((8, 8), np.float32)}, "prompt.mask_input"),
+    ({"points": [(WIDTH + 5, 10)]}, "points[0]"),
+    ({"points": [(10, -3)]}, "points[0]"),
+    ({}, "points"),
+    ({"points": [(10, 10)], "labels": [2]}, "labels[0]"),
+    ({"boxes": (40, 5, 10, 30)}, "boxes[0]"),
+    ({"points": [(10, 10)], "mask_input": np.zeros((8, 8), np.float32)}, "mask_input"),
 ])
 def test_bad_input_is_invalid_argument_naming_the_field(service, image, kwargs, field):
     with pytest.raises(atelier.InvalidArgumentError) as caught:
@@ -129,7 +129,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(service, image, kwargs, 
 def test_batch_bad_input_names_the_prompt_set(service, image):
     with pytest.raises(atelier.InvalidArgumentError) as caught:
         service.client.segmentation.segment_many(image, [{"points": [(1, 1)]}, {"boxes": (9, 9, 1, 1)}, {}])
-    assert [f for f, _ in caught.value.field_violations] == ["prompts[1].boxes[0]", "prompts[2]"]
+    assert [f for f, _ in caught.value.field_violations] == ["prompt_sets[1].boxes[0]", "prompt_sets[2]"]
 
 
 def test_image_over_the_size_limit_is_invalid_argument(sam_source):
@@ -185,7 +185,7 @@ def test_many_bad_points_are_invalid_argument_with_bounded_details(service, imag
     with pytest.raises(atelier.InvalidArgumentError) as caught:
         service.client.segmentation.segment(image, points=points)
     violations = caught.value.field_violations
-    assert violations[0][0] == "prompt.points[0]"
+    assert violations[0][0] == "points[0]"
     assert violations[-1][1].endswith("more violations omitted") and len(violations) < 60
 
 
@@ -195,3 +195,25 @@ def test_thin_images_segment(service, size):
     pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
     result = service.client.segmentation.segment(pixels, points=[(0, 0)])
     assert result.masks.shape[-2:] == (height, width)
+
+
+def test_the_asyncio_client_gets_the_same_masks_concurrently(service, image):
+    import asyncio
+
+    import atelier.aio
+
+    want = service.client.segmentation.segment(image, points=[(10, 20)])
+    many_want = service.client.segmentation.segment_many(image, [{"points": [(10, 20)]}, {"boxes": (5, 5, 40, 30)}])
+
+    async def main():
+        async with atelier.aio.Client(segmentation=service.running.address, timeout=60) as client:
+            assert await client.ready()
+            singles = await asyncio.gather(*(client.segmentation.segment(image, points=[(10, 20)]) for _ in range(4)))
+            many = await client.segmentation.segment_many(image, [{"points": [(10, 20)]}, {"boxes": (5, 5, 40, 30)}])
+            return singles, many
+
+    singles, many = asyncio.run(main())
+    for result in singles:
+        np.testing.assert_array_equal(result.masks, want.masks)
+    for got, expected in zip(many, many_want):
+        np.testing.assert_array_equal(got.masks, expected.masks)

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from atelier.core import auth
 from atelier.sdk import channel_options
 
 __all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries", "cpu_limit"]
@@ -103,6 +104,8 @@ class ServerConfig:
     health_interval_seconds: float = 1.0
     # Service-specific settings parsed by the ``add_arguments`` hook of from_args.
     extras: dict = field(default_factory=dict)
+    # Bearer tokens, TLS, and this service's credentials for calls to others (core/auth.py).
+    auth: auth.AuthConfig = field(default_factory=auth.AuthConfig)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return channel_options.server_options(
@@ -186,9 +189,14 @@ class ServerConfig:
                             default=env_default("ATELIER_WEDGED_AFTER_SECONDS", cls.wedged_after_seconds, float),
                             help="report NOT_SERVING when a call runs this long past its deadline "
                                  "[ATELIER_WEDGED_AFTER_SECONDS]")
+        auth.add_arguments(parser, env)
         if add_arguments is not None:
             add_arguments(parser)
         args = parser.parse_args(argv)
+        try:
+            auth_config = auth.from_args(args, env)
+        except ValueError as error:
+            parser.error(str(error))
 
         try:
             models = parse_model_entries(env.get("ATELIER_MODELS", "").split(";"), "ATELIER_MODELS")
@@ -210,7 +218,8 @@ class ServerConfig:
                 parser.error(message)
 
         core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
-                "max_image_pixels", "model", "models_file", "device", "threads", "wedged_after_seconds"}
+                "max_image_pixels", "model", "models_file", "device", "threads", "wedged_after_seconds",
+                *auth.AUTH_DESTS}
         extras = {dest: value for dest, value in vars(args).items() if dest not in core}
         return cls(
             service=service,
@@ -227,4 +236,5 @@ class ServerConfig:
             threads=args.threads,
             wedged_after_seconds=args.wedged_after_seconds,
             extras=extras,
+            auth=auth_config,
         )

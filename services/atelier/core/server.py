@@ -25,6 +25,7 @@ import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from atelier.core import auth
 from atelier.core.config import ServerConfig
 from atelier.core.interceptors import ErrorInterceptor, MetricsInterceptor, Readiness
 from atelier.core.metrics import Metrics, default_metrics
@@ -254,7 +255,7 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
     handler_threads = config.max_queue + 1 + _SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=handler_threads, thread_name_prefix=f"grpc-{app.name}"),
-        interceptors=[MetricsInterceptor(metrics), ErrorInterceptor(readiness)],
+        interceptors=[MetricsInterceptor(metrics), *auth.server_interceptors(config.auth), ErrorInterceptor(readiness)],
         options=config.grpc_options(),
         # Beyond this gRPC answers RESOURCE_EXHAUSTED itself instead of letting
         # requests (each up to max_message_bytes) pile up in memory.
@@ -265,12 +266,15 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.add_to_server(server)
-    # Both reflection versions: grpcurl and newer tools speak v1, older ones v1alpha.
+    # Reflection (v1 and v1alpha) from descriptors that carry the .proto comments (grpcurl
+    # describe shows them).
     enable_reflection((*app.service_names, health.SERVICE_NAME), server)
+    credentials = auth.server_credentials(config.auth)
+    bind = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     except RuntimeError as error:  # grpcio raises when the bind fails (e.g. port in use)
-        raise OSError(f"cannot bind gRPC port {config.host}:{config.port}: {error}") from None
+        raise OSError(f"cannot bind gRPC port {bind}: {error}") from None
     if port == 0:
         raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
     server.start()

@@ -65,19 +65,19 @@ def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParam
         violations.append(("target_prompt", "reweight mode scales the source prompt's attention: the target "
                            "prompt must equal the source prompt (combine reweight with replace/refine otherwise)"))
     if mode == "reweight" and not params.reweight:
-        violations.append(("p2p.reweight", "reweight mode needs at least one word -> scale entry"))
+        violations.append(("reweight", "reweight mode needs at least one word -> scale entry"))
     for word, value in params.reweight.items():
         if not word_positions(target, word):
-            violations.append(("p2p.reweight", f"word {word!r} is not in the target prompt"))
+            violations.append(("reweight", f"word {word!r} is not in the target prompt"))
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            violations.append(("p2p.reweight", f"scale of {word!r} must be a finite number, got {value!r}"))
+            violations.append(("reweight", f"scale of {word!r} must be a finite number, got {value!r}"))
     blend_weights = None
     if params.blend_words:
         blend_weights = torch.zeros(2, max_len)
         for word in params.blend_words:
             source_positions, target_positions = word_positions(source, word), word_positions(target, word)
             if not source_positions and not target_positions:
-                violations.append(("p2p.blend_words", f"word {word!r} is in neither the source nor the target prompt"))
+                violations.append(("blend_words", f"word {word!r} is in neither the source nor the target prompt"))
             blend_weights[0, source_positions] = 1.0
             blend_weights[1, target_positions] = 1.0
     if violations:
@@ -100,11 +100,11 @@ def _p2p_option_violations(target_prompt: str, params: P2PParams) -> list[tuple[
     if not target_prompt.strip():
         violations.append(("target_prompt", "must not be empty for Prompt-to-Prompt"))
     if params.mode not in MODES:
-        violations.append(("p2p.mode", f"unknown mode {params.mode!r}; expected one of {', '.join(MODES)}"))
-    _check_fraction(violations, "p2p.cross_replace_fraction", params.cross_replace_fraction)
-    _check_fraction(violations, "p2p.self_replace_fraction", params.self_replace_fraction)
-    _check_fraction(violations, "p2p.blend_threshold", params.blend_threshold)
-    _check_fraction(violations, "p2p.blend_start_fraction", params.blend_start_fraction)
+        violations.append(("mode", f"unknown mode {params.mode!r}; expected one of {', '.join(MODES)}"))
+    _check_fraction(violations, "cross_replace_fraction", params.cross_replace_fraction)
+    _check_fraction(violations, "self_replace_fraction", params.self_replace_fraction)
+    _check_fraction(violations, "blend_threshold", params.blend_threshold)
+    _check_fraction(violations, "blend_start_fraction", params.blend_start_fraction)
     return violations
 
 
@@ -116,16 +116,16 @@ def check_edit_options(target_prompt: str, steps: int, engine: str, guidance: fl
     if engine not in ENGINES:
         violations.append(("engine", f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}"))
     if not isinstance(steps, int) or steps < 1:
-        violations.append(("steps", f"must be a positive integer, got {steps!r}"))
+        violations.append(("num_inference_steps", f"must be a positive integer, got {steps!r}"))
     if not math.isfinite(guidance):
         violations.append(("guidance_scale", f"must be finite, got {guidance!r}"))
     if engine == "p2p":
         violations += _p2p_option_violations(target_prompt, p2p)
     if engine == "masactrl":
         if not isinstance(masactrl.start_step, int) or masactrl.start_step < 0:
-            violations.append(("masactrl.start_step", f"must be >= 0, got {masactrl.start_step!r}"))
+            violations.append(("start_step", f"must be >= 0, got {masactrl.start_step!r}"))
         if not isinstance(masactrl.start_layer, int) or not 0 <= masactrl.start_layer <= REFERENCE_LAYER_COUNT:
-            violations.append(("masactrl.start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
+            violations.append(("start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
                                f"(Stable Diffusion's self-attention layer numbering), got {masactrl.start_layer!r}"))
     if violations:
         raise InvalidArgument.many(violations)

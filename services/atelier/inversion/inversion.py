@@ -35,7 +35,7 @@ def invert(model, image: torch.Tensor, prompt: str, method: str = "spdinv", step
         raise InvalidArgument("method", f"unknown inversion method {method!r}; choose one of {METHODS}")
     train_steps = model.scheduler_config.get("num_train_timesteps", 1000)
     if not 1 <= steps <= train_steps:
-        raise InvalidArgument("steps", f"must be between 1 and {train_steps}")
+        raise InvalidArgument("num_inference_steps", f"must be between 1 and {train_steps}")
     if max_rounds < 0:
         raise InvalidArgument("max_rounds", "must not be negative")
     if image.dim() != 4 or image.shape[:2] != (1, 3) or image.shape[2] % 8 or image.shape[3] % 8:

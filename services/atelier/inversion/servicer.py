@@ -28,6 +28,9 @@ _ENGINES = {
     inversion_pb2.P2P: "p2p",
     inversion_pb2.MASACTRL: "masactrl",
 }
+# InvertRequest field -> the SDK argument that sets it, in invert() and in edit() of an image.
+INVERT_ARGS = {name: name for name in ("image", "prompt", "method", "num_inference_steps", "model")}
+EDIT_INVERT_ARGS = {**INVERT_ARGS, "image": "source", "prompt": "source_prompt"}
 _P2P_MODES = {
     inversion_pb2.P2POptions.MODE_UNSPECIFIED: "auto",
     inversion_pb2.P2POptions.REPLACE: "replace",
@@ -90,7 +93,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
     # ---- RPCs -------------------------------------------------------------
     def Invert(self, request, context):
         # Errors raised here or in the work are mapped to statuses by the error interceptor.
-        job = self._parse_invert(request, prefix="")
+        job = self._parse_invert(request)
         yield from stream_call(
             context,
             self._executor,
@@ -136,13 +139,15 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         )
 
     # ---- request parsing (cheap, before the call is queued) -------------
+    # Field violations name the argument the SDK user passed (client.inversion.invert/edit),
+    # not the proto path: ``args`` maps an InvertRequest field to that argument.
     def _model_name(self, ref: common_pb2.ModelRef, field: str) -> str:
         name = ref.name or self._default_model
         self._registry.resolve(name)  # NotFound for unknown names
         return name
 
     def _steps(self, request, field: str) -> int:
-        steps = request.steps if request.HasField("steps") else 50
+        steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
         if not 1 <= steps <= self._limits.max_steps:
             raise InvalidArgument(field, f"must be between 1 and {self._limits.max_steps}, got {steps}")
         return steps
@@ -152,7 +157,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             raise InvalidArgument(field, f"longer than {self._limits.max_prompt_chars} characters")
         return text
 
-    def _parse_invert(self, request: inversion_pb2.InvertRequest, prefix: str,
+    def _parse_invert(self, request: inversion_pb2.InvertRequest, args: dict[str, str] = INVERT_ARGS,
                       violations: Violations | None = None) -> InvertJob | None:
         """The job for an InvertRequest. Every bad field is recorded in ``violations`` (then
         None is returned) or, without a collector, raised together as one InvalidArgument."""
@@ -161,34 +166,34 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         before = len(violations.items)
         image = None
         if not request.HasField("image"):
-            violations.add(prefix + "image", "an image is required")
+            violations.add(args["image"], "an image is required")
         else:
-            image = violations.attempt(codecs.image_to_torch, request.image, field=prefix + "image",
+            image = violations.attempt(codecs.image_to_torch, request.image, field=args["image"],
                                        max_pixels=self._limits.max_pixels, multiple_of=8)
         if request.method not in _METHODS:
-            violations.add(prefix + "method", f"unknown inversion method {request.method}")
+            violations.add(args["method"], f"unknown inversion method {request.method}")
         opts = request.spdinv
         spdinv = {}
         if opts.HasField("max_rounds"):
             if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
-                violations.add(prefix + "spdinv.max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
+                violations.add("max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
             spdinv["max_rounds"] = opts.max_rounds
         for name, upper in _SPDINV_UPPER_BOUNDS.items():
             if opts.HasField(name):
                 value = getattr(opts, name)
                 if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                    violations.add(f"{prefix}spdinv.{name}", f"must be a finite positive number, got {value}")
+                    violations.add(name, f"must be a finite positive number, got {value}")
                 elif value > upper:
-                    violations.add(f"{prefix}spdinv.{name}", f"must be at most {upper:g}, got {value:g}")
+                    violations.add(name, f"must be at most {upper:g}, got {value:g}")
                 spdinv[name] = value
-        prompt = violations.attempt(self._prompt, request.prompt, prefix + "prompt")
-        steps = violations.attempt(self._steps, request, prefix + "steps")
+        prompt = violations.attempt(self._prompt, request.prompt, args["prompt"])
+        steps = violations.attempt(self._steps, request, args["num_inference_steps"])
         if own:
             violations.raise_if_any()
         if len(violations.items) > before:
             return None
         return InvertJob(
-            model=self._model_name(request.model, prefix + "model"),
+            model=self._model_name(request.model, args["model"]),
             image=image,
             prompt=prompt,
             method=_METHODS[request.method],
@@ -205,26 +210,27 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         if source is None:
             violations.add("source", "set either inversion (a result of Invert) or invert (a request)")
         elif source == "invert":
-            invert_job = self._parse_invert(request.invert, prefix="invert.", violations=violations)
+            invert_job = self._parse_invert(request.invert, EDIT_INVERT_ARGS, violations)
             if invert_job is not None:
                 model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
                 height, width = invert_job.image.shape[2:]
         else:
+            # An Inversion sent back as is: whatever is wrong with it, the SDK argument is ``source``.
             inv = request.inversion
-            prompt = violations.attempt(self._prompt, inv.prompt, "inversion.prompt")
-            steps = inv.steps
+            prompt = violations.attempt(self._prompt, inv.prompt, "source")
+            steps = inv.num_inference_steps
             if not 1 <= steps <= self._limits.max_steps:
-                violations.add("inversion.steps", f"must be between 1 and {self._limits.max_steps}")
-            z_t = violations.attempt(codecs.tensor_to_torch, inv.z_t, field="inversion.z_t", shape=(1, 4, None, None))
+                violations.add("source", f"num_inference_steps must be between 1 and {self._limits.max_steps}")
+            z_t = violations.attempt(codecs.tensor_to_torch, inv.z_t, field="source.z_t", shape=(1, 4, None, None))
             height, width = inv.height, inv.width
             if z_t is not None:
                 z_t = z_t.float()
                 if (height, width) != (z_t.shape[2] * 8, z_t.shape[3] * 8):
-                    violations.add("inversion.width", "width/height do not match z_t's spatial size x 8")
+                    violations.add("source", "width/height do not match z_t's spatial size x 8")
                 if height * width > self._limits.max_pixels:
-                    violations.add("inversion.z_t", f"larger than {self._limits.max_pixels} pixels")
+                    violations.add("source.z_t", f"larger than {self._limits.max_pixels} pixels")
                 if not torch.isfinite(z_t).all():
-                    violations.add("inversion.z_t", "contains NaN or infinite values")
+                    violations.add("source.z_t", "contains NaN or infinite values")
         engine = _ENGINES.get(request.engine)
         if engine is None:
             violations.add("engine", f"unknown editing engine {request.engine}")
@@ -240,7 +246,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         violations.raise_if_any()
         if source == "inversion":
             inv = request.inversion
-            model = self._model_name(inv.model if inv.model.name else request.model, "inversion.model")
+            model = self._model_name(inv.model if inv.model.name else request.model, "source")
         if request.model.name and request.model.name != model:
             raise InvalidArgument("model", f"differs from the inversion's model {quoted(model)}")
         return EditJob(
@@ -266,7 +272,7 @@ def _optional(opts, name: str, default):
 
 def _p2p_params(opts: inversion_pb2.P2POptions) -> P2PParams:
     if opts.mode not in _P2P_MODES:
-        raise InvalidArgument("p2p.mode", f"unknown mode {opts.mode}")
+        raise InvalidArgument("mode", f"unknown mode {opts.mode}")
     defaults = P2PParams()
     return P2PParams(
         mode=_P2P_MODES[opts.mode],
@@ -301,7 +307,7 @@ def _inversion_result(job: InvertJob, out, control) -> inversion_pb2.InversionRe
         model=common_pb2.ModelRef(name=job.model),
         prompt=job.prompt,
         method=_METHOD_ENUMS[job.method],
-        steps=job.steps,
+        num_inference_steps=job.steps,
         width=width,
         height=height,
         z_t=codecs.tensor_from_torch(chain[-1:], name="z_T"),

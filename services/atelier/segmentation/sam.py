@@ -80,13 +80,16 @@ def prompt_violations(prompt: Prompt, width: int, height: int, mask_size: int, f
     Points must lie in the image (0 <= x < width, 0 <= y < height, pixel coordinates);
     boxes within [0, width] x [0, height] with x0 <= x1 and y0 <= y1.
     """
+    # ``field`` is the SDK argument holding this prompt set ("prompt_sets[2]"), or "" when the
+    # prompt's parts are arguments of their own (segment(points=, labels=, boxes=, mask_input=)).
+    prefix = f"{field}." if field else ""
     violations: list[tuple[str, str]] = []
     if len(prompt.points) == 0 and len(prompt.boxes) == 0:
-        violations.append((field, "the prompt set is empty: give at least one point or one box"))
+        violations.append((field or "points", "the prompt set is empty: give at least one point or one box"))
     if len(prompt.labels) != len(prompt.points):
-        violations.append((f"{field}.labels", f"{len(prompt.labels)} labels for {len(prompt.points)} points"))
+        violations.append((f"{prefix}labels", f"{len(prompt.labels)} labels for {len(prompt.points)} points"))
     for i, (x, y) in enumerate(prompt.points):
-        where = f"{field}.points[{i}]"
+        where = f"{prefix}points[{i}]"
         if not _finite(x, y):
             violations.append((where, f"coordinates must be finite, got ({x}, {y})"))
         elif not (0 <= x < width and 0 <= y < height):
@@ -94,12 +97,12 @@ def prompt_violations(prompt: Prompt, width: int, height: int, mask_size: int, f
                                       f"(need 0 <= x < {width}, 0 <= y < {height})"))
     for i, label in enumerate(prompt.labels):
         if label not in (0, 1):
-            violations.append((f"{field}.points[{i}].label", f"label must be 1 (inside) or 0 (outside), got {label}"))
+            violations.append((f"{prefix}labels[{i}]", f"label must be 1 (inside) or 0 (outside), got {label}"))
     if len(prompt.boxes) > 1:
-        violations.append((f"{field}.boxes", f"at most one box per prompt set, got {len(prompt.boxes)}; "
+        violations.append((f"{prefix}boxes", f"at most one box per prompt set, got {len(prompt.boxes)}; "
                                              "segment several objects with the batch form"))
     for i, (x0, y0, x1, y1) in enumerate(prompt.boxes):
-        where = f"{field}.boxes[{i}]"
+        where = f"{prefix}boxes[{i}]"
         if not _finite(x0, y0, x1, y1):
             violations.append((where, "coordinates must be finite"))
         elif x1 < x0 or y1 < y0:
@@ -109,10 +112,10 @@ def prompt_violations(prompt: Prompt, width: int, height: int, mask_size: int, f
     if prompt.mask_input is not None:
         shape = tuple(prompt.mask_input.shape)
         if shape not in ((mask_size, mask_size), (1, mask_size, mask_size)):
-            violations.append((f"{field}.mask_input", f"shape {list(shape)} does not match this model's low-res "
+            violations.append((f"{prefix}mask_input", f"shape {list(shape)} does not match this model's low-res "
                                                       f"mask size: need [{mask_size}, {mask_size}]"))
         elif not np.isfinite(prompt.mask_input).all():
-            violations.append((f"{field}.mask_input", "logits must be finite"))
+            violations.append((f"{prefix}mask_input", "logits must be finite"))
     return violations
 
 
@@ -120,8 +123,8 @@ def validate_prompts(prompts: Sequence[Prompt], width: int, height: int, mask_si
                      fields: Optional[Sequence[str]] = None) -> None:
     """Raise InvalidArgument naming every offending field (``fields[i]`` names prompt i)."""
     if not prompts:
-        raise InvalidArgument("prompts", "give at least one prompt set")
-    fields = fields or [f"prompts[{i}]" for i in range(len(prompts))]
+        raise InvalidArgument("prompt_sets", "give at least one prompt set")
+    fields = fields or [f"prompt_sets[{i}]" for i in range(len(prompts))]
     violations = [v for prompt, field in zip(prompts, fields)
                   for v in prompt_violations(prompt, width, height, mask_size, field)]
     if violations:

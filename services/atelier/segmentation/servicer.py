@@ -32,8 +32,9 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
     def Segment(self, request: segmentation_pb2.SegmentRequest, context) -> segmentation_pb2.SegmentResponse:
         name, segmenter = self._segmenter_for(request.model.name)
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
-        prompt = prompt_from_proto(request.prompt, "prompt")
-        output = self._run(context, segmenter, image, [prompt], request.options, ["prompt"])
+        # Violations name the SDK arguments: segment(points=, labels=, boxes=, mask_input=).
+        prompt = prompt_from_proto(request.prompt, "")
+        output = self._run(context, segmenter, image, [prompt], request.options, [""])
         return segmentation_pb2.SegmentResponse(
             model=common_pb2.ModelRef(name=name), width=output.width, height=output.height,
             result=result_to_proto(output.results[0]), usage=usage_to_proto(output))
@@ -41,11 +42,11 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
     def SegmentBatch(self, request: segmentation_pb2.SegmentBatchRequest,
                      context) -> segmentation_pb2.SegmentBatchResponse:
         name, segmenter = self._segmenter_for(request.model.name)
-        if len(request.prompts) > MAX_PROMPT_SETS:
-            raise InvalidArgument("prompts", f"{len(request.prompts)} prompt sets; the limit is {MAX_PROMPT_SETS}")
+        if len(request.prompt_sets) > MAX_PROMPT_SETS:
+            raise InvalidArgument("prompt_sets", f"{len(request.prompt_sets)} prompt sets; the limit is {MAX_PROMPT_SETS}")
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
-        fields = [f"prompts[{i}]" for i in range(len(request.prompts))]
-        prompts = [prompt_from_proto(p, field) for p, field in zip(request.prompts, fields)]
+        fields = [f"prompt_sets[{i}]" for i in range(len(request.prompt_sets))]
+        prompts = [prompt_from_proto(p, field) for p, field in zip(request.prompt_sets, fields)]
         output = self._run(context, segmenter, image, prompts, request.options, fields)
         return segmentation_pb2.SegmentBatchResponse(
             model=common_pb2.ModelRef(name=name), width=output.width, height=output.height,
@@ -54,22 +55,25 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
     def _run(self, context, segmenter: Segmenter, image, prompts, options, fields) -> SegmentOutput:
         threshold = options.mask_threshold if options.HasField("mask_threshold") else 0.0
         if not math.isfinite(threshold):
-            raise InvalidArgument("options.mask_threshold", f"must be finite, got {threshold}")
+            raise InvalidArgument("mask_threshold", f"must be finite, got {threshold}")
         control: CallControl = control_for_context(context, self._executor)
         return segmenter.segment(image, prompts, multimask=options.multimask, mask_threshold=threshold,
                                  control=control, prompt_fields=fields)
 
 
 def prompt_from_proto(msg: segmentation_pb2.PromptSet, field: str) -> Prompt:
-    """Decode one PromptSet; value checks against the image happen in the method."""
+    """Decode one PromptSet; value checks against the image happen in the method.
+
+    ``field`` names the SDK argument holding the set ("" when its parts are arguments)."""
+    prefix = f"{field}." if field else ""
     if len(msg.points) > MAX_POINTS:
-        raise InvalidArgument(f"{field}.points", f"{len(msg.points)} points; the limit is {MAX_POINTS}")
+        raise InvalidArgument(f"{prefix}points", f"{len(msg.points)} points; the limit is {MAX_POINTS}")
     mask_input = None
     if msg.HasField("mask_input"):
         if msg.mask_input.datatype != "FP32":
-            raise InvalidArgument(f"{field}.mask_input.datatype",
+            raise InvalidArgument(f"{prefix}mask_input",
                                   f"low-res mask logits must be FP32, got {msg.mask_input.datatype!r}")
-        mask_input = codec.tensor_to_numpy(msg.mask_input, f"{field}.mask_input")
+        mask_input = codec.tensor_to_numpy(msg.mask_input, f"{prefix}mask_input")
     return Prompt.of(
         points=[(p.x, p.y) for p in msg.points],
         labels=[p.label for p in msg.points],

@@ -1,9 +1,10 @@
 """The Atelier SDK: ``atelier.Client`` and the types its calls take and return.
 
-Only grpcio, grpcio-status, protobuf, numpy and pillow are needed (tqdm for
-``progress=True``); the SDK never imports torch.
+Only grpcio, grpcio-status, grpcio-health-checking, protobuf, numpy and pillow are
+needed (tqdm for ``progress=True``); the SDK never imports torch. ``atelier.aio.Client``
+is the asyncio twin of ``atelier.Client``.
 """
-from atelier.sdk.client import Client, TLSConfig
+from atelier.sdk.client import DEFAULT_TIMEOUT, Client, TLSConfig
 from atelier.sdk.codec import CodecError
 from atelier.sdk.errors import (
     AbortedError,
@@ -33,6 +34,7 @@ from atelier.sdk.transport import RetryPolicy
 
 __all__ = [
     "Client",
+    "DEFAULT_TIMEOUT",
     "TLSConfig",
     "RetryPolicy",
     "Progress",

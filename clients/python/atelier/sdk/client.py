@@ -9,29 +9,38 @@ module is not part of this SDK raises AttributeError.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from typing import Optional, Union
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from atelier.sdk import channel_options
-from atelier.sdk.transport import RetryPolicy, _Transport
+from atelier.sdk.transport import DEFAULT_TIMEOUT, RetryPolicy, _Transport
 
-__all__ = ["Client", "TLSConfig"]
+if TYPE_CHECKING:
+    from atelier.sdk.inversion import InversionClient
+    from atelier.sdk.segmentation import SegmentationClient
+
+__all__ = ["Client", "TLSConfig", "DEFAULT_TIMEOUT"]
 
 SDK_VERSION = "0.1.0"
 
-# service name -> (module, class). A sub-client class is constructed as ``cls(transport)``.
-SERVICES: dict[str, tuple[str, str]] = {
-    "inversion": ("atelier.sdk.inversion", "InversionClient"),
-    "segmentation": ("atelier.sdk.segmentation", "SegmentationClient"),
-    "personalization": ("atelier.sdk.personalization", "PersonalizationClient"),
-    "synthesis": ("atelier.sdk.synthesis", "SynthesisClient"),
+# service name -> (module, class, the proto service its health is checked under). A sub-client
+# class is constructed as ``cls(transport)``; atelier.aio uses the same table with "Async" names.
+SERVICES: dict[str, tuple[str, str, str]] = {
+    "inversion": ("atelier.sdk.inversion", "InversionClient", "atelier.v1.Inversion"),
+    "segmentation": ("atelier.sdk.segmentation", "SegmentationClient", "atelier.v1.Segmentation"),
+    "personalization": ("atelier.sdk.personalization", "PersonalizationClient", "atelier.v1.Personalization"),
+    "synthesis": ("atelier.sdk.synthesis", "SynthesisClient", "atelier.v1.Synthesis"),
 }
 
-PemSource = Union[bytes, str, os.PathLike, None]
+PemSource = Union[bytes, str, "os.PathLike[str]", None]
+Credentials = Union[None, bool, "TLSConfig", grpc.ChannelCredentials]
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,103 @@ def _read_pem(source: PemSource) -> Optional[bytes]:
         return handle.read()
 
 
+def available_services() -> list[str]:
+    """The services this SDK has a sub-client for (personalization and synthesis come later)."""
+    return [name for name, (module, _, _) in SERVICES.items() if importlib.util.find_spec(module) is not None]
+
+
+class _Settings:
+    """What the sync and asyncio clients share: addresses, credentials, metadata, options."""
+
+    def __init__(
+        self,
+        address: Optional[str],
+        per_service: dict[str, Optional[str]],
+        token: Optional[str],
+        tls: Credentials,
+        timeout: Optional[float],
+        retries: Union[int, RetryPolicy],
+        max_message_bytes: int,
+        load_balancing: Optional[str] = None,
+    ):
+        self.addresses = {name: per_service.get(name) or address for name in SERVICES}
+        if not any(self.addresses.values()):
+            raise ValueError("give an address: Client('host:port') or one per service (inversion='host:port', ...)")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        if max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        self.timeout = timeout
+        self.retry_policy = RetryPolicy.coerce(retries)
+        self.max_message_bytes = max_message_bytes
+        self.load_balancing = load_balancing
+        self.credentials, self.server_name = _channel_credentials(tls, token)
+        # Without TLS gRPC refuses call credentials, so the token travels as plain metadata.
+        self.metadata: tuple[tuple[str, str], ...] = ()
+        if token is not None and self.credentials is None:
+            self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def address_of(self, name: str) -> str:
+        address = self.addresses.get(name)
+        if not address:
+            raise ValueError(f"no address for the {name} service: pass address= or {name}= to Client")
+        return address
+
+    def health_targets(self) -> dict[str, tuple[str, str]]:
+        """service -> (address, proto service name) for every configured service this SDK knows."""
+        return {name: (self.addresses[name] or "", SERVICES[name][2])
+                for name in available_services() if self.addresses.get(name)}
+
+    def channel_options(self, address: str = "") -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = list(channel_options.client_options(self.max_message_bytes))
+        policy = self.load_balancing or ("round_robin" if address.startswith("dns:") else None)
+        if policy:
+            options.append(("grpc.lb_policy_name", policy))
+        options.append(("grpc.primary_user_agent", f"atelier-python/{SDK_VERSION}"))
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        return options
+
+
+def _channel_credentials(tls: Credentials, token: Optional[str]) -> tuple[Optional[grpc.ChannelCredentials],
+                                                                          Optional[str]]:
+    if tls is None or tls is False:
+        return None, None
+    server_name = None
+    if tls is True:
+        credentials = grpc.ssl_channel_credentials()
+    elif isinstance(tls, TLSConfig):
+        credentials, server_name = tls.credentials(), tls.server_name
+    elif isinstance(tls, grpc.ChannelCredentials):
+        credentials = tls
+    else:
+        raise TypeError(f"tls must be None, True, a TLSConfig or grpc.ChannelCredentials, got {type(tls).__name__}")
+    if token is not None:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return credentials, server_name
+
+
+HEALTH_STATUS_NAMES = {
+    health_pb2.HealthCheckResponse.SERVING: "SERVING",
+    health_pb2.HealthCheckResponse.NOT_SERVING: "NOT_SERVING",
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
+    health_pb2.HealthCheckResponse.UNKNOWN: "UNKNOWN",
+}
+
+
+# grpc.health.v1 Health/Check (called through the channel: the health stubs' types lack it).
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_CHECK_CODECS: dict[str, Any] = {
+    "request_serializer": health_pb2.HealthCheckRequest.SerializeToString,
+    "response_deserializer": health_pb2.HealthCheckResponse.FromString,
+}
+
+
+def health_of_error(exc: grpc.RpcError) -> str:
+    """A failed Health/Check: the service is unknown there, or the server is not reachable."""
+    return "SERVICE_UNKNOWN" if exc.code() == grpc.StatusCode.NOT_FOUND else f"UNREACHABLE ({exc.code().name})"
+
+
 class Client:
     """A client for the Atelier services.
 
@@ -72,8 +178,14 @@ class Client:
     ``segmentation=``, ...) overrides it. ``token`` is sent as ``authorization:
     Bearer <token>`` on every call. ``tls`` is ``True`` (system roots), a ``TLSConfig``
     or ``grpc.ChannelCredentials``; ``None`` means plaintext. ``timeout`` is the
-    default per-call deadline in seconds (each call can override it). ``retries`` is
-    a ``RetryPolicy`` or the number of retries on UNAVAILABLE.
+    default per-call deadline in seconds (``DEFAULT_TIMEOUT``, 600 s; each call can
+    override it; ``None``: no deadline). ``retries`` is a ``RetryPolicy`` or the number
+    of retries (on UNAVAILABLE, and on RESOURCE_EXHAUSTED with RetryInfo).
+
+    Load balancing: ``load_balancing="round_robin"`` spreads calls over every address
+    the target resolves to; with ``dns:///atelier-inversion.ns.svc:50051`` (a headless
+    Service) that is every ready pod, re-resolved as pods come and go. It is the default
+    for ``dns:///`` targets; other targets use gRPC's ``pick_first`` unless given.
 
     Use as a context manager or call ``close()``.
     """
@@ -87,57 +199,74 @@ class Client:
         personalization: Optional[str] = None,
         synthesis: Optional[str] = None,
         token: Optional[str] = None,
-        tls: Union[None, bool, TLSConfig, grpc.ChannelCredentials] = None,
-        timeout: Optional[float] = None,
+        tls: Credentials = None,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
         retries: Union[int, RetryPolicy] = RetryPolicy(),
         max_message_bytes: int = channel_options.DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: Optional[str] = None,
     ):
-        per_service = {
-            "inversion": inversion,
-            "segmentation": segmentation,
-            "personalization": personalization,
-            "synthesis": synthesis,
-        }
-        self._addresses = {name: per_service[name] or address for name in SERVICES}
-        if not any(self._addresses.values()):
-            raise ValueError("give an address: Client('host:port') or one per service (inversion='host:port', ...)")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout}")
-        if max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
-        self.timeout = timeout
-        self.retry_policy = RetryPolicy.coerce(retries)
-        self._max_message_bytes = max_message_bytes
-        self._credentials, self._server_name = self._channel_credentials(tls, token)
-        # Without TLS gRPC refuses call credentials, so the token travels as plain metadata.
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        if token is not None and self._credentials is None:
-            self._metadata = (("authorization", f"Bearer {token}"),)
+        per_service = {"inversion": inversion, "segmentation": segmentation,
+                       "personalization": personalization, "synthesis": synthesis}
+        self._settings = _Settings(address, per_service, token, tls, timeout, retries, max_message_bytes,
+                                   load_balancing)
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
-        self._services: dict[str, object] = {}
+        self._services: dict[str, Any] = {}
         self._closed = False
+
+    @property
+    def timeout(self) -> Optional[float]:
+        """The default per-call deadline in seconds (None: no deadline)."""
+        return self._settings.timeout
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self._settings.retry_policy
 
     # ------------------------------------------------------------------ services
 
     @property
-    def inversion(self):
+    def inversion(self) -> "InversionClient":
         """The Inversion service: ``invert`` and ``edit`` (see ``InversionClient``)."""
-        return self.service("inversion")
+        sub_client: InversionClient = self.service("inversion")
+        return sub_client
 
     @property
-    def segmentation(self):
-        return self.service("segmentation")
+    def segmentation(self) -> "SegmentationClient":
+        """The Segmentation service: ``segment`` and ``segment_many`` (see ``SegmentationClient``)."""
+        sub_client: SegmentationClient = self.service("segmentation")
+        return sub_client
 
     @property
-    def personalization(self):
+    def personalization(self) -> Any:
         return self.service("personalization")
 
     @property
-    def synthesis(self):
+    def synthesis(self) -> Any:
         return self.service("synthesis")
 
-    def service(self, name: str):
+    def health(self, timeout: float = 5.0) -> dict[str, str]:
+        """grpc.health.v1 status of every configured service this SDK knows: ``{"inversion":
+        "SERVING", "segmentation": "NOT_SERVING", ...}``; a server that cannot be reached within
+        ``timeout`` seconds reads ``"UNREACHABLE (<code>)"``, one without the service
+        ``"SERVICE_UNKNOWN"``."""
+        statuses = {}
+        for name, (address, proto_service) in self._settings.health_targets().items():
+            check = self._channel(address).unary_unary(HEALTH_CHECK, **HEALTH_CHECK_CODECS)
+            try:
+                reply = check(health_pb2.HealthCheckRequest(service=proto_service), timeout=timeout,
+                                   metadata=self._settings.metadata)
+                statuses[name] = HEALTH_STATUS_NAMES.get(reply.status, "UNKNOWN")
+            except grpc.RpcError as exc:
+                statuses[name] = health_of_error(exc)
+        return statuses
+
+    def ready(self, timeout: float = 5.0) -> bool:
+        """True when every configured service reports SERVING (see ``health``)."""
+        statuses = self.health(timeout)
+        return bool(statuses) and all(status == "SERVING" for status in statuses.values())
+
+    def service(self, name: str) -> Any:
         """The sub-client for a service, created on first use."""
         with self._lock:
             existing = self._services.get(name)
@@ -145,7 +274,7 @@ class Client:
             return existing
         if name not in SERVICES:
             raise AttributeError(f"unknown Atelier service {name!r}; known: {sorted(SERVICES)}")
-        module_name, class_name = SERVICES[name]
+        module_name, class_name, _ = SERVICES[name]
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -159,41 +288,15 @@ class Client:
 
     def transport(self, name: str) -> _Transport:
         """The call helper bound to a service's address (used by sub-clients)."""
-        address = self._addresses.get(name)
-        if not address:
-            raise ValueError(f"no address for the {name} service: pass address= or {name}= to Client")
+        address = self._settings.address_of(name)
         return _Transport(
             lambda: self._channel(address),
-            metadata=self._metadata,
-            default_timeout=self.timeout,
-            retry_policy=self.retry_policy,
+            metadata=self._settings.metadata,
+            default_timeout=self._settings.timeout,
+            retry_policy=self._settings.retry_policy,
         )
 
     # ------------------------------------------------------------------ channels
-
-    @staticmethod
-    def _channel_credentials(tls, token):
-        if tls is None or tls is False:
-            return None, None
-        server_name = None
-        if tls is True:
-            credentials = grpc.ssl_channel_credentials()
-        elif isinstance(tls, TLSConfig):
-            credentials, server_name = tls.credentials(), tls.server_name
-        elif isinstance(tls, grpc.ChannelCredentials):
-            credentials = tls
-        else:
-            raise TypeError(f"tls must be None, True, a TLSConfig or grpc.ChannelCredentials, got {type(tls).__name__}")
-        if token is not None:
-            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-        return credentials, server_name
-
-    def _channel_options(self) -> list[tuple[str, object]]:
-        options: list[tuple[str, object]] = list(channel_options.client_options(self._max_message_bytes))
-        options.append(("grpc.primary_user_agent", f"atelier-python/{SDK_VERSION}"))
-        if self._server_name:
-            options.append(("grpc.ssl_target_name_override", self._server_name))
-        return options
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
@@ -201,10 +304,11 @@ class Client:
                 raise RuntimeError("this atelier.Client is closed")
             channel = self._channels.get(address)
             if channel is None:
-                if self._credentials is None:
-                    channel = grpc.insecure_channel(address, options=self._channel_options())
+                options = self._settings.channel_options(address)
+                if self._settings.credentials is None:
+                    channel = grpc.insecure_channel(address, options=options)
                 else:
-                    channel = grpc.secure_channel(address, self._credentials, options=self._channel_options())
+                    channel = grpc.secure_channel(address, self._settings.credentials, options=options)
                 self._channels[address] = channel
             return channel
 
@@ -219,9 +323,10 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        addresses = ", ".join(f"{name}={address!r}" for name, address in self._addresses.items() if address)
+        addresses = ", ".join(f"{name}={address!r}" for name, address in self._settings.addresses.items() if address)
         return f"atelier.Client({addresses})"

@@ -11,7 +11,7 @@ import io
 import math
 import re
 import warnings
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import numpy as np
 from PIL import Image as PILImage
@@ -158,7 +158,7 @@ def tensor_to_numpy(msg: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray
     return np.frombuffer(msg.raw, dtype=dtype).reshape(shape).copy()
 
 
-def _check_shape(shape: tuple, field: str) -> None:
+def _check_shape(shape: tuple[int, ...], field: str) -> None:
     if len(shape) > MAX_TENSOR_DIMS:
         raise CodecError(field, f"has {len(shape)} dimensions; at most {MAX_TENSOR_DIMS} are supported")
     for axis, dim in enumerate(shape):
@@ -169,13 +169,13 @@ def _check_shape(shape: tuple, field: str) -> None:
 # --------------------------------------------------------------------------- images
 
 
-def _encoding_value(encoding: Union[str, int]) -> int:
+def _encoding_value(encoding: Union[str, int]) -> "tensor_pb2.Image.Encoding":
     if isinstance(encoding, str):
         value = _ENCODING_NAMES.get(encoding.lower())
         if value is None:
             raise CodecError("image.encoding", f"unknown encoding {encoding!r}; expected png, jpeg or raw")
         return value
-    return int(encoding)
+    return cast("tensor_pb2.Image.Encoding", int(encoding))
 
 
 def image_from_pil(img: PILImage.Image, encoding: Union[str, int] = "png", quality: int = 95) -> tensor_pb2.Image:
@@ -278,7 +278,7 @@ def image_to_pil(
     if msg.width < 0 or msg.height < 0:
         side = "width" if msg.width < 0 else "height"
         raise CodecError(f"{field}.{side}", f"{side} must not be negative, got {getattr(msg, side)}")
-    encoding = msg.encoding
+    encoding: Optional[int] = msg.encoding
     if encoding == Encoding.ENCODING_UNSPECIFIED:
         encoding = _sniff(msg.data)
         if encoding is None:
@@ -302,7 +302,8 @@ def image_to_pil(
     return img.convert("RGB")
 
 
-def _raw_rgb8_to_pil(msg, field, max_pixels, multiple_of) -> PILImage.Image:
+def _raw_rgb8_to_pil(msg: tensor_pb2.Image, field: str, max_pixels: Optional[int],
+                     multiple_of: Optional[int]) -> PILImage.Image:
     for side in ("width", "height"):
         if getattr(msg, side) <= 0:
             raise CodecError(f"{field}.{side}", f"RAW_RGB8 needs a positive {side}, got {getattr(msg, side)}")
@@ -316,9 +317,10 @@ def _raw_rgb8_to_pil(msg, field, max_pixels, multiple_of) -> PILImage.Image:
     return PILImage.frombytes("RGB", (msg.width, msg.height), msg.data)
 
 
-def image_to_array(msg: tensor_pb2.Image, field: str = "image", **limits) -> np.ndarray:
+def image_to_array(msg: tensor_pb2.Image, field: str = "image", max_pixels: Optional[int] = None,
+                   multiple_of: Optional[int] = None) -> np.ndarray:
     """Decode an Image to an (H, W, 3) uint8 array (same checks as ``image_to_pil``)."""
-    return np.asarray(image_to_pil(msg, field, **limits), dtype=np.uint8).copy()
+    return np.asarray(image_to_pil(msg, field, max_pixels, multiple_of), dtype=np.uint8).copy()
 
 
 # --------------------------------------------------------------------------- masks

@@ -6,7 +6,7 @@ google.rpc.BadRequest detail, so bad input names the offending request field.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -64,7 +64,7 @@ class AtelierError(Exception):
         message: str,
         *,
         code: Optional[grpc.StatusCode] = None,
-        details: tuple = (),
+        details: tuple[Any, ...] = (),
         field_violations: Optional[list[tuple[str, str]]] = None,
     ):
         self.code = code or self.default_code
@@ -84,7 +84,7 @@ class AtelierError(Exception):
         """Seconds the server asked the client to wait (google.rpc.RetryInfo), if any."""
         for detail in self.details:
             if isinstance(detail, error_details_pb2.RetryInfo) and detail.HasField("retry_delay"):
-                return detail.retry_delay.ToTimedelta().total_seconds()
+                return float(detail.retry_delay.ToTimedelta().total_seconds())
         return None
 
 
@@ -196,7 +196,7 @@ def error_class(code: grpc.StatusCode) -> type[AtelierError]:
     return _BY_CODE.get(code, AtelierError)
 
 
-def _unpack(detail: any_pb2.Any):
+def _unpack(detail: any_pb2.Any) -> Any:
     for message_type in _DETAIL_TYPES:
         if detail.Is(message_type.DESCRIPTOR):
             message = message_type()
@@ -209,9 +209,9 @@ def from_rpc_error(error: grpc.RpcError) -> AtelierError:
     """Translate a ``grpc.RpcError`` (a failed call) into its typed ``AtelierError``."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     message = (error.details() if hasattr(error, "details") else None) or str(error)
-    details: list = []
+    details: list[Any] = []
     try:
-        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None
+        status = rpc_status.from_call(cast(grpc.Call, error)) if hasattr(error, "trailing_metadata") else None
     except ValueError:
         status = None  # rich status inconsistent with the call's own status: keep the basics
     if status is not None:

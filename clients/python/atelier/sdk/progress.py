@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Protocol, Union
 
 import grpc
 
@@ -41,6 +41,12 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], object]
+
+
+class Cancellable(Protocol):
+    """An in-flight call (a grpc call or future) that a CancelToken can cancel."""
+
+    def cancel(self) -> bool: ...
 ProgressArg = Union[None, bool, ProgressCallback]
 
 
@@ -55,7 +61,7 @@ class CancelToken:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._event = threading.Event()
-        self._calls: set = set()
+        self._calls: set[Cancellable] = set()
 
     def cancel(self) -> None:
         with self._lock:
@@ -68,7 +74,7 @@ class CancelToken:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
-    def _attach(self, call: grpc.Future) -> None:
+    def _attach(self, call: Cancellable) -> None:
         """Track an in-flight call; cancels it at once if the token is already cancelled."""
         with self._lock:
             self._calls.add(call)
@@ -76,7 +82,7 @@ class CancelToken:
         if cancelled:
             call.cancel()
 
-    def _detach(self, call: grpc.Future) -> None:
+    def _detach(self, call: Cancellable) -> None:
         with self._lock:
             self._calls.discard(call)
 
@@ -111,9 +117,9 @@ class _CallbackSink(_ProgressSink):
 class _TqdmSink(_ProgressSink):
     """One tqdm bar per stage; a new stage closes the previous bar."""
 
-    def __init__(self, tqdm_class):
+    def __init__(self, tqdm_class: Any):
         self._tqdm = tqdm_class
-        self._bar = None
+        self._bar: Any = None
         self._stage: Optional[str] = None
 
     def __call__(self, event: Progress) -> None:

@@ -1,41 +1,56 @@
-"""The call helper every service sub-client uses.
+"""The call helper every service sub-client uses, and the call rules it shares with ``atelier.aio``.
 
 ``_Transport`` wraps one channel with the client's settings and runs calls:
 metadata (token) on every call, a deadline per call (covering all retry attempts),
-retries with exponential backoff and jitter on UNAVAILABLE only, mapping of
+retries with exponential backoff and jitter on UNAVAILABLE and on RESOURCE_EXHAUSTED
+that carries a google.rpc.RetryInfo (the server says when to come back), mapping of
 ``grpc.RpcError`` to typed ``AtelierError``s, cancellation (``CancelToken``,
 KeyboardInterrupt, a raising progress callback) and progress delivery.
+
+The rules themselves (``RetryPolicy``, ``is_retryable``, ``call_deadline``,
+``time_left``, ``StreamCollector``, ``retry_progress``) are plain functions and
+classes so that the asyncio transport (``atelier.aio``) applies exactly the same ones.
 """
 from __future__ import annotations
 
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from atelier.sdk.errors import (
     AtelierError,
     CancelledError,
     DeadlineExceededError,
+    ResourceExhaustedError,
     StreamProtocolError,
     UnavailableError,
     from_rpc_error,
 )
-from atelier.sdk.progress import CancelToken, Progress, ProgressArg, make_sink
+from atelier.sdk.progress import CancelToken, Progress, ProgressArg, _ProgressSink, make_sink
 
-__all__ = ["RetryPolicy"]
+__all__ = ["RetryPolicy", "is_retryable", "DEFAULT_TIMEOUT"]
+
+# The default deadline of every call, in seconds (Client(timeout=None) disables it).
+DEFAULT_TIMEOUT = 600.0
+
+Metadata = tuple[tuple[str, str], ...]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of calls that fail with UNAVAILABLE before any result arrived.
+    """Retries of calls that fail before any result arrived with UNAVAILABLE, or with
+    RESOURCE_EXHAUSTED carrying a google.rpc.RetryInfo.
 
     Attempt n+1 waits ``min(max_backoff, initial_backoff * multiplier**(n-1))`` scaled
-    by a random factor in ``[1 - jitter, 1]`` (or longer when the server sent a
-    google.rpc.RetryInfo delay). ``max_attempts`` counts the first attempt, so 1
-    disables retries. The call's deadline bounds the attempts and waits together.
+    by a random factor in ``[1 - jitter, 1]``, or, when the server sent a RetryInfo
+    delay, at least that delay (stretched by up to ``jitter``). ``max_attempts`` counts
+    the first attempt, so 1 disables retries. The call's deadline bounds the attempts
+    and waits together: a wait that would end past it is not started.
     """
 
     max_attempts: int = 5
@@ -66,9 +81,93 @@ class RetryPolicy:
         ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry_number - 1))
         return ceiling * (1.0 - self.jitter * rng.random())
 
+    def delay(self, error: AtelierError, retry_number: int, rng: random.Random) -> float:
+        """Seconds to wait before retry ``retry_number`` after ``error``.
 
-class _RetryableFailure(Exception):
-    """An attempt failed with UNAVAILABLE before any result: the loop may retry it."""
+        A server's RetryInfo delay is a floor: the wait is that delay stretched by up to
+        ``jitter`` (so a burst of refused clients does not come back in lockstep), and
+        never shorter than the exponential backoff.
+        """
+        backoff = self.backoff(retry_number, rng)
+        asked = error.retry_delay
+        if asked is None:
+            return backoff
+        return max(backoff, asked * (1.0 + self.jitter * rng.random()))
+
+    def next_delay(
+        self, error: AtelierError, attempt_number: int, deadline: Optional[float], rng: random.Random
+    ) -> Optional[float]:
+        """The wait before another attempt after attempt ``attempt_number`` failed retryably,
+        or None when the call must give up (attempts spent, or the wait would pass the deadline)."""
+        if attempt_number >= self.max_attempts:
+            return None
+        delay = self.delay(error, attempt_number, rng)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+
+def is_retryable(error: AtelierError) -> bool:
+    """UNAVAILABLE (server down, loading, draining) and RESOURCE_EXHAUSTED when the server
+    attached RetryInfo (a full queue that will drain); a RESOURCE_EXHAUSTED without it
+    (e.g. a message over the size limit) would fail the same way again."""
+    if isinstance(error, UnavailableError):
+        return True
+    return isinstance(error, ResourceExhaustedError) and error.retry_delay is not None
+
+
+def call_deadline(timeout: Optional[float], default_timeout: Optional[float]) -> Optional[float]:
+    """The ``time.monotonic()`` instant a call must end by (``timeout=None``: the client's default)."""
+    seconds = default_timeout if timeout is None else timeout
+    if seconds is None:
+        return None
+    if seconds <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {seconds}")
+    return time.monotonic() + seconds
+
+
+def time_left(deadline: Optional[float]) -> Optional[float]:
+    """Seconds until ``deadline`` for the next attempt; DeadlineExceededError when none are left."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceededError("the deadline expired before the call could be sent")
+    return remaining
+
+
+def retry_progress(error: AtelierError, attempt_number: int, policy: RetryPolicy) -> Progress:
+    """The ``stage="retry"`` event emitted before attempt ``attempt_number``."""
+    return Progress("retry", attempt_number, policy.max_attempts, f"retrying after {error.code.name}: {error.message}")
+
+
+class StreamCollector:
+    """Consumes the events of a ``oneof {Progress progress; Result result}`` stream: progress
+    goes to the sink, the single result is kept (a second one is a protocol error)."""
+
+    def __init__(self, sink: _ProgressSink, progress_field: str = "progress", result_field: str = "result"):
+        self._sink = sink
+        self._progress_field = progress_field
+        self._result_field = result_field
+        self.result: Optional[Any] = None
+
+    def take(self, event: Message) -> None:
+        if event.HasField(self._result_field):
+            if self.result is not None:
+                raise StreamProtocolError("the stream sent more than one result")
+            self.result = getattr(event, self._result_field)
+        elif event.HasField(self._progress_field):
+            self._sink(Progress.from_proto(getattr(event, self._progress_field)))
+        # other event kinds are newer than this SDK: skipped
+
+    def finish(self) -> Any:
+        if self.result is None:
+            raise StreamProtocolError("the stream ended without a result")
+        return self.result
+
+
+class RetryableFailure(Exception):
+    """An attempt failed retryably (``is_retryable``) before any result: the loop may retry it."""
 
     def __init__(self, error: AtelierError, cause: BaseException):
         super().__init__(error.message)
@@ -76,8 +175,22 @@ class _RetryableFailure(Exception):
         self.cause = cause
 
 
-def _caller_cancelled() -> CancelledError:
+def caller_cancelled() -> CancelledError:
     return CancelledError("the call was cancelled by the caller")
+
+
+def map_rpc_error(exc: grpc.RpcError, cancel: Optional[CancelToken] = None) -> AtelierError:
+    if cancel is not None and cancel.cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+        return caller_cancelled()
+    return from_rpc_error(exc)
+
+
+def failure(exc: grpc.RpcError, cancel: Optional[CancelToken], result_arrived: bool = False) -> BaseException:
+    """What a failed attempt raises: RetryableFailure for the retry loop, else the typed error."""
+    error = map_rpc_error(exc, cancel)
+    if is_retryable(error) and not result_arrived:
+        return RetryableFailure(error, exc)
+    return error
 
 
 class _Transport:
@@ -91,7 +204,7 @@ class _Transport:
         self,
         channel_getter: Callable[[], grpc.Channel],
         *,
-        metadata: tuple[tuple[str, str], ...] = (),
+        metadata: Metadata = (),
         default_timeout: Optional[float] = None,
         retry_policy: RetryPolicy = RetryPolicy(),
         rng: Optional[random.Random] = None,
@@ -111,25 +224,25 @@ class _Transport:
 
     def unary(
         self,
-        method,
-        request,
+        method: Any,
+        request: Message,
         timeout: Optional[float] = None,
         *,
         cancel: Optional[CancelToken] = None,
         retry: bool = True,
-    ):
+    ) -> Any:
         """Call a unary-unary stub method; returns the response message.
 
         ``retry=False`` for calls that are not safe to repeat (UNAVAILABLE is then raised).
         """
-        deadline = self._deadline(timeout)
-        attempt = lambda remaining: self._unary_once(method, request, remaining, cancel)  # noqa: E731
-        return self._run(attempt, deadline, cancel, None, retry)
+        deadline = call_deadline(timeout, self.default_timeout)
+        return self._run(lambda remaining: self._unary_once(method, request, remaining, cancel), deadline, cancel,
+                         None, retry)
 
     def stream(
         self,
-        method,
-        request,
+        method: Any,
+        request: Message,
         timeout: Optional[float] = None,
         progress: ProgressArg = None,
         *,
@@ -137,18 +250,18 @@ class _Transport:
         retry: bool = True,
         progress_field: str = "progress",
         result_field: str = "result",
-    ):
+    ) -> Any:
         """Call a server-streaming method whose events are ``progress`` or ``result``.
 
         Delivers progress events, returns the single result message. Raises
         ``StreamProtocolError`` when the stream ends without a result (or sends two).
         """
-        deadline = self._deadline(timeout)
+        deadline = call_deadline(timeout, self.default_timeout)
         sink = make_sink(progress)
         try:
             return self._run(
                 lambda remaining: self._stream_once(
-                    method, request, remaining, cancel, sink, progress_field, result_field
+                    method, request, remaining, cancel, StreamCollector(sink, progress_field, result_field)
                 ),
                 deadline,
                 cancel,
@@ -160,26 +273,26 @@ class _Transport:
 
     def iterate(
         self,
-        method,
-        request,
+        method: Any,
+        request: Message,
         timeout: Optional[float] = None,
         *,
         cancel: Optional[CancelToken] = None,
-    ) -> Iterator:
+    ) -> Iterator[Any]:
         """Yield the raw messages of a server-streaming call (no retries: the caller
         knows how to resume). Closing the generator early cancels the RPC."""
-        deadline = self._deadline(timeout)
+        deadline = call_deadline(timeout, self.default_timeout)
         self._channel_getter()  # raises RuntimeError once the client is closed
         if cancel is not None and cancel.cancelled:
-            raise _caller_cancelled()
-        call = method(request, timeout=self._remaining(deadline), metadata=self.metadata)
+            raise caller_cancelled()
+        call = method(request, timeout=time_left(deadline), metadata=self.metadata)
         if cancel is not None:
             cancel._attach(call)
         try:
             for message in call:
                 yield message
         except grpc.RpcError as exc:
-            raise self._map(exc, cancel) from exc
+            raise map_rpc_error(exc, cancel) from exc
         except BaseException:
             call.cancel()
             raise
@@ -189,68 +302,47 @@ class _Transport:
 
     # ------------------------------------------------------------------ internals
 
-    def _deadline(self, timeout: Optional[float]) -> Optional[float]:
-        seconds = self.default_timeout if timeout is None else timeout
-        if seconds is None:
-            return None
-        if seconds <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {seconds}")
-        return time.monotonic() + seconds
-
-    @staticmethod
-    def _remaining(deadline: Optional[float]) -> Optional[float]:
-        if deadline is None:
-            return None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceededError("the deadline expired before the call could be sent")
-        return remaining
-
-    @staticmethod
-    def _map(exc: grpc.RpcError, cancel: Optional[CancelToken]) -> AtelierError:
-        if cancel is not None and cancel.cancelled and exc.code() == grpc.StatusCode.CANCELLED:
-            return _caller_cancelled()
-        return from_rpc_error(exc)
-
-    def _run(self, attempt, deadline, cancel, sink, retry: bool):
+    def _run(
+        self,
+        attempt: Callable[[Optional[float]], T],
+        deadline: Optional[float],
+        cancel: Optional[CancelToken],
+        sink: Optional[_ProgressSink],
+        retry: bool,
+    ) -> T:
         self._channel_getter()  # raises RuntimeError once the client is closed
         policy = self.retry_policy
         attempt_number = 1
         while True:
             if cancel is not None and cancel.cancelled:
-                raise _caller_cancelled()
+                raise caller_cancelled()
             try:
-                return attempt(self._remaining(deadline))
-            except _RetryableFailure as failure:
-                error = failure.error
-                if not retry or attempt_number >= policy.max_attempts:
-                    raise error from failure.cause
-                delay = max(policy.backoff(attempt_number, self._rng), error.retry_delay or 0.0)
-                if deadline is not None and time.monotonic() + delay >= deadline:
-                    raise error from failure.cause
+                return attempt(time_left(deadline))
+            except RetryableFailure as failed:
+                error = failed.error
+                delay = policy.next_delay(error, attempt_number, deadline, self._rng) if retry else None
+                if delay is None:
+                    raise error from failed.cause
             attempt_number += 1
             if sink is not None:
-                message = f"retrying after UNAVAILABLE: {error.message}"
-                sink(Progress("retry", attempt_number, policy.max_attempts, message))
+                sink(retry_progress(error, attempt_number, policy))
             if cancel is not None:
                 if cancel._sleep(delay):
-                    raise _caller_cancelled()
+                    raise caller_cancelled()
             else:
                 time.sleep(delay)
 
-    def _unary_once(self, method, request, remaining, cancel):
+    def _unary_once(self, method: Any, request: Message, remaining: Optional[float],
+                    cancel: Optional[CancelToken]) -> Any:
         future = method.future(request, timeout=remaining, metadata=self.metadata)
         if cancel is not None:
             cancel._attach(future)
         try:
             return future.result()
         except grpc.FutureCancelledError:
-            raise _caller_cancelled() from None
+            raise caller_cancelled() from None
         except grpc.RpcError as exc:
-            error = self._map(exc, cancel)
-            if isinstance(error, UnavailableError):
-                raise _RetryableFailure(error, exc) from None
-            raise error from exc
+            raise failure(exc, cancel) from exc
         except BaseException:
             future.cancel()
             raise
@@ -258,31 +350,20 @@ class _Transport:
             if cancel is not None:
                 cancel._detach(future)
 
-    def _stream_once(self, method, request, remaining, cancel, sink, progress_field, result_field):
+    def _stream_once(self, method: Any, request: Message, remaining: Optional[float],
+                     cancel: Optional[CancelToken], collector: StreamCollector) -> Any:
         call = method(request, timeout=remaining, metadata=self.metadata)
         if cancel is not None:
             cancel._attach(call)
-        result = None
         try:
             for event in call:
-                if event.HasField(result_field):
-                    if result is not None:
-                        raise StreamProtocolError("the stream sent more than one result")
-                    result = getattr(event, result_field)
-                elif event.HasField(progress_field):
-                    sink(Progress.from_proto(getattr(event, progress_field)))
-                # other event kinds are newer than this SDK: skipped
+                collector.take(event)
         except grpc.RpcError as exc:
-            error = self._map(exc, cancel)
-            if isinstance(error, UnavailableError) and result is None:
-                raise _RetryableFailure(error, exc) from None
-            raise error from exc
+            raise failure(exc, cancel, result_arrived=collector.result is not None) from exc
         except BaseException:
             call.cancel()
             raise
         finally:
             if cancel is not None:
                 cancel._detach(call)
-        if result is None:
-            raise StreamProtocolError("the stream ended without a result")
-        return result
+        return collector.finish()

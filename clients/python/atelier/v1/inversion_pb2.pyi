@@ -40,22 +40,22 @@ class SPDInvOptions(_message.Message):
     def __init__(self, max_rounds: _Optional[int] = ..., learning_rate: _Optional[float] = ..., loss_threshold: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class InvertRequest(_message.Message):
-    __slots__ = ("model", "image", "prompt", "method", "steps", "return_chain", "spdinv")
+    __slots__ = ("model", "image", "prompt", "method", "num_inference_steps", "return_chain", "spdinv")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
-    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     RETURN_CHAIN_FIELD_NUMBER: _ClassVar[int]
     SPDINV_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     image: _tensor_pb2.Image
     prompt: str
     method: InversionMethod
-    steps: int
+    num_inference_steps: int
     return_chain: bool
     spdinv: SPDInvOptions
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., steps: _Optional[int] = ..., return_chain: _Optional[bool] = ..., spdinv: _Optional[_Union[SPDInvOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., num_inference_steps: _Optional[int] = ..., return_chain: _Optional[bool] = ..., spdinv: _Optional[_Union[SPDInvOptions, _Mapping]] = ...) -> None: ...
 
 class StepDiagnostics(_message.Message):
     __slots__ = ("index", "timestep", "residual", "rounds")
@@ -70,11 +70,11 @@ class StepDiagnostics(_message.Message):
     def __init__(self, index: _Optional[int] = ..., timestep: _Optional[int] = ..., residual: _Optional[float] = ..., rounds: _Optional[int] = ...) -> None: ...
 
 class InversionResult(_message.Message):
-    __slots__ = ("model", "prompt", "method", "steps", "width", "height", "z_t", "chain", "diagnostics", "usage")
+    __slots__ = ("model", "prompt", "method", "num_inference_steps", "width", "height", "z_t", "chain", "diagnostics", "usage")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
-    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     Z_T_FIELD_NUMBER: _ClassVar[int]
@@ -84,14 +84,14 @@ class InversionResult(_message.Message):
     model: _common_pb2.ModelRef
     prompt: str
     method: InversionMethod
-    steps: int
+    num_inference_steps: int
     width: int
     height: int
     z_t: _tensor_pb2.Tensor
     chain: _tensor_pb2.Tensor
     diagnostics: _containers.RepeatedCompositeFieldContainer[StepDiagnostics]
     usage: _common_pb2.Usage
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., steps: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., z_t: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., chain: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., diagnostics: _Optional[_Iterable[_Union[StepDiagnostics, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompt: _Optional[str] = ..., method: _Optional[_Union[InversionMethod, str]] = ..., num_inference_steps: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., z_t: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., chain: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., diagnostics: _Optional[_Iterable[_Union[StepDiagnostics, _Mapping]]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class InvertEvent(_message.Message):
     __slots__ = ("progress", "result")

@@ -56,13 +56,17 @@ class InversionServicer:
     """
 
     def Invert(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Invert an image under its source prompt into z_T (and optionally the
+        whole chain z_0..z_T), with per-step fixed-point diagnostics.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Edit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Edit towards a target prompt from an inversion (sent back as returned by
+        Invert, or inverted in the same call) with Prompt-to-Prompt or MasaCtrl.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -103,16 +103,16 @@ class SegmentResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., result: _Optional[_Union[SegmentResult, _Mapping]] = ..., usage: _Optional[_Union[SegmentationUsage, _Mapping]] = ...) -> None: ...
 
 class SegmentBatchRequest(_message.Message):
-    __slots__ = ("model", "image", "prompts", "options")
+    __slots__ = ("model", "image", "prompt_sets", "options")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
-    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_SETS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     image: _tensor_pb2.Image
-    prompts: _containers.RepeatedCompositeFieldContainer[PromptSet]
+    prompt_sets: _containers.RepeatedCompositeFieldContainer[PromptSet]
     options: SegmentOptions
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., prompts: _Optional[_Iterable[_Union[PromptSet, _Mapping]]] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., image: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., prompt_sets: _Optional[_Iterable[_Union[PromptSet, _Mapping]]] = ..., options: _Optional[_Union[SegmentOptions, _Mapping]] = ...) -> None: ...
 
 class SegmentBatchResponse(_message.Message):
     __slots__ = ("model", "width", "height", "results", "usage")

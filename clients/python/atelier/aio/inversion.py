@@ -1,0 +1,78 @@
+"""``atelier.aio`` Inversion client: the same calls as ``atelier.sdk.inversion``, awaited."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from atelier.aio.transport import AsyncTransport
+from atelier.sdk.common import ImageLike
+from atelier.sdk.inversion import EditResult, EditSource, Inversion, edit_request, invert_request
+from atelier.sdk.progress import CancelToken, ProgressArg
+from atelier.v1 import inversion_pb2_grpc
+
+__all__ = ["AsyncInversionClient"]
+
+
+class AsyncInversionClient:
+    """``client.inversion`` of ``atelier.aio.Client``; see ``atelier.sdk.inversion.InversionClient``
+    for the arguments. Cancel a call with ``cancel=`` or by cancelling its task."""
+
+    def __init__(self, transport: AsyncTransport):
+        self._transport = transport
+
+    def _stub(self) -> inversion_pb2_grpc.InversionStub:
+        return inversion_pb2_grpc.InversionStub(self._transport.channel)
+
+    async def invert(
+        self,
+        image: ImageLike,
+        prompt: str,
+        method: str = "spdinv",
+        num_inference_steps: int = 50,
+        return_chain: bool = False,
+        max_rounds: Optional[int] = None,
+        learning_rate: Optional[float] = None,
+        loss_threshold: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        model: Optional[str] = None,
+        progress: ProgressArg = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Inversion:
+        request = invert_request(image, prompt, method, num_inference_steps, return_chain, max_rounds,
+                                 learning_rate, loss_threshold, weight_decay, model)
+        return Inversion.from_proto(await self._transport.stream(self._stub().Invert, request, timeout, progress,
+                                                                cancel=cancel))
+
+    async def edit(
+        self,
+        source: EditSource,
+        target_prompt: str,
+        engine: str = "p2p",
+        guidance_scale: Optional[float] = 7.5,
+        *,
+        return_source: bool = False,
+        source_prompt: Optional[str] = None,
+        method: Optional[str] = None,
+        num_inference_steps: Optional[int] = None,
+        mode: Optional[str] = None,
+        cross_replace_fraction: Optional[float] = None,
+        self_replace_fraction: Optional[float] = None,
+        reweight: Optional[dict[str, float]] = None,
+        blend_words: Optional[Sequence[str]] = None,
+        blend_threshold: Optional[float] = None,
+        start_step: Optional[int] = None,
+        start_layer: Optional[int] = None,
+        model: Optional[str] = None,
+        progress: ProgressArg = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> EditResult:
+        request = edit_request(
+            source, target_prompt, engine, guidance_scale, return_source=return_source, source_prompt=source_prompt,
+            method=method, num_inference_steps=num_inference_steps, mode=mode,
+            cross_replace_fraction=cross_replace_fraction, self_replace_fraction=self_replace_fraction,
+            reweight=reweight, blend_words=blend_words, blend_threshold=blend_threshold, start_step=start_step,
+            start_layer=start_layer, model=model,
+        )
+        return EditResult.from_proto(await self._transport.stream(self._stub().Edit, request, timeout, progress,
+                                                                cancel=cancel))

@@ -1,0 +1,1 @@
+"""``python -m atelier.models``: put model folders where the services read them (see pull.py)."""
