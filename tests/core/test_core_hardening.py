@@ -274,3 +274,27 @@ def test_server_logs_show_no_progress_bars_or_third_party_warnings():
     assert not diffusers_logging.is_progress_bar_enabled()
     assert not transformers_logging.is_progress_bar_enabled()
     assert logging.getLogger("torchvision").getEffectiveLevel() >= logging.ERROR
+
+
+def test_tensors_with_too_many_dims_are_codec_errors_naming_the_field(harness):
+    from atelier.sdk import codec
+    from atelier.v1 import tensor_pb2
+
+    message = tensor_pb2.Tensor(datatype="FP32", shape=[1] * 65, raw=b"\0\0\0\0")
+    with pytest.raises(codec.CodecError) as caught:  # numpy raised ValueError from reshape
+        codec.tensor_to_numpy(message, "z_t")
+    assert caught.value.field == "z_t.shape"
+    with pytest.raises(grpc.RpcError) as error:
+        harness.echo(message, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(error.value)[0][0] == "tensor.shape"
+
+
+def test_image_errors_carry_no_heap_addresses():
+    from atelier.sdk import codec
+    from atelier.v1 import tensor_pb2
+
+    with pytest.raises(codec.CodecError) as caught:
+        codec.image_to_pil(tensor_pb2.Image(encoding=tensor_pb2.Image.PNG, data=b"\x89PNG\r\n\x1a\nnot really"))
+    assert "0x" not in str(caught.value) and "BytesIO" not in str(caught.value), caught.value
+    assert caught.value.field == "image.data"
