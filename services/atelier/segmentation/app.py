@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from atelier.core.config import ServerConfig
-from atelier.core.errors import NotFound
+from atelier.core.errors import NotFound, quoted
 from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
 from atelier.core.models import ModelRegistry
@@ -137,7 +137,7 @@ class SegmentationApp:
             if name in self._segmenters:
                 return name, self._segmenters[name]
         if self._triton is not None and name != self.settings.default_model:
-            raise NotFound(f"model {name!r}: this server runs the image encoder on Triton for "
+            raise NotFound(f"model {quoted(name)}: this server runs the image encoder on Triton for "
                            f"{self.settings.default_model!r} only")
         source = self.registry.resolve(name)  # NotFound for unknown names
         with self._load_lock:
