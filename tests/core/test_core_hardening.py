@@ -298,3 +298,22 @@ def test_image_errors_carry_no_heap_addresses():
         codec.image_to_pil(tensor_pb2.Image(encoding=tensor_pb2.Image.PNG, data=b"\x89PNG\r\n\x1a\nnot really"))
     assert "0x" not in str(caught.value) and "BytesIO" not in str(caught.value), caught.value
     assert caught.value.field == "image.data"
+
+
+def test_loading_models_in_a_server_process_writes_no_bars_or_warnings():
+    import subprocess
+    import sys
+
+    script = (
+        "from atelier.core.server import quiet_third_party_logs\n"
+        "quiet_third_party_logs()\n"
+        "from atelier.core.models import ModelRegistry\n"
+        "from atelier.segmentation.sam import SamPredictor\n"
+        "SamPredictor.load(ModelRegistry().resolve('toy-sam'))\n"
+        "ModelRegistry().load_sd('toy')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    # Without it: "Loading pipeline components...: 40%|..." with carriage returns, and
+    # transformers' "requires torchvision (not installed)" notes, on every start.
+    assert "\r" not in done.stderr and "Loading" not in done.stderr and "torchvision" not in done.stderr, done.stderr
