@@ -44,7 +44,13 @@ _DATATYPES = ["FP32", "FP16", "BF16", "INT64", "UINT8", "BOOL", "", "FP64", "fp3
 
 def _mostly(usual: st.SearchStrategy, rare: st.SearchStrategy) -> st.SearchStrategy:
     """``usual`` three times in four, else ``rare`` (one_of weighs by its own heuristics)."""
-    return st.integers(0, 3).flatmap(lambda k: rare if k == 3 else usual)
+    return _chance(0.75).flatmap(lambda pick_usual: usual if pick_usual else rare)
+
+
+def _chance(p: float) -> st.SearchStrategy:
+    """True with probability ~p. (A small range such as integers(0, 3) is not drawn uniformly:
+    hypothesis favours its ends, so 'k == 3' came up far more often than one time in four.)"""
+    return st.integers(0, 99).map(lambda k: k < 100 * p)
 
 
 def _scalar(field: FieldDescriptor) -> st.SearchStrategy:
@@ -125,11 +131,12 @@ def _generic(draw, descriptor: _descriptor.Descriptor, depth: int):
             else:
                 container.extend(values)
             continue
-        # A request's own sub-messages are mostly present (it needs its image), deeper ones
-        # (optional extras such as a previous mask) less often, scalars half the time (the
+        # A request's own sub-messages and payload types are mostly present (it needs its
+        # image), other deeper ones (optional extras such as P2P options) less often, scalars half the time (the
         # default is often the valid value the server should accept).
         if field.type == FieldDescriptor.TYPE_MESSAGE:
-            present = draw(st.integers(0, 3)) < (3 if depth == 0 else 1)
+            usual = depth == 0 or field.message_type.full_name in PAYLOADS  # an image, a latent
+            present = draw(_chance(0.75 if usual else 0.25))
         else:
             present = draw(st.booleans())
         if present:
