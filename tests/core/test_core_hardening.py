@@ -317,3 +317,18 @@ def test_loading_models_in_a_server_process_writes_no_bars_or_warnings():
     # Without it: "Loading pipeline components...: 40%|..." with carriage returns, and
     # transformers' "requires torchvision (not installed)" notes, on every start.
     assert "\r" not in done.stderr and "Loading" not in done.stderr and "torchvision" not in done.stderr, done.stderr
+
+
+def test_model_errors_name_only_the_callers_model(monkeypatch):
+    from atelier.core.errors import NotFound
+    from atelier.core.models import ModelRegistry
+
+    monkeypatch.delenv("ATELIER_ALLOW_DOWNLOADS", raising=False)
+    registry = ModelRegistry({"gone": "/srv/secret/models/gone", "hub": "some-org/uncached-model"})
+    for name, call in (("nope", registry.resolve), ("gone", registry.resolve), ("hub", registry.load_sd)):
+        with pytest.raises(NotFound) as caught:
+            call(name)
+        message = caught.value.message
+        assert f"'{name}'" in message, message
+        for secret in ("/srv", "some-org", "toy", "known"):  # folders, hub ids, the model list
+            assert secret not in message, message

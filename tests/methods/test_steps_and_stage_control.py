@@ -83,3 +83,17 @@ def test_vae_work_is_checked_and_counted(model, image, monkeypatch):
     with pytest.raises(Cancelled):
         invert(model, image, "a red circle", method="ddim", steps=2, control=cancelled)
     assert encodes == [1], "the VAE encoded an image for a call already cancelled"
+
+
+class DeadlineDuringVaeEncode(CallControl):
+    """The deadline passes while the VAE encodes the image."""
+
+    def expired(self):
+        return self.vae_evaluations >= 1
+
+
+def test_a_deadline_that_passes_during_the_vae_encode_runs_no_unet(model, image):
+    control = DeadlineDuringVaeEncode()
+    with pytest.raises(DeadlineExceeded):
+        invert(model, image, "a red circle", method="spdinv", steps=3, control=control)
+    assert control.vae_evaluations == 1 and control.forward_evaluations == control.backward_evaluations == 0
