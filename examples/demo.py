@@ -25,11 +25,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--num-inference-steps", type=int, default=25)
-    # The service's default guidance is SD's 7.5. The embedded 6.7 M-parameter toy model
-    # over-saturates there under negative-prompt-inversion guidance (measured: at 5 and 7.5
-    # the toy-world evaluator reads wrong colours/shapes for most edits; at 2.5 it reads every
-    # demo edit right, for P2P and MasaCtrl). Real SD 1.x weights want the default.
-    parser.add_argument("--guidance-scale", type=float, default=2.5)
+    # Default: the model's own guidance (ListModels' default_guidance_scale). The embedded toy
+    # says 2.5 in its atelier.json: it over-saturates at SD's 7.5 under negative-prompt-inversion
+    # guidance (measured in docs/BENCHMARKS.md); real SD 1.x folders get 7.5.
+    parser.add_argument("--guidance-scale", type=float, default=None)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -320,15 +320,15 @@ def test_loading_models_in_a_server_process_writes_no_bars_or_warnings():
 
 
 def test_model_errors_name_only_the_callers_model(monkeypatch):
-    from atelier.core.errors import NotFound
+    from atelier.core.errors import AtelierError
     from atelier.core.models import ModelRegistry
 
     monkeypatch.delenv("ATELIER_ALLOW_DOWNLOADS", raising=False)
     registry = ModelRegistry({"gone": "/srv/secret/models/gone", "hub": "some-org/uncached-model"})
-    for name, call in (("nope", registry.resolve), ("gone", registry.resolve), ("hub", registry.load_sd)):
-        with pytest.raises(NotFound) as caught:
-            call(name)
+    for name in ("nope", "gone", "hub"):
+        with pytest.raises(AtelierError) as caught:
+            registry.check(name)
         message = caught.value.message
         assert f"'{name}'" in message, message
-        for secret in ("/srv", "some-org", "toy", "known"):  # folders, hub ids, the model list
+        for secret in ("/srv", "some-org", "toy,", "known:"):  # folders, hub ids, the model list
             assert secret not in message, message

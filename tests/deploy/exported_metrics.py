@@ -14,7 +14,8 @@ EXPORTED_BY: dict[str, tuple[str, ...]] = {
     "grpc_server_handling_seconds_bucket": ALL,
     "atelier_queue_depth": ALL,
     "atelier_in_flight": ALL,
-    "atelier_unet_evaluations_total": ALL,
+    # Only where a UNet runs (Metrics.enable_unet_metrics): never segmentation.
+    "atelier_unet_evaluations_total": ("inversion", "personalization", "synthesis"),
     "atelier_model_load_seconds": ALL,
     "atelier_device_memory_bytes": ALL,
     # Services that call others report whether they can reach them (core metric, synthesis first).

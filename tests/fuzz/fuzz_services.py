@@ -23,10 +23,6 @@ class FuzzTarget:
     app_class: type
     build: Callable[[ServerConfig, Metrics], Any]
     config: dict = field(default_factory=dict)  # ServerConfig overrides (limits kept small)
-    # Model names this service cannot serve yet without failing internally: the shared
-    # registry still lists every kind (issue 9 item 2, owned by the registry work). Requests
-    # naming them are skipped; empty this once the registry refuses other kinds by name.
-    wrong_kind_models: frozenset = frozenset()
 
     def methods(self):
         """(service descriptor, method descriptor) for every RPC of the app's services."""
@@ -40,36 +36,13 @@ class FuzzTarget:
 def _inversion() -> FuzzTarget:
     from atelier.inversion.app import InversionApp
 
-    return FuzzTarget("inversion", InversionApp, lambda config, metrics: InversionApp(config, metrics=metrics),
-                      wrong_kind_models=frozenset({"toy-sam"}))
+    return FuzzTarget("inversion", InversionApp, lambda config, metrics: InversionApp(config, metrics=metrics))
 
 
 def _segmentation() -> FuzzTarget:
     from atelier.segmentation.app import SegmentationApp
 
-    return FuzzTarget("segmentation", SegmentationApp, lambda config, metrics: SegmentationApp(config, metrics=metrics),
-                      wrong_kind_models=frozenset({"toy"}))
-
-
-def model_names(message) -> set[str]:
-    """Every ``atelier.v1.ModelRef.name`` set anywhere inside ``message``."""
-    names = set()
-    if message.DESCRIPTOR.full_name == "atelier.v1.ModelRef":
-        names.add(message.name)
-    for descriptor, value in message.ListFields():
-        if descriptor.type != descriptor.TYPE_MESSAGE:
-            continue
-        if descriptor.message_type.GetOptions().map_entry:
-            values = value.values() if descriptor.message_type.fields_by_name["value"].message_type else ()
-        else:
-            values = value if _is_repeated(descriptor) else (value,)
-        for item in values:
-            names |= model_names(item)
-    return names
-
-
-def _is_repeated(field) -> bool:
-    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    return FuzzTarget("segmentation", SegmentationApp, lambda config, metrics: SegmentationApp(config, metrics=metrics))
 
 
 TARGETS: list[FuzzTarget] = [_inversion(), _segmentation()]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from atelier.core import tiny_models
 from atelier.core.device import pick_device
-from atelier.core.errors import NotFound
+from atelier.core.errors import FailedPrecondition, NotFound
 from atelier.core.codecs import array_to_torch, torch_to_array
 from atelier.core.models import ModelRegistry, parse_model_entries
 
@@ -99,16 +99,16 @@ def test_encode_decode_shapes(registry):
     assert not torch.equal(embeddings[0], embeddings[1])
 
 
-def test_unknown_and_unavailable_models_are_not_found(tmp_path, monkeypatch):
+def test_unknown_models_are_not_found_and_unservable_entries_fail_precondition(tmp_path, monkeypatch):
     monkeypatch.delenv("ATELIER_ALLOW_DOWNLOADS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     registry = ModelRegistry({"gone": str(tmp_path / "missing"), "hub": "nobody/no-such-model-xyz"})
     with pytest.raises(NotFound):
         registry.resolve("nope")
-    with pytest.raises(NotFound):
+    with pytest.raises(FailedPrecondition, match="does not exist") as gone:
         registry.resolve("gone")
-    assert registry.resolve("hub") == "nobody/no-such-model-xyz"
-    with pytest.raises(NotFound):
+    assert str(tmp_path) not in gone.value.message  # no server paths in what a client sees
+    with pytest.raises(FailedPrecondition, match="not in the local cache"):
         registry.load_sd("hub")
 
 
@@ -120,11 +120,10 @@ def test_registry_config_sources(tmp_path):
     models_file.write_text(json.dumps({"b": str(tmp_path), "c": str(tmp_path)}))
     registry = ModelRegistry.from_config(entries={"c": "/explicit"}, models_file=str(models_file),
                                          environ={"ATELIER_MODELS": "a=/env;b=/env"})
-    assert registry.entries["a"] == "/env"
-    assert registry.entries["b"] == str(tmp_path)  # the file overrides the environment
-    assert registry.entries["c"] == "/explicit"  # explicit entries override both
+    assert registry.entries["a"].source == "/env"
+    assert registry.entries["b"].source == str(tmp_path)  # the file overrides the environment
+    assert registry.entries["c"].source == "/explicit"  # explicit entries override both
     assert {"toy", "toy-sam"} <= set(registry.names())
-    assert registry.resolve("b") == str(tmp_path)
 
 
 def test_pick_device(monkeypatch):
@@ -141,3 +140,170 @@ def test_array_torch_round_trip():
     tensor = array_to_torch(pixels)
     assert tensor.shape == (1, 3, 16, 24) and tensor.min() >= -1 and tensor.max() <= 1
     assert np.array_equal(torch_to_array((tensor + 1) / 2), pixels)
+
+
+# ---------------------------------------------------------------- validation, kinds, loading, LRU
+def clone_model(source, target, rename=None, edit=None):
+    """A model folder whose files link to ``source``'s (``rename``: {relative: new relative};
+    ``edit``: {relative: function(json dict) -> dict} for config files written as copies)."""
+    from pathlib import Path
+
+    source, target = Path(source), Path(target)
+    rename, edit = rename or {}, edit or {}
+    for path in source.rglob("*"):
+        if path.is_file():
+            relative = str(path.relative_to(source))
+            destination = target / rename.get(relative, relative)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if relative in edit:
+                destination.write_text(json.dumps(edit[relative](json.loads(path.read_text()))))
+            else:
+                destination.symlink_to(path)
+    return str(target)
+
+
+WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+           "text_encoder/model.safetensors")
+
+
+def test_each_service_lists_its_own_kind_and_refuses_the_other_by_name(registry):
+    from atelier.core.models import SAM, SD
+
+    inversion = ModelRegistry(kinds=(SD,), service="inversion")
+    segmentation = ModelRegistry(kinds=(SAM,), service="segmentation")
+    assert inversion.names() == ["toy"] and segmentation.names() == ["toy-sam"]
+    with pytest.raises(FailedPrecondition, match="'toy-sam' is a SAM model; inversion serves Stable Diffusion"):
+        inversion.check("toy-sam")
+    with pytest.raises(FailedPrecondition, match="'toy' is a Stable Diffusion model; segmentation serves SAM"):
+        segmentation.check("toy")
+    with pytest.raises(FailedPrecondition):
+        registry.load_sd("toy-sam")  # the kind-agnostic registry still refuses SAM for load_sd
+    with pytest.raises(NotFound) as unknown:
+        inversion.check("x" * 10_000)
+    assert len(unknown.value.message) < 200  # long names are not echoed in full
+
+
+def test_fp16_only_folder_needs_the_variant_and_loads_with_it(tmp_path):
+    from atelier.core.models import EMBEDDED_DIR
+
+    folder = clone_model(EMBEDDED_DIR / "toy", tmp_path / "half",
+                         rename={w: w.replace(".safetensors", ".fp16.safetensors") for w in WEIGHTS})
+    plain = ModelRegistry({"half": folder})
+    with pytest.raises(FailedPrecondition, match="unet has no weights for the default variant.*found: fp16.*variant"):
+        plain.check("half")
+    configured = ModelRegistry({"half": {"source": folder, "variant": "fp16", "dtype": "bf16"}})
+    model = configured.load_sd("half")
+    assert model.unet.dtype == torch.bfloat16  # dtype per entry
+    globally = ModelRegistry({"half": folder}, variant="fp16")  # --model-variant
+    assert globally.check("half").facts.vae_scale_factor == 8
+
+
+def test_v_prediction_is_refused_by_name(tmp_path):
+    from atelier.core.models import EMBEDDED_DIR
+
+    folder = clone_model(EMBEDDED_DIR / "toy", tmp_path / "v", edit={
+        "scheduler/scheduler_config.json": lambda c: {**c, "prediction_type": "v_prediction"}})
+    registry = ModelRegistry({"v": folder})
+    with pytest.raises(FailedPrecondition, match="v_prediction not supported"):
+        registry.load_sd("v")
+
+
+def test_bad_entries_are_unavailable_or_fail_a_strict_start(tmp_path):
+    from atelier.core.models import EMBEDDED_DIR, SD
+
+    sam_as_sd = {"source": str(EMBEDDED_DIR / "toy-sam"), "kind": "stable-diffusion"}
+    registry = ModelRegistry({"wrong": sam_as_sd, "empty": str(tmp_path)}, kinds=(SD,), service="inversion")
+    problems = registry.validate()
+    assert any("'wrong'" in p and "declared Stable Diffusion but the folder holds a SAM model" in p for p in problems)
+    assert any("'empty'" in p and "neither a Stable Diffusion folder" in p for p in problems)
+    assert {"wrong", "empty", "toy"} <= set(registry.names())  # listed as unavailable
+    with pytest.raises(FailedPrecondition, match="'wrong' is unavailable"):
+        registry.load_sd("wrong")
+    strict = ModelRegistry({"wrong": sam_as_sd}, kinds=(SD,))
+    with pytest.raises(ValueError, match="bad model entries: model 'wrong'"):
+        strict.start("toy", strict=True)
+
+
+def test_a_failed_load_is_not_retried_per_request(tmp_path):
+    from atelier.core.models import SD
+
+    calls = []
+
+    def broken(entry, device, dtype):
+        calls.append(entry.name)
+        raise OSError("corrupt weights")
+
+    registry = ModelRegistry(loaders={SD: broken})
+    for _ in range(3):
+        with pytest.raises(FailedPrecondition, match="loading failed \\(OSError\\)"):
+            registry.get("toy", wait_seconds=30)
+    assert calls == ["toy"]
+
+
+def test_default_guidance_comes_from_the_model_folder(tmp_path):
+    from atelier.core.models import DEFAULT_GUIDANCE_SCALE, EMBEDDED_DIR
+
+    plain = clone_model(EMBEDDED_DIR / "toy", tmp_path / "plain", rename={"atelier.json": "README"})
+    registry = ModelRegistry({"plain": plain})
+    assert registry.check("toy").default_guidance_scale == 2.5  # the shipped toy's atelier.json
+    assert registry.check("plain").default_guidance_scale == DEFAULT_GUIDANCE_SCALE == 7.5
+
+
+def test_models_load_on_the_loader_thread_and_calls_wait_bounded(tmp_path):
+    from atelier.core.errors import Unavailable
+    from atelier.core.models import SD, load_sd_folder
+
+    gate, threads = threading.Event(), []
+
+    def slow(entry, device, dtype):
+        threads.append(threading.current_thread().name)
+        gate.wait(30)
+        return load_sd_folder(entry.folder, entry.name, device, dtype)
+
+    registry = ModelRegistry(loaders={SD: slow}, service="inversion")
+    with pytest.raises(Unavailable, match="'toy' is loading") as loading:
+        registry.get("toy", wait_seconds=0.05)
+    assert loading.value.retry_delay > 0
+    gate.set()
+    model = registry.get("toy", wait_seconds=60)
+    assert model is registry.get("toy", wait_seconds=0) and threads == ["model-loader-inversion"]
+
+
+def test_lru_unload_keeps_loaded_models_within_the_memory_budget(tmp_path):
+    from atelier.core.metrics import Metrics
+    from atelier.core.models import EMBEDDED_DIR
+    from prometheus_client import CollectorRegistry
+
+    second = clone_model(EMBEDDED_DIR / "toy", tmp_path / "second")
+    metrics = Metrics(CollectorRegistry())
+    registry = ModelRegistry({"second": second}, memory_budget_bytes=1, metrics=metrics)  # a tiny budget
+    registry.load_sd("toy")
+    assert registry.loaded_names() == ["toy"]
+    registry.load_sd("second")
+    assert registry.loaded_names() == ["second"]  # loading the second unloaded the first
+    value = metrics.registry.get_sample_value
+    assert value("atelier_model_loaded", {"model": "toy", "kind": "stable-diffusion"}) == 0
+    assert value("atelier_model_loaded", {"model": "second", "kind": "stable-diffusion"}) == 1
+    assert value("atelier_model_load_seconds", {"model": "second"}) > 0
+    assert value("atelier_model_bytes", {"model": "second"}) > 1_000_000
+    roomy = ModelRegistry({"second": second}, memory_budget_bytes=1 << 40)
+    roomy.load_sd("toy"), roomy.load_sd("second")
+    assert roomy.loaded_names() == ["toy", "second"]
+
+
+def test_registry_flags_and_environment():
+    from atelier.core.config import ServerConfig
+    from atelier.core.models import SD
+
+    config = ServerConfig.from_args(
+        ["--model-variant", "fp16", "--dtype", "bf16", "--model-memory-bytes", "5", "--strict-models",
+         "--max-inflight-bytes", "7"], "inversion", environ={"ATELIER_PRELOAD_MODELS": "0", "ATELIER_DEVICE": "cpu"})
+    assert (config.model_variant, config.dtype, config.model_memory_bytes, config.preload_models,
+            config.strict_models, config.max_inflight_bytes) == ("fp16", "bf16", 5, False, True, 7)
+    registry = ModelRegistry.for_service(config, kinds=(SD,))
+    assert (registry.memory_budget_bytes, registry.dtype, registry.entries["toy"].variant) == (5, torch.bfloat16, "fp16")
+    defaults = ServerConfig.from_args([], "inversion", environ={})
+    assert (defaults.preload_models, defaults.strict_models, defaults.max_inflight_bytes) == (True, False, 1 << 30)
+    for argv, env in [(["--max-inflight-bytes", "0"], {}), ([], {"ATELIER_PRELOAD_MODELS": "maybe"})]:
+        with pytest.raises(SystemExit):
+            ServerConfig.from_args(argv, "inversion", environ=env)

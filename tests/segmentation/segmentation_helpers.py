@@ -43,13 +43,14 @@ def assert_same_masks(got_masks, got_scores, got_logits, want, rel: float = 1e-3
 
 def metric_value(text: str, name: str, **labels) -> float:
     """A sample's value from Prometheus text exposition (0 if absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
     for line in text.splitlines():
         if line.startswith("#"):
             continue
         key, _, value = line.rpartition(" ")
         metric, _, label_text = key.partition("{")
-        if metric == name and label_text.rstrip("}") == wanted:
+        # The labels given must match; others (e.g. model) may be there too.
+        if metric == name and wanted <= set(filter(None, label_text.rstrip("}").split(","))):
             return float(value)
     return 0.0
 

@@ -103,8 +103,9 @@ def test_full_queue_is_resource_exhausted_and_errors_reach_every_caller():
         assert run.entered.wait(10)  # taken by the worker, which now waits for release
         batcher.submit(2)
         batcher.submit(3)
-        with pytest.raises(ResourceExhausted, match="busy"):
+        with pytest.raises(ResourceExhausted, match="busy") as refused:
             batcher.submit(4)
+        assert 0.05 <= refused.value.retry_delay <= 30  # sent as google.rpc.RetryInfo
         run.release.set()
         assert wait_for(running)[0] == 2
     finally:

@@ -115,6 +115,10 @@ class AttentionCall:
     context: torch.Tensor
     attention_mask: torch.Tensor | None
     spatial_size: tuple[int, int] | None
+    # Set by a controller whose `attend` returns (batch, queries, dim) AFTER the output projection
+    # (to_out[0]) because it mixes projected and unprojected features (EqDiff's RRA); the processor
+    # then applies only the output dropout.
+    output_projected: bool = False
 
     @property
     def scale(self) -> float:
@@ -156,7 +160,8 @@ class AttentionController:
 
     Subclasses override `wants` (cheap filter; a False keeps the fast default path), `attend`,
     and optionally `after_step`.
-    `attend` returns (batch, heads, queries, head_dim); the processor applies the output projection.
+    `attend` returns (batch, heads, queries, head_dim); the processor applies the output projection
+    (unless the controller set `call.output_projected` and returned (batch, queries, dim) itself).
     """
 
     def wants(self, site: AttentionSite, step: int) -> bool:
@@ -234,13 +239,16 @@ class ControlledAttnProcessor:
                 attention_mask=attention_mask,
                 spatial_size=feature_size(attention_control.latent_size, self.site.level, query.shape[2]))
             hidden_states = attention_control.controller.attend(call)
+            projected = call.output_projected
         else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, scale=attn.scale)
+            projected = False
 
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
+        if not projected:
+            hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            hidden_states = hidden_states.to(query.dtype)
+            hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)

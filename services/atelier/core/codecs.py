@@ -139,4 +139,5 @@ def usage_to_proto(control: CallControl) -> common_pb2.Usage:
         unet_backward_evaluations=control.backward_evaluations,
         wall_seconds=control.elapsed(),
         queue_seconds=control.queue_seconds(),
+        vae_decoder_backward_evaluations=control.decoder_backward_evaluations,
     )

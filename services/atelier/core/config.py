@@ -75,6 +75,15 @@ def cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> int:
     if quota_us <= 0 or period_us <= 0:  # v1 reports -1 for "no limit"
         return max(1, available)
     return max(1, min(available, -(-quota_us // period_us)))
+def _boolean(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+_boolean.__name__ = "boolean (1/0, true/false)"
 
 
 @dataclass
@@ -102,6 +111,16 @@ class ServerConfig:
     wedged_after_seconds: float = 60.0
     # How often health re-checks the compute worker and the app's backend (Triton).
     health_interval_seconds: float = 1.0
+    # Model registry (atelier.core.models): weights variant and dtype for entries that name none,
+    # the memory budget of loaded models (0: auto, 80% of the GPU; no bound on CPU), preloading
+    # every configured model at start, and whether a bad entry fails the start.
+    dtype: Optional[str] = None
+    model_variant: Optional[str] = None
+    model_memory_bytes: int = 0
+    preload_models: bool = True
+    strict_models: bool = False
+    # Admission control: request + estimated response bytes of the calls in flight.
+    max_inflight_bytes: int = 1 << 30
     # Service-specific settings parsed by the ``add_arguments`` hook of from_args.
     extras: dict = field(default_factory=dict)
     # Bearer tokens, TLS, and this service's credentials for calls to others (core/auth.py).
@@ -189,6 +208,26 @@ class ServerConfig:
                             default=env_default("ATELIER_WEDGED_AFTER_SECONDS", cls.wedged_after_seconds, float),
                             help="report NOT_SERVING when a call runs this long past its deadline "
                                  "[ATELIER_WEDGED_AFTER_SECONDS]")
+        parser.add_argument("--dtype", default=env_default("ATELIER_DTYPE", None),
+                            help="model dtype (fp32, fp16, bf16); default fp16 on CUDA, fp32 on CPU [ATELIER_DTYPE]")
+        parser.add_argument("--model-variant", default=env_default("ATELIER_MODEL_VARIANT", None),
+                            help="weights variant for models that name none, e.g. fp16 for *.fp16.safetensors "
+                                 "[ATELIER_MODEL_VARIANT]")
+        parser.add_argument("--model-memory-bytes", type=int,
+                            default=env_default("ATELIER_MODEL_MEMORY_BYTES", cls.model_memory_bytes, int),
+                            help="bytes of loaded models before the least recently used is unloaded; 0: 80%% of "
+                                 "the GPU, no bound on CPU [ATELIER_MODEL_MEMORY_BYTES]")
+        parser.add_argument("--preload-models", action=argparse.BooleanOptionalAction,
+                            default=env_default("ATELIER_PRELOAD_MODELS", True, _boolean),
+                            help="load every configured model of this service at start [ATELIER_PRELOAD_MODELS]")
+        parser.add_argument("--strict-models", action=argparse.BooleanOptionalAction,
+                            default=env_default("ATELIER_STRICT_MODELS", False, _boolean),
+                            help="a bad model entry fails the start (default: it is served as unavailable, "
+                                 "FAILED_PRECONDITION) [ATELIER_STRICT_MODELS]")
+        parser.add_argument("--max-inflight-bytes", type=int,
+                            default=env_default("ATELIER_MAX_INFLIGHT_BYTES", cls.max_inflight_bytes, int),
+                            help="request + estimated response bytes of the calls in flight; beyond it calls get "
+                                 "RESOURCE_EXHAUSTED with RetryInfo [ATELIER_MAX_INFLIGHT_BYTES]")
         auth.add_arguments(parser, env)
         if add_arguments is not None:
             add_arguments(parser)
@@ -209,6 +248,8 @@ class ServerConfig:
             (args.grace_seconds >= 0, "--grace-seconds must be >= 0"),
             (args.max_image_pixels > 0, "--max-image-pixels must be positive"),
             (0 <= args.port < 65536, "--port must be in 0..65535"),
+            (args.model_memory_bytes >= 0, "--model-memory-bytes must be >= 0"),
+            (args.max_inflight_bytes > 0, "--max-inflight-bytes must be positive"),
             (args.metrics_port < 65536, "--metrics-port must be below 65536"),
             (args.threads is None or args.threads > 0, "--threads must be positive"),
             (args.wedged_after_seconds > 0, "--wedged-after-seconds must be positive"),
@@ -219,7 +260,8 @@ class ServerConfig:
 
         core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
                 "max_image_pixels", "model", "models_file", "device", "threads", "wedged_after_seconds",
-                *auth.AUTH_DESTS}
+                "dtype", "model_variant", "model_memory_bytes", "preload_models", "strict_models",
+                "max_inflight_bytes", *auth.AUTH_DESTS}
         extras = {dest: value for dest, value in vars(args).items() if dest not in core}
         return cls(
             service=service,
@@ -235,6 +277,12 @@ class ServerConfig:
             device=args.device,
             threads=args.threads,
             wedged_after_seconds=args.wedged_after_seconds,
+            dtype=args.dtype,
+            model_variant=args.model_variant,
+            model_memory_bytes=args.model_memory_bytes,
+            preload_models=args.preload_models,
+            strict_models=args.strict_models,
+            max_inflight_bytes=args.max_inflight_bytes,
             extras=extras,
             auth=auth_config,
         )

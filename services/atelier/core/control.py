@@ -1,8 +1,9 @@
 """Per-call control: deadline, cancellation, progress, UNet-evaluation accounting.
 
 Method code calls ``control.unet()`` exactly once immediately before every UNet
-call, and ``control.vae()`` before every VAE encode/decode, so a deadline or a
-client cancel stops the work after at most one more heavy evaluation.
+call, ``control.vae()`` before every VAE encode/decode and ``control.decoder()`` before
+every VAE-decoder forward+backward, so a deadline or a client cancel stops the work after
+at most one more heavy evaluation.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class CallControl:
         self.forward_evaluations = 0
         self.backward_evaluations = 0
         self.vae_evaluations = 0
+        self.decoder_backward_evaluations = 0
         self.created_at = time.monotonic()
         self.started_at: Optional[float] = None
 
@@ -88,6 +90,13 @@ class CallControl:
         without this a call past its deadline still ran its decode)."""
         self.check()
         self.vae_evaluations += 1
+
+    def decoder(self) -> None:
+        """Check, then count one VAE-decoder forward+backward pass (GradOP+'s optimisation)."""
+        self.check()
+        self.decoder_backward_evaluations += 1
+        metrics = self._metrics if self._metrics is not None else default_metrics()
+        metrics.decoder_evaluations.inc()
 
     # ---- progress
     def progress(self, stage: str, step: int, total: int, message: str = "") -> ProgressEvent:

@@ -26,14 +26,19 @@ def pick_device(device: str | None = None, dtype: str | None = None) -> tuple[to
         raise RuntimeError(f"device {name!r} requested but CUDA is not available")
     dtype_name = dtype or os.environ.get("ATELIER_DTYPE")
     if dtype_name:
-        try:
-            chosen_dtype = _DTYPES[dtype_name.lower()]
-        except KeyError:
-            raise ValueError(f"unknown dtype {dtype_name!r}; choose one of {sorted(_DTYPES)}") from None
+        chosen_dtype = parse_dtype(dtype_name)
     else:
         # fp16 halves memory and doubles throughput on GPUs; CPU kernels want fp32.
         chosen_dtype = torch.float16 if chosen.type == "cuda" else torch.float32
     return chosen, chosen_dtype
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """"fp16"/"float16"/"bf16"/... -> torch dtype; ValueError naming the choices."""
+    try:
+        return _DTYPES[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown dtype {str(name)[:20]!r}; choose one of {sorted(_DTYPES)}") from None
 
 
 def device_memory_bytes(device: torch.device) -> int:

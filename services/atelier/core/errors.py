@@ -6,7 +6,8 @@ Method code raises these (never grpc); the error interceptor in
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import datetime
+from typing import Iterable, Optional, Sequence
 
 import grpc
 from google.protobuf import any_pb2
@@ -63,10 +64,13 @@ class AtelierError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, violations: Sequence[tuple[str, str]] = ()):
+    def __init__(self, message: str, violations: Sequence[tuple[str, str]] = (),
+                 retry_delay: Optional[float] = None):
         super().__init__(message)
         self.message = message
         self.violations = list(violations)
+        # Seconds after which a retry may succeed: sent as google.rpc.RetryInfo (the SDK honours it).
+        self.retry_delay = retry_delay
 
 
 class InvalidArgument(AtelierError):
@@ -164,6 +168,12 @@ def to_grpc_status(error: AtelierError) -> grpc.Status:
             bad_request.field_violations.append(violation)
         detail = any_pb2.Any()
         detail.Pack(bad_request)
+        status.details.append(detail)
+    if error.retry_delay is not None:
+        retry_info = error_details_pb2.RetryInfo()
+        retry_info.retry_delay.FromTimedelta(datetime.timedelta(seconds=max(0.0, error.retry_delay)))
+        detail = any_pb2.Any()
+        detail.Pack(retry_info)
         status.details.append(detail)
     return rpc_status.to_status(status)
 

@@ -39,6 +39,7 @@ class ComputeExecutor:
         self._closed = False
         self._condition = threading.Condition()
         self._worker: Optional[threading.Thread] = None
+        self._mean_run_seconds = 0.0  # moving average of a call's run time: the RetryInfo hint
         self._queue_depth = self.metrics.queue_depth.labels(service=name)
         self._in_flight = self.metrics.in_flight.labels(service=name)
         self._queue_depth.set(0)
@@ -53,7 +54,8 @@ class ComputeExecutor:
             if len(self._waiting) + self._running > self.max_queue:
                 raise ResourceExhausted(
                     f"the {self.name} service is busy: {len(self._waiting)} calls are already waiting "
-                    f"(limit {self.max_queue}); retry later"
+                    f"(limit {self.max_queue}); retry later",
+                    retry_delay=self._retry_delay(),
                 )
             self._waiting.append((fn, control, future))
             self._queue_depth.set(len(self._waiting))
@@ -61,6 +63,10 @@ class ComputeExecutor:
             self._condition.notify()
         future.add_done_callback(self._forget_if_cancelled)
         return future
+
+    def _retry_delay(self) -> float:
+        """When a slot is likely free: one average call, within [0.05, 30] s (caller holds the lock)."""
+        return min(30.0, max(0.05, self._mean_run_seconds))
 
     def _forget_if_cancelled(self, future: Future) -> None:
         """A future cancelled while waiting gives its queue slot back at once."""
@@ -125,9 +131,11 @@ class ComputeExecutor:
                 self._running = 1
                 self._current = control
                 self._in_flight.set(1)
+            started = time.monotonic()
             try:
                 self._run_one(fn, control, future)
             finally:
+                seconds = time.monotonic() - started
                 # Drop the call (its closure holds its tensors) now, not when the next call
                 # arrives: an idle worker must not keep the last request's memory.
                 del fn, control, future
@@ -135,6 +143,7 @@ class ComputeExecutor:
                     self._running = 0
                     self._current = None
                     self._in_flight.set(0)
+                    self._mean_run_seconds += 0.2 * (seconds - self._mean_run_seconds)
 
     @staticmethod
     def _run_one(fn: Callable[[], Any], control: CallControl, future: Future) -> None:

@@ -275,6 +275,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         service, _ = _split_method(handler_call_details.method)
         full_method = handler_call_details.method
         readiness = self._readiness
+        # Service-to-service calls carry the first caller's request id: log it where it arrives.
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "x-request-id":
+                _LOG.info("%s x-request-id=%s", full_method, str(value)[:128])
 
         def arguments(request, context):
             if handler.request_streaming:

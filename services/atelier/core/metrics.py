@@ -76,6 +76,7 @@ class Metrics:
 
     def __init__(self, registry: Optional[CollectorRegistry] = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._model_kinds: dict[str, str] = {}
         r = self.registry
         self.started = Counter(
             "grpc_server_started", "Total number of RPCs started on the server.", _RPC_LABELS, registry=r
@@ -108,19 +109,72 @@ class Metrics:
         self.in_flight = Gauge(
             "atelier_in_flight", "Calls running on the compute executor", ["service"], registry=r
         )
-        self.unet_evaluations = Counter(
-            "atelier_unet_evaluations",
-            "UNet evaluations (a CFG batch counts once); kind=backward counts forward+backward passes",
-            ["kind"],
-            registry=r,
+        self.inflight_bytes = Gauge(
+            "atelier_inflight_bytes", "Request + estimated response bytes of the calls admitted now",
+            ["service"], registry=r
+        )
+        # Created on first use (``enable_unet_metrics``): only services that run a UNet export it.
+        self._unet_evaluations: Optional[Counter] = None
+        self._unet_lock = threading.Lock()
+        self._decoder_evaluations: Optional[Counter] = None
+        self.dependency_up = Gauge(
+            "atelier_dependency_up", "1 when a service this one calls answers its health check SERVING, else 0",
+            ["dependency", "address"], registry=r,
         )
         self.model_load_seconds = Gauge(
             "atelier_model_load_seconds", "Wall time of the latest load of each model", ["model"], registry=r
         )
+        self.model_loaded = Gauge(
+            "atelier_model_loaded", "1 while the model is loaded (0 after an LRU unload)", ["model", "kind"],
+            registry=r
+        )
+        self.model_bytes = Gauge(
+            "atelier_model_bytes", "Parameter and buffer bytes of each loaded model", ["model"], registry=r
+        )
         r.register(DeviceMemoryCollector())
 
-    def observe_model_load(self, model: str, seconds: float) -> None:
+    @property
+    def unet_evaluations(self) -> Counter:
+        with self._unet_lock:
+            if self._unet_evaluations is None:
+                self._unet_evaluations = Counter(
+                    "atelier_unet_evaluations",
+                    "UNet evaluations (a CFG batch counts once); kind=backward counts forward+backward passes",
+                    ["kind"],
+                    registry=self.registry,
+                )
+            return self._unet_evaluations
+
+    @property
+    def decoder_evaluations(self) -> Counter:
+        """VAE-decoder forward+backward passes (GradOP+); created on first use like the UNet's."""
+        with self._unet_lock:
+            if self._decoder_evaluations is None:
+                self._decoder_evaluations = Counter(
+                    "atelier_vae_decoder_backward_evaluations",
+                    "VAE-decoder forward+backward passes (gradients through the decoder, e.g. GradOP+)",
+                    registry=self.registry,
+                )
+            return self._decoder_evaluations
+
+    def enable_unet_metrics(self) -> None:
+        """Export the UNet counters (at 0) from the start; services that run a UNet call this."""
+        for kind in ("forward", "backward"):
+            self.unet_evaluations.labels(kind=kind)
+
+    def observe_model_load(self, model: str, seconds: float, kind: str = "", nbytes: Optional[int] = None) -> None:
         self.model_load_seconds.labels(model=model).set(seconds)
+        if kind:
+            self._model_kinds[model] = kind
+            self.model_loaded.labels(model=model, kind=kind).set(1)
+        if nbytes is not None:
+            self.model_bytes.labels(model=model).set(nbytes)
+
+    def observe_model_unload(self, model: str) -> None:
+        kind = self._model_kinds.get(model)
+        if kind:
+            self.model_loaded.labels(model=model, kind=kind).set(0)
+        self.model_bytes.labels(model=model).set(0)
 
 
 _default: Optional[Metrics] = None

@@ -26,6 +26,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from atelier.core import auth
+from atelier.core.admission import AdmissionInterceptor, ByteBudget
 from atelier.core.config import ServerConfig
 from atelier.core.interceptors import ErrorInterceptor, MetricsInterceptor, Readiness
 from atelier.core.metrics import Metrics, default_metrics
@@ -244,6 +245,11 @@ class RunningServer:
         return self._stopped.wait(timeout)
 
 
+def _byte_budget(app: App, config: ServerConfig, metrics: Metrics) -> ByteBudget:
+    return ByteBudget(config.max_inflight_bytes, app.name, max_message_bytes=config.max_message_bytes,
+                      gauge=metrics.inflight_bytes.labels(service=app.name))
+
+
 def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> RunningServer:
     """Start serving ``app`` (non-blocking). Models load in a background thread."""
     metrics = metrics if metrics is not None else default_metrics()
@@ -255,7 +261,9 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
     handler_threads = config.max_queue + 1 + _SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=handler_threads, thread_name_prefix=f"grpc-{app.name}"),
-        interceptors=[MetricsInterceptor(metrics), *auth.server_interceptors(config.auth), ErrorInterceptor(readiness)],
+        # Admission is inside the error interceptor, which maps its refusals to statuses.
+        interceptors=[MetricsInterceptor(metrics), *auth.server_interceptors(config.auth), ErrorInterceptor(readiness),
+                      AdmissionInterceptor(_byte_budget(app, config, metrics), app.service_names)],
         options=config.grpc_options(),
         # Beyond this gRPC answers RESOURCE_EXHAUSTED itself instead of letting
         # requests (each up to max_message_bytes) pile up in memory.

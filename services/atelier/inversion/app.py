@@ -6,10 +6,9 @@ import os
 from typing import Optional
 
 from atelier.core.config import ServerConfig
-from atelier.core.device import pick_device
 from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
-from atelier.core.models import ModelRegistry
+from atelier.core.models import SD, ModelRegistry
 from atelier.inversion.servicer import SERVICE_NAME, InversionServicer, Limits
 from atelier.v1 import inversion_pb2_grpc
 
@@ -34,9 +33,9 @@ class InversionApp:
         self.config = config
         self.default_model = config.extras.get("default_model", "toy")
         self.metrics = metrics if metrics is not None else default_metrics()
+        self.metrics.enable_unet_metrics()
         if registry is None:
-            device, dtype = pick_device(config.device)
-            registry = ModelRegistry.from_config(config.models, config.models_file, device=device, dtype=dtype)
+            registry = ModelRegistry.for_service(config, kinds=(SD,), metrics=self.metrics)
         self.registry = registry
         self.executor = ComputeExecutor(config.max_queue, "inversion", metrics=self.metrics)
         self.limits = Limits(max_pixels=config.max_image_pixels,
@@ -47,9 +46,10 @@ class InversionApp:
         inversion_pb2_grpc.add_InversionServicer_to_server(servicer, server)
 
     def load(self) -> None:
-        # Health stays NOT_SERVING until the default model is loaded; others load on first use.
-        model = self.registry.load_sd(self.default_model)
-        self.metrics.observe_model_load(self.default_model, model.load_seconds)
+        # Validates every entry; health stays NOT_SERVING until the default model is loaded; the
+        # others load on the registry's loader thread (--preload-models) or on first use.
+        self.registry.start(self.default_model, strict=self.config.strict_models, preload=self.config.preload_models)
 
     def close(self) -> None:
         self.executor.shutdown()
+        self.registry.close()

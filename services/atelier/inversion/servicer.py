@@ -8,11 +8,14 @@ import numpy as np
 import torch
 
 from atelier.core import codecs
+from atelier.core.admission import charge_response
+from atelier.core.catalog import ListModelsRpc
 from atelier.core.errors import InvalidArgument, Violations, quoted
-from atelier.core.models import ModelRegistry
+from atelier.core.models import SD, ModelRegistry, fit_to_vae
 from atelier.core.streaming import stream_call
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
 from atelier.inversion.inversion import invert
+from atelier.sdk import codec
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
 SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
@@ -83,46 +86,62 @@ class EditJob:
     return_source: bool
 
 
-class InversionServicer(inversion_pb2_grpc.InversionServicer):
+# How long a call waits for its model to load (on the registry's loader thread) before
+# answering UNAVAILABLE; never longer than the call's deadline.
+MODEL_LOAD_WAIT_SECONDS = 10.0
+
+
+class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
     def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits()):
         self._registry = registry
         self._executor = executor
         self._default_model = default_model
         self._limits = limits
+        self.model_registry, self.default_model_name = registry, default_model  # ListModels
 
     # ---- RPCs -------------------------------------------------------------
     def Invert(self, request, context):
         # Errors raised here or in the work are mapped to statuses by the error interceptor.
         job = self._parse_invert(request)
+        charge_response(_invert_answer_bytes(job, self._registry.info(job.model).facts),
+                        "return_chain" if job.return_chain else "num_inference_steps",
+                        "ask without return_chain, or for fewer steps or a smaller image")
+        model = self._model(job.model, context)
         yield from stream_call(
             context,
             self._executor,
-            lambda control: self._run_invert(job, control),
+            lambda control: self._run_invert(job, control, model),
             lambda event: inversion_pb2.InvertEvent(progress=_progress(event)),
             lambda result, control: inversion_pb2.InvertEvent(result=_inversion_result(job, result, control)),
         )
 
     def Edit(self, request, context):
         job = self._parse_edit(request)
+        charge_response(_edit_answer_bytes(job), "return_source", "a smaller image")
+        model = self._model(job.model, context)
         yield from stream_call(
             context,
             self._executor,
-            lambda control: self._run_edit(job, control),
+            lambda control: self._run_edit(job, control, model),
             lambda event: inversion_pb2.EditEvent(progress=_progress(event)),
             lambda result, control: inversion_pb2.EditEvent(result=_edit_result(job, result, control)),
         )
 
     # ---- work (runs on the compute executor) ------------------------------
-    def _run_invert(self, job: InvertJob, control):
-        model = self._registry.load_sd(job.model)
+    def _model(self, name: str, context):
+        """The loaded model, loaded off the compute worker (UNAVAILABLE while still loading)."""
+        remaining = context.time_remaining()
+        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
+        return self._registry.get(name, kind=SD, wait_seconds=wait)
+
+    def _run_invert(self, job: InvertJob, control, model):
         return invert(
             model, job.image.to(device=model.device, dtype=model.dtype), job.prompt, method=job.method, steps=job.steps, control=control, **job.spdinv
         )
 
-    def _run_edit(self, job: EditJob, control):
-        model = self._registry.load_sd(job.model)
+    def _run_edit(self, job: EditJob, control, model):
         if job.invert_job is not None:
-            z_t = self._run_invert(job.invert_job, control).chain[-1:]
+            z_t = self._run_invert(job.invert_job, control, model).chain[-1:]
         else:
             z_t = job.z_t.to(device=model.device, dtype=model.dtype)
         return edit(
@@ -143,7 +162,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
     # not the proto path: ``args`` maps an InvertRequest field to that argument.
     def _model_name(self, ref: common_pb2.ModelRef, field: str) -> str:
         name = ref.name or self._default_model
-        self._registry.resolve(name)  # NotFound for unknown names
+        self._registry.check(name, kind=SD)  # NotFound if unknown, FailedPrecondition if not servable
         return name
 
     def _steps(self, request, field: str) -> int:
@@ -160,16 +179,22 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
     def _parse_invert(self, request: inversion_pb2.InvertRequest, args: dict[str, str] = INVERT_ARGS,
                       violations: Violations | None = None) -> InvertJob | None:
         """The job for an InvertRequest. Every bad field is recorded in ``violations`` (then
-        None is returned) or, without a collector, raised together as one InvalidArgument."""
+        None is returned) or, without a collector, raised together as one InvalidArgument.
+        The model comes first (NotFound / FAILED_PRECONDITION): the image is fitted to its VAE."""
         own = violations is None
         violations = Violations() if own else violations
         before = len(violations.items)
+        model = self._model_name(request.model, args["model"])
         image = None
         if not request.HasField("image"):
             violations.add(args["image"], "an image is required")
         else:
-            image = violations.attempt(codecs.image_to_torch, request.image, field=args["image"],
-                                       max_pixels=self._limits.max_pixels, multiple_of=8)
+            pixels = violations.attempt(codec.image_to_pil, request.image, field=args["image"],
+                                        max_pixels=self._limits.max_pixels)
+            if pixels is not None:
+                fitted = violations.attempt(fit_to_vae, pixels, self._registry.info(model), args["image"])
+                if fitted is not None:
+                    image = codecs.array_to_torch(np.array(fitted))
         if request.method not in _METHODS:
             violations.add(args["method"], f"unknown inversion method {request.method}")
         opts = request.spdinv
@@ -193,7 +218,7 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
         if len(violations.items) > before:
             return None
         return InvertJob(
-            model=self._model_name(request.model, args["model"]),
+            model=model,
             image=image,
             prompt=prompt,
             method=_METHODS[request.method],
@@ -214,28 +239,40 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             if invert_job is not None:
                 model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
                 height, width = invert_job.image.shape[2:]
+            else:
+                model = self._model_name(request.invert.model, EDIT_INVERT_ARGS["model"])
         else:
             # An Inversion sent back as is: whatever is wrong with it, the SDK argument is ``source``.
             inv = request.inversion
+            model = self._model_name(inv.model if inv.model.name else request.model, "source")
             prompt = violations.attempt(self._prompt, inv.prompt, "source")
             steps = inv.num_inference_steps
             if not 1 <= steps <= self._limits.max_steps:
                 violations.add("source", f"num_inference_steps must be between 1 and {self._limits.max_steps}")
-            z_t = violations.attempt(codecs.tensor_to_torch, inv.z_t, field="source.z_t", shape=(1, 4, None, None))
+            facts = self._registry.info(model).facts
+            z_t = violations.attempt(codecs.tensor_to_torch, inv.z_t, field="source.z_t",
+                                     shape=(1, facts.latent_channels, None, None))
             height, width = inv.height, inv.width
             if z_t is not None:
                 z_t = z_t.float()
-                if (height, width) != (z_t.shape[2] * 8, z_t.shape[3] * 8):
-                    violations.add("source", "width/height do not match z_t's spatial size x 8")
+                factor = facts.vae_scale_factor
+                if (height, width) != (z_t.shape[2] * factor, z_t.shape[3] * factor):
+                    violations.add("source", f"width/height do not match z_t's spatial size x {factor} "
+                                             "(the model's VAE factor)")
                 if height * width > self._limits.max_pixels:
                     violations.add("source.z_t", f"larger than {self._limits.max_pixels} pixels")
                 if not torch.isfinite(z_t).all():
                     violations.add("source.z_t", "contains NaN or infinite values")
+        if model is not None and request.model.name and request.model.name != model:
+            violations.add("model", f"differs from the inversion's model {quoted(model)}")
         engine = _ENGINES.get(request.engine)
         if engine is None:
             violations.add("engine", f"unknown editing engine {request.engine}")
         target = violations.attempt(self._prompt, request.target_prompt, "target_prompt")
-        guidance = request.guidance_scale if request.HasField("guidance_scale") else 7.5
+        if request.HasField("guidance_scale"):
+            guidance = request.guidance_scale
+        else:
+            guidance = self._registry.info(model).default_guidance_scale if model is not None else 7.5
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
             violations.add("guidance_scale", f"must be between 0 and 50, got {guidance}")
         p2p = violations.attempt(_p2p_params, request.p2p)
@@ -244,11 +281,6 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             # The method's own checks, before the call is queued (and before any inversion in it).
             violations.attempt(check_edit_options, target, steps, engine, guidance, p2p, masactrl)
         violations.raise_if_any()
-        if source == "inversion":
-            inv = request.inversion
-            model = self._model_name(inv.model if inv.model.name else request.model, "source")
-        if request.model.name and request.model.name != model:
-            raise InvalidArgument("model", f"differs from the inversion's model {quoted(model)}")
         return EditJob(
             model=model,
             invert_job=invert_job,
@@ -264,6 +296,20 @@ class InversionServicer(inversion_pb2_grpc.InversionServicer):
             masactrl=masactrl,
             return_source=request.return_source,
         )
+
+
+def _invert_answer_bytes(job: InvertJob, facts) -> int:
+    """Upper estimate of the InvertEvent stream: latents in FP32, diagnostics, progress."""
+    height, width = job.image.shape[2:]
+    latent = 4 * facts.latent_channels * (height // facts.vae_scale_factor) * (width // facts.vae_scale_factor)
+    chain = (job.steps + 1) * latent if job.return_chain else 0
+    return latent + chain + 64 * job.steps + 4096
+
+
+def _edit_answer_bytes(job: EditJob) -> int:
+    """Upper estimate of the EditEvent stream: PNG images are at most raw RGB plus headers."""
+    image = 3 * job.width * job.height + 4096
+    return image * (2 if job.return_source else 1) + 64 * job.steps + 4096
 
 
 def _optional(opts, name: str, default):

@@ -6,15 +6,14 @@ import argparse
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 from atelier.core.config import ServerConfig
-from atelier.core.errors import NotFound, quoted
+from atelier.core.errors import FailedPrecondition
 from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
-from atelier.core.models import ModelRegistry
+from atelier.core.models import SAM, ModelRegistry, quoted
 from atelier.segmentation.metrics import segmentation_metrics
 from atelier.segmentation.sam import SamPredictor
 from atelier.segmentation.segmenter import BatchingOptions, Segmenter, local_encoder, triton_encoder
@@ -89,28 +88,32 @@ class SegmentationApp:
         config.health_interval_seconds = self.settings.health_interval_seconds
         self.metrics = metrics if metrics is not None else default_metrics()
         self.segmentation_metrics = segmentation_metrics(self.metrics.registry)
-        self.registry = registry or ModelRegistry.from_config(config.models, config.models_file)
+        # The registry loads SAM folders into Segmenters (model + its cache and batcher), off the
+        # compute worker; an LRU unload closes the Segmenter.
+        loaders = {SAM: self._load_segmenter}
+        if registry is None:
+            registry = ModelRegistry.for_service(config, kinds=(SAM,), metrics=self.metrics, loaders=loaders)
+        else:
+            registry.loaders.update(loaders)
+        self.registry = registry
         self.executor = ComputeExecutor(config.max_queue, "segmentation", metrics=self.metrics)
-        self._segmenters: dict[str, Segmenter] = {}
-        self._lock = threading.Lock()
-        self._load_lock = threading.Lock()
         self._triton = None
         self._backend_ready = self.segmentation_metrics.backend_ready.labels(self.settings.backend)
 
     # ------------------------------------------------------------------ App protocol
     def add_to_server(self, server) -> None:
-        servicer = SegmentationServicer(self.segmenter_for, self.executor, self.config.max_image_pixels)
+        servicer = SegmentationServicer(self.segmenter_for, self.executor, self.config.max_image_pixels,
+                                        registry=self.registry, default_model=self.settings.default_model)
         segmentation_pb2_grpc.add_SegmentationServicer_to_server(servicer, server)
 
     def load(self) -> None:
-        started = time.perf_counter()
         if self.settings.backend == "triton":
             from atelier.segmentation.triton_encoder import TritonImageEncoder
 
             self._triton = TritonImageEncoder(self.settings.triton_url, self.settings.triton_model,
                                               timeout_seconds=self.settings.triton_timeout_seconds)
-        _, segmenter = self.segmenter_for(self.settings.default_model)
-        self.metrics.observe_model_load(self.settings.default_model, time.perf_counter() - started)
+        segmenter = self.registry.start(self.settings.default_model, strict=self.config.strict_models,
+                                        preload=self.config.preload_models and self._triton is None)
         ready, reason = self.backend_readiness()
         self._backend_ready.set(1 if ready else 0)
         if ready:
@@ -119,42 +122,32 @@ class SegmentationApp:
             _LOG.warning("segmentation: image-encoder backend not ready yet: %s", reason)
 
     def close(self) -> None:
-        with self._lock:
-            segmenters = list(self._segmenters.values())
-        for segmenter in segmenters:
-            segmenter.close()
+        self.registry.close()  # closes every loaded Segmenter
         self.executor.shutdown()
         if self._triton is not None:
             self._triton.close()
 
     # ------------------------------------------------------------------ models
-    def segmenter_for(self, name: str) -> tuple[str, Segmenter]:
-        """The Segmenter for a model name ("" = the default), loading it on first use.
-
-        Loads run one at a time and outside ``_lock``, so serving loaded models never waits."""
+    def segmenter_for(self, name: str, wait_seconds: float = 10.0) -> tuple[str, Segmenter]:
+        """The Segmenter for a model name ("" = the default): NotFound if unknown, FAILED_PRECONDITION
+        if not a servable SAM model, UNAVAILABLE while it loads (on the registry's loader thread)."""
         name = name or self.settings.default_model
-        with self._lock:
-            if name in self._segmenters:
-                return name, self._segmenters[name]
+        self.registry.check(name, kind=SAM)
         if self._triton is not None and name != self.settings.default_model:
-            raise NotFound(f"model {quoted(name)}: this server runs the image encoder on Triton for "
-                           f"{self.settings.default_model!r} only")
-        source = self.registry.resolve(name)  # NotFound for unknown names
-        with self._load_lock:
-            with self._lock:
-                if name in self._segmenters:
-                    return name, self._segmenters[name]
-            predictor = SamPredictor.load(source, name=name, device=self.config.device)
-            backend = self.settings.backend
-            encode = triton_encoder(self._triton) if self._triton is not None else local_encoder(predictor)
-            segmenter = Segmenter(
-                predictor, encode, self.settings.batching, decode_executor=self.executor,
-                cache_stats=self.segmentation_metrics.cache_stats(backend),
-                batch_stats=self.segmentation_metrics.batch_stats(backend),
-                name=f"{backend} image encoder ({name})")
-            with self._lock:
-                self._segmenters[name] = segmenter
-            return name, segmenter
+            raise FailedPrecondition(f"model {quoted(name)}: this server runs the image encoder on Triton for "
+                                     f"{self.settings.default_model!r} only")
+        return name, self.registry.get(name, kind=SAM, wait_seconds=wait_seconds)
+
+    def _load_segmenter(self, entry, device, dtype) -> Segmenter:
+        predictor = SamPredictor.load(entry.folder, name=entry.name, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                                      variant=entry.variant)
+        backend = self.settings.backend
+        encode = triton_encoder(self._triton) if self._triton is not None else local_encoder(predictor)
+        return Segmenter(
+            predictor, encode, self.settings.batching, decode_executor=self.executor,
+            cache_stats=self.segmentation_metrics.cache_stats(backend, entry.name),
+            batch_stats=self.segmentation_metrics.batch_stats(backend, entry.name),
+            name=f"{backend} image encoder ({entry.name})")
 
     # ------------------------------------------------------------------ health
     def backend_readiness(self) -> tuple[bool, str]:

@@ -60,6 +60,7 @@ class MicroBatcher(Generic[T, R]):
         self._worker.start()
         self.executions = 0
         self.items = 0
+        self._mean_batch_seconds = 0.0  # moving average: the RetryInfo hint when the queue is full
         self.batch_sizes: collections.Counter = collections.Counter()
 
     def submit(self, item: T, control: Optional[CallControl] = None) -> Future:
@@ -69,9 +70,11 @@ class MicroBatcher(Generic[T, R]):
             if self._closed:
                 raise ResourceExhausted(f"the {self.name} is shutting down")
             if len(self._waiting) >= self.max_queue:
+                # RetryInfo: the time to run the waiting batches at the recent pace.
+                batches = -(-len(self._waiting) // self.max_batch_size)
                 raise ResourceExhausted(
                     f"the {self.name} is busy: {len(self._waiting)} items are waiting (limit {self.max_queue}); "
-                    "retry later")
+                    "retry later", retry_delay=min(30.0, max(0.05, batches * self._mean_batch_seconds)))
             self._waiting.append((item, control, future))
             self._stats.queue_depth(len(self._waiting))
             self._condition.notify()
@@ -142,6 +145,7 @@ class MicroBatcher(Generic[T, R]):
                     future.set_exception(error)
                 continue
             seconds = time.perf_counter() - started
+            self._mean_batch_seconds += 0.2 * (seconds - self._mean_batch_seconds)
             self.executions += 1
             self.items += len(batch)
             self.batch_sizes[len(batch)] += 1

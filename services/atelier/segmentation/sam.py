@@ -148,14 +148,16 @@ class SamPredictor:
             self._image_positional_embeddings = model.get_image_wide_positional_embeddings()
 
     @classmethod
-    def load(cls, source: str, name: str = "", device: Optional[str] = None, dtype: Optional[str] = None, local_files_only: bool = True) -> "SamPredictor":
+    def load(cls, source: str, name: str = "", device: Optional[str] = None, dtype: Optional[str] = None,
+             local_files_only: bool = True, variant: Optional[str] = None) -> "SamPredictor":
         from transformers import SamModel, SamProcessor
 
         from atelier.core.device import pick_device
 
         device, dtype = pick_device(device, dtype)
         local_files_only = local_files_only or os.environ.get("ATELIER_ALLOW_DOWNLOADS") != "1"
-        model = SamModel.from_pretrained(source, local_files_only=local_files_only).to(device=device, dtype=dtype)
+        model = SamModel.from_pretrained(source, local_files_only=local_files_only, variant=variant) \
+            .to(device=device, dtype=dtype)
         processor = SamProcessor.from_pretrained(source, local_files_only=local_files_only)
         return cls(model, processor, name=name or str(source))
 

@@ -86,6 +86,10 @@ class Segmenter:
     def close(self) -> None:
         self.batcher.close()
 
+    def torch_modules(self) -> list[torch.nn.Module]:
+        """For the registry's memory accounting (parameters and buffers of the SAM model)."""
+        return [self.predictor.model]
+
     @property
     def low_res_size(self) -> int:
         return self.predictor.low_res_size

@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+from atelier.core.admission import charge_response
+from atelier.core.catalog import ListModelsRpc
 from atelier.core.control import CallControl
 from atelier.core.errors import InvalidArgument
 from atelier.core.executor import ComputeExecutor
@@ -18,20 +20,26 @@ from atelier.v1 import common_pb2, segmentation_pb2, segmentation_pb2_grpc
 SERVICE_NAME = segmentation_pb2.DESCRIPTOR.services_by_name["Segmentation"].full_name
 MAX_PROMPT_SETS = 256
 MAX_POINTS = 64
+# How long a call waits for its model to load (on the registry's loader thread) before
+# answering UNAVAILABLE; never longer than the call's deadline.
+MODEL_LOAD_WAIT_SECONDS = 10.0
 
 
-class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
-    """``segmenter_for(model_name) -> (resolved name, Segmenter)`` (NotFound for unknown names)."""
+class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServicer):
+    """``segmenter_for(model_name, wait_seconds) -> (resolved name, Segmenter)`` (NotFound for unknown names);
+    ``registry`` answers ListModels."""
 
     def __init__(self, segmenter_for: Callable[[str], tuple[str, Segmenter]], executor: ComputeExecutor,
-                 max_image_pixels: int):
+                 max_image_pixels: int, registry=None, default_model: str = ""):
         self._segmenter_for = segmenter_for
         self._executor = executor
         self._max_image_pixels = max_image_pixels
+        self.model_registry, self.default_model_name = registry, default_model
 
     def Segment(self, request: segmentation_pb2.SegmentRequest, context) -> segmentation_pb2.SegmentResponse:
-        name, segmenter = self._segmenter_for(request.model.name)
+        name, segmenter = self._segmenter(request, context)
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
+        charge_response(answer_bytes(image, 1, request.options.multimask, segmenter.low_res_size), "image")
         # Violations name the SDK arguments: segment(points=, labels=, boxes=, mask_input=).
         prompt = prompt_from_proto(request.prompt, "")
         output = self._run(context, segmenter, image, [prompt], request.options, [""])
@@ -41,16 +49,26 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
 
     def SegmentBatch(self, request: segmentation_pb2.SegmentBatchRequest,
                      context) -> segmentation_pb2.SegmentBatchResponse:
-        name, segmenter = self._segmenter_for(request.model.name)
+        name, segmenter = self._segmenter(request, context)
         if len(request.prompt_sets) > MAX_PROMPT_SETS:
             raise InvalidArgument("prompt_sets", f"{len(request.prompt_sets)} prompt sets; the limit is {MAX_PROMPT_SETS}")
         image = codec.image_to_pil(request.image, "image", max_pixels=self._max_image_pixels)
+        # Refused before any work when the masks could not be sent (or do not fit the budget now).
+        charge_response(answer_bytes(image, len(request.prompt_sets), request.options.multimask,
+                                     segmenter.low_res_size),
+                        "prompt_sets", "fewer prompt sets per call, multimask off, or a smaller image")
         fields = [f"prompt_sets[{i}]" for i in range(len(request.prompt_sets))]
         prompts = [prompt_from_proto(p, field) for p, field in zip(request.prompt_sets, fields)]
         output = self._run(context, segmenter, image, prompts, request.options, fields)
         return segmentation_pb2.SegmentBatchResponse(
             model=common_pb2.ModelRef(name=name), width=output.width, height=output.height,
             results=[result_to_proto(r) for r in output.results], usage=usage_to_proto(output))
+
+    def _segmenter(self, request, context) -> tuple[str, Segmenter]:
+        """The request's model, waiting for a load no longer than the call's deadline allows."""
+        remaining = context.time_remaining()
+        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else max(0.0, min(MODEL_LOAD_WAIT_SECONDS, remaining))
+        return self._segmenter_for(request.model.name, wait)
 
     def _run(self, context, segmenter: Segmenter, image, prompts, options, fields) -> SegmentOutput:
         threshold = options.mask_threshold if options.HasField("mask_threshold") else 0.0
@@ -59,6 +77,12 @@ class SegmentationServicer(segmentation_pb2_grpc.SegmentationServicer):
         control: CallControl = control_for_context(context, self._executor)
         return segmenter.segment(image, prompts, multimask=options.multimask, mask_threshold=threshold,
                                  control=control, prompt_fields=fields)
+
+
+def answer_bytes(image, prompt_sets: int, multimask: bool, low_res_size: int) -> int:
+    """The response's size: per candidate a BOOL mask at the input size and FP32 low-res logits."""
+    candidates = prompt_sets * (3 if multimask else 1)
+    return candidates * (image.width * image.height + 4 * low_res_size * low_res_size + 128) + 1024
 
 
 def prompt_from_proto(msg: segmentation_pb2.PromptSet, field: str) -> Prompt:

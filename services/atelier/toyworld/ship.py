@@ -16,6 +16,10 @@ SHIPPED = ("toy", "toy-sam", "toy-evaluator")
 # diffusers upcasts them to the requested dtype (fp32 on CPU) on load; the rounding is
 # below 5e-4 absolute on weights of magnitude ~1.
 HALF_PRECISION = {"toy": ("unet/diffusion_pytorch_model.safetensors",)}
+# Serving settings read by the registry (atelier.json beside the model's configs). The toy
+# over-saturates at SD's guidance 7.5 under negative-prompt-inversion editing; 2.5 is what the
+# demo measured to work (docs/BENCHMARKS.md: background change 0.048-0.054 vs 0.15-0.17 at 7.5).
+SERVING_SETTINGS = {"toy": {"default_guidance_scale": 2.5}}
 
 
 def _store_half(path) -> None:
@@ -47,6 +51,8 @@ def ship(names=SHIPPED) -> None:
         _drop_local_paths(tmp)
         for relative in HALF_PRECISION.get(name, ()):
             _store_half(tmp / relative)
+        if name in SERVING_SETTINGS:
+            (tmp / "atelier.json").write_text(json.dumps(SERVING_SETTINGS[name], indent=2) + "\n")
         old = EMBEDDED / f".{name}.old"
         if dst.exists():
             dst.rename(old)

@@ -23,8 +23,12 @@ from atelier.sdk.client import (
     HEALTH_CHECK_CODECS,
     HEALTH_STATUS_NAMES,
     Credentials,
+    ModelInfo,
     _Settings,
     health_of_error,
+    list_models_method,
+    list_models_request,
+    model_infos,
 )
 from atelier.sdk.transport import DEFAULT_TIMEOUT, RetryPolicy
 
@@ -110,6 +114,23 @@ class Client:
 
         statuses = await asyncio.gather(*(check(address, service) for address, service in targets.values()))
         return dict(zip(targets, statuses))
+
+    async def models(self, timeout: Optional[float] = None) -> list[ModelInfo]:
+        """As ``atelier.Client.models``; the services are asked concurrently."""
+        from atelier.sdk.errors import UnimplementedError
+
+        async def ask(name: str, proto_service: str) -> list[ModelInfo]:
+            transport = self.transport(name)
+            try:
+                response = await transport.unary(list_models_method(transport.channel, proto_service),
+                                                 list_models_request(), timeout)
+            except UnimplementedError:
+                return []
+            return model_infos(name, response)
+
+        targets = self._settings.health_targets()
+        answers = await asyncio.gather(*(ask(name, service) for name, (_, service) in targets.items()))
+        return [info for answer in answers for info in answer]
 
     async def ready(self, timeout: float = 5.0) -> bool:
         """True when every configured service reports SERVING."""

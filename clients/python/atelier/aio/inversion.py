@@ -48,7 +48,7 @@ class AsyncInversionClient:
         source: EditSource,
         target_prompt: str,
         engine: str = "p2p",
-        guidance_scale: Optional[float] = 7.5,
+        guidance_scale: Optional[float] = None,
         *,
         return_source: bool = False,
         source_prompt: Optional[str] = None,

@@ -21,12 +21,13 @@ from grpc_health.v1 import health_pb2
 
 from atelier.sdk import channel_options
 from atelier.sdk.transport import DEFAULT_TIMEOUT, RetryPolicy, _Transport
+from atelier.v1 import common_pb2
 
 if TYPE_CHECKING:
     from atelier.sdk.inversion import InversionClient
     from atelier.sdk.segmentation import SegmentationClient
 
-__all__ = ["Client", "TLSConfig", "DEFAULT_TIMEOUT"]
+__all__ = ["Client", "TLSConfig", "DEFAULT_TIMEOUT", "ModelInfo"]
 
 SDK_VERSION = "0.1.0"
 
@@ -41,6 +42,38 @@ SERVICES: dict[str, tuple[str, str, str]] = {
 
 PemSource = Union[bytes, str, "os.PathLike[str]", None]
 Credentials = Union[None, bool, "TLSConfig", grpc.ChannelCredentials]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model a service serves (``Client.models()``; the ListModels RPC)."""
+
+    service: str
+    name: str
+    kind: str  # "stable-diffusion" or "sam"
+    loaded: bool
+    available: bool
+    default_guidance_scale: float  # used when a call leaves guidance unset (SD models; 0 otherwise)
+    dtype: str
+    is_default: bool
+    unavailable_reason: str = ""
+
+
+def list_models_request() -> common_pb2.ListModelsRequest:
+    return common_pb2.ListModelsRequest()
+
+
+def list_models_method(channel: Any, proto_service: str) -> Any:
+    """The ListModels method of ``proto_service`` on ``channel`` (sync or grpc.aio)."""
+    return channel.unary_unary(f"/{proto_service}/ListModels",
+                               request_serializer=common_pb2.ListModelsRequest.SerializeToString,
+                               response_deserializer=common_pb2.ListModelsResponse.FromString)
+
+
+def model_infos(service: str, response: common_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(service=service, name=m.name, kind=m.kind, loaded=m.loaded, available=m.available,
+                      default_guidance_scale=m.default_guidance_scale, dtype=m.dtype, is_default=m.is_default,
+                      unavailable_reason=m.unavailable_reason) for m in response.models]
 
 
 @dataclass(frozen=True)
@@ -295,6 +328,22 @@ class Client:
             default_timeout=self._settings.timeout,
             retry_policy=self._settings.retry_policy,
         )
+
+    def models(self, timeout: Optional[float] = None) -> list[ModelInfo]:
+        """The models of every configured service (the ListModels RPC; a service that does not
+        answer it, e.g. not deployed behind a shared address, is skipped)."""
+        from atelier.sdk.errors import UnimplementedError
+
+        found: list[ModelInfo] = []
+        for name, (_, proto_service) in self._settings.health_targets().items():
+            transport = self.transport(name)
+            try:
+                response = transport.unary(list_models_method(transport.channel, proto_service),
+                                           list_models_request(), timeout)
+            except UnimplementedError:
+                continue
+            found += model_infos(name, response)
+        return found
 
     # ------------------------------------------------------------------ channels
 

@@ -82,10 +82,12 @@ class Usage:
     unet_backward_evaluations: int
     wall_seconds: float
     queue_seconds: float
+    vae_decoder_backward_evaluations: int = 0
 
     @classmethod
     def from_proto(cls, msg: common_pb2.Usage) -> "Usage":
-        return cls(msg.unet_forward_evaluations, msg.unet_backward_evaluations, msg.wall_seconds, msg.queue_seconds)
+        return cls(msg.unet_forward_evaluations, msg.unet_backward_evaluations, msg.wall_seconds, msg.queue_seconds,
+                   msg.vae_decoder_backward_evaluations)
 
     def __repr__(self) -> str:
         return (f"Usage(unet_forward_evaluations={self.unet_forward_evaluations}, "

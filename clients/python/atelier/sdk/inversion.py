@@ -157,7 +157,7 @@ def edit_request(
     source: EditSource,
     target_prompt: str,
     engine: str = "p2p",
-    guidance_scale: Optional[float] = 7.5,
+    guidance_scale: Optional[float] = None,
     *,
     return_source: bool = False,
     source_prompt: Optional[str] = None,
@@ -286,7 +286,7 @@ class InversionClient:
         source: EditSource,
         target_prompt: str,
         engine: str = "p2p",
-        guidance_scale: Optional[float] = 7.5,
+        guidance_scale: Optional[float] = None,
         *,
         return_source: bool = False,
         source_prompt: Optional[str] = None,
@@ -314,7 +314,8 @@ class InversionClient:
         ("replace", "refine", "reweight"; default: chosen by the server),
         ``cross_replace_fraction``/``self_replace_fraction``, ``reweight`` {word: scale},
         ``blend_words`` and ``blend_threshold``; ``engine="masactrl"`` takes
-        ``start_step`` and ``start_layer``.
+        ``start_step`` and ``start_layer``. ``guidance_scale=None`` uses the model's default
+        (``client.models()``: ``default_guidance_scale``, e.g. 2.5 for the embedded toy).
         """
         request = edit_request(
             source, target_prompt, engine, guidance_scale, return_source=return_source, source_prompt=source_prompt,

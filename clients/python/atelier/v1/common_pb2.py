@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61telier/v1/common.proto\x12\natelier.v1\"\x18\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"`\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\"y\n\x05Usage\x12 \n\x18unet_forward_evaluations\x18\x01 \x01(\x03\x12!\n\x19unet_backward_evaluations\x18\x02 \x01(\x03\x12\x14\n\x0cwall_seconds\x18\x03 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61telier/v1/common.proto\x12\natelier.v1\"\x18\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"`\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\"\xa3\x01\n\x05Usage\x12 \n\x18unet_forward_evaluations\x18\x01 \x01(\x03\x12!\n\x19unet_backward_evaluations\x18\x02 \x01(\x03\x12\x14\n\x0cwall_seconds\x18\x03 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12(\n vae_decoder_backward_evaluations\x18\x05 \x01(\x03\"\x13\n\x11ListModelsRequest\"\xa9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x11\n\tavailable\x18\x04 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x05 \x01(\t\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x06 \x01(\x01\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nis_default\x18\x08 \x01(\x08\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.atelier.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREF']._serialized_end=63
   _globals['_PROGRESS']._serialized_start=65
   _globals['_PROGRESS']._serialized_end=161
-  _globals['_USAGE']._serialized_start=163
-  _globals['_USAGE']._serialized_end=284
+  _globals['_USAGE']._serialized_start=164
+  _globals['_USAGE']._serialized_end=327
+  _globals['_LISTMODELSREQUEST']._serialized_start=329
+  _globals['_LISTMODELSREQUEST']._serialized_end=348
+  _globals['_MODELINFO']._serialized_start=351
+  _globals['_MODELINFO']._serialized_end=520
+  _globals['_LISTMODELSRESPONSE']._serialized_start=522
+  _globals['_LISTMODELSRESPONSE']._serialized_end=581
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 from atelier.v1 import inversion_pb2 as atelier_dot_v1_dot_inversion__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -47,6 +48,11 @@ class InversionStub:
                 request_serializer=atelier_dot_v1_dot_inversion__pb2.EditRequest.SerializeToString,
                 response_deserializer=atelier_dot_v1_dot_inversion__pb2.EditEvent.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/atelier.v1.Inversion/ListModels',
+                request_serializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InversionServicer:
@@ -71,6 +77,13 @@ class InversionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The Stable Diffusion models this service serves, loaded or not, with their defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InversionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +96,11 @@ def add_InversionServicer_to_server(servicer, server):
                     servicer.Edit,
                     request_deserializer=atelier_dot_v1_dot_inversion__pb2.EditRequest.FromString,
                     response_serializer=atelier_dot_v1_dot_inversion__pb2.EditEvent.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.FromString,
+                    response_serializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +160,33 @@ class Inversion:
             '/atelier.v1.Inversion/Edit',
             atelier_dot_v1_dot_inversion__pb2.EditRequest.SerializeToString,
             atelier_dot_v1_dot_inversion__pb2.EditEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atelier.v1.Inversion/ListModels',
+            atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+            atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 from atelier.v1 import segmentation_pb2 as atelier_dot_v1_dot_segmentation__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -49,6 +50,11 @@ class SegmentationStub:
                 request_serializer=atelier_dot_v1_dot_segmentation__pb2.SegmentBatchRequest.SerializeToString,
                 response_deserializer=atelier_dot_v1_dot_segmentation__pb2.SegmentBatchResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/atelier.v1.Segmentation/ListModels',
+                request_serializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServicer:
@@ -73,6 +79,13 @@ class SegmentationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The SAM models this service serves, loaded or not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +98,11 @@ def add_SegmentationServicer_to_server(servicer, server):
                     servicer.SegmentBatch,
                     request_deserializer=atelier_dot_v1_dot_segmentation__pb2.SegmentBatchRequest.FromString,
                     response_serializer=atelier_dot_v1_dot_segmentation__pb2.SegmentBatchResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=atelier_dot_v1_dot_common__pb2.ListModelsRequest.FromString,
+                    response_serializer=atelier_dot_v1_dot_common__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -146,6 +164,33 @@ class Segmentation:
             '/atelier.v1.Segmentation/SegmentBatch',
             atelier_dot_v1_dot_segmentation__pb2.SegmentBatchRequest.SerializeToString,
             atelier_dot_v1_dot_segmentation__pb2.SegmentBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atelier.v1.Segmentation/ListModels',
+            atelier_dot_v1_dot_common__pb2.ListModelsRequest.SerializeToString,
+            atelier_dot_v1_dot_common__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

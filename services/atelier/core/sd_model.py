@@ -1,0 +1,86 @@
+"""A loaded Stable Diffusion v1.x model (``SDModel``) and its loader; the registry
+(atelier.core.models) decides when to load and unload it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .device import pick_device
+
+__all__ = ["SDModel", "load_sd_folder"]
+
+
+@dataclass
+class SDModel:
+    """A loaded Stable Diffusion v1.x model. Components are shared; schedulers are per call."""
+
+    name: str
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    unet: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    scheduler_config: dict = field(default_factory=dict)
+    source: str = ""
+    load_seconds: float = 0.0
+
+    def new_scheduler(self):
+        """A fresh DDIMScheduler: schedulers hold per-call state (timesteps), never share one."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+    def torch_modules(self) -> list[torch.nn.Module]:
+        return [self.vae, self.text_encoder, self.unet]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) text embeddings, as StableDiffusionPipeline computes them (no attention mask)."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != self.tokenizer.pad_token_id).long()
+        return self.text_encoder(ids, attention_mask=mask)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) in [-1,1] -> scaled latents (posterior mean, deterministic)."""
+        posterior = self.vae.encode(image.to(self.device, self.dtype)).latent_dist
+        return posterior.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> (B,3,H,W) float32 in [0,1]."""
+        image = self.vae.decode(latents.to(self.device, self.dtype) / self.vae.config.scaling_factor).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def load_sd_folder(source: str, name: str = "", device=None, dtype=None, local_files_only=True,
+                   variant: Optional[str] = None) -> SDModel:
+    """Load an SD v1.x folder (or hub id) into an SDModel on (device, dtype)."""
+    from diffusers import StableDiffusionPipeline
+
+    if device is None or dtype is None:
+        picked_device, picked_dtype = pick_device()
+        device, dtype = device or picked_device, dtype or picked_dtype
+    started = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        source, dtype=dtype, variant=variant, safety_checker=None, requires_safety_checker=False,
+        local_files_only=local_files_only)
+    pipe.to(device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.eval().requires_grad_(False)
+    return SDModel(
+        name=name or str(source), vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        unet=pipe.unet, device=torch.device(device), dtype=dtype, scheduler_config=dict(pipe.scheduler.config),
+        source=str(source), load_seconds=time.perf_counter() - started)

@@ -1,0 +1,1 @@
+"""The synthesis service: GradOP+ and SDEdit from scribbles, ISA-DCA variations."""
