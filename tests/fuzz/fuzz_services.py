@@ -45,4 +45,10 @@ def _segmentation() -> FuzzTarget:
     return FuzzTarget("segmentation", SegmentationApp, lambda config, metrics: SegmentationApp(config, metrics=metrics))
 
 
-TARGETS: list[FuzzTarget] = [_inversion(), _segmentation()]
+def _synthesis() -> FuzzTarget:
+    from atelier.synthesis.app import SynthesisApp
+
+    return FuzzTarget("synthesis", SynthesisApp, lambda config, metrics: SynthesisApp(config, metrics=metrics))
+
+
+TARGETS: list[FuzzTarget] = [_inversion(), _segmentation(), _synthesis()]
