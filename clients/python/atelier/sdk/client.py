@@ -25,6 +25,7 @@ from atelier.v1 import common_pb2
 
 if TYPE_CHECKING:
     from atelier.sdk.inversion import InversionClient
+    from atelier.sdk.personalization import PersonalizationClient
     from atelier.sdk.segmentation import SegmentationClient
 
 __all__ = ["Client", "TLSConfig", "DEFAULT_TIMEOUT", "ModelInfo"]
@@ -108,7 +109,7 @@ def _read_pem(source: PemSource) -> Optional[bytes]:
 
 
 def available_services() -> list[str]:
-    """The services this SDK has a sub-client for (personalization and synthesis come later)."""
+    """The services this SDK has a sub-client for (synthesis comes later)."""
     return [name for name, (module, _, _) in SERVICES.items() if importlib.util.find_spec(module) is not None]
 
 
@@ -271,8 +272,10 @@ class Client:
         return sub_client
 
     @property
-    def personalization(self) -> Any:
-        return self.service("personalization")
+    def personalization(self) -> "PersonalizationClient":
+        """The Personalization service: ``train_eqdiff``, jobs, concepts, ``generate``."""
+        sub_client: PersonalizationClient = self.service("personalization")
+        return sub_client
 
     @property
     def synthesis(self) -> Any:

@@ -1,0 +1,388 @@
+"""Client of the Personalization service: concept-training jobs, concepts, generation.
+
+    job = client.personalization.train_eqdiff(images, class_word="box", steps=600)
+    concept = job.wait(progress=True)           # tqdm bar over steps, loss in the postfix
+    images = client.personalization.generate(concept, f"a {concept.token} on a blue background", seed=0)
+
+Jobs are durable on the server: ``wait`` resumes its watch after a dropped connection (or a
+replica restart) from the last event it saw, so it misses no event and sees none twice.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image as PILImage
+
+from atelier.sdk import codec
+from atelier.sdk.common import ImageLike, Usage, to_image_proto
+from atelier.sdk.errors import AtelierError, CancelledError, UnavailableError
+from atelier.sdk.progress import CancelToken, ProgressArg, make_sink
+from atelier.sdk.transport import _Transport
+from atelier.v1 import common_pb2, personalization_pb2, personalization_pb2_grpc, segmentation_pb2, tensor_pb2
+
+__all__ = ["PersonalizationClient", "Job", "JobEvent", "Concept", "GenerateConceptResult", "JobFailedError",
+           "JobCancelledError", "STATES"]
+
+STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+_TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+_EQDIFF_FIELDS = frozenset(f.name for f in personalization_pb2.EqDiffOptions.DESCRIPTOR.fields)
+
+MaskLike = Union[np.ndarray, PILImage.Image, tensor_pb2.Mask]
+
+
+class JobFailedError(AtelierError):
+    """The job ended FAILED; ``job`` is its final record, ``message`` the reason."""
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        super().__init__(f"job {job.id} failed: {job.reason}")
+
+
+class JobCancelledError(CancelledError):
+    """The job ended CANCELLED."""
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        super().__init__(f"job {job.id} was cancelled: {job.reason}")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A trained (or imported) concept. Write ``token`` in Generate prompts."""
+
+    id: str
+    token: str
+    class_word: str
+    model: str
+    method: str
+    job_id: str
+    content_hash: str
+    size_bytes: int
+    metadata: Mapping[str, str] = field(repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: personalization_pb2.Concept) -> "Concept":
+        return cls(msg.id, msg.placeholder_token, msg.class_word, msg.model.name, msg.method, msg.job_id,
+                   msg.content_hash, msg.size_bytes, dict(msg.metadata))
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    index: int
+    state: str
+    step: int
+    total_steps: int
+    losses: Mapping[str, float]
+    phase: str
+    message: str
+    time: float
+    concept_id: str
+
+    @classmethod
+    def from_proto(cls, msg: personalization_pb2.JobEvent) -> "JobEvent":
+        return cls(msg.index, personalization_pb2.JobState.Name(msg.state), msg.step, msg.total_steps,
+                   dict(msg.losses), msg.phase, msg.message, msg.time, msg.concept_id)
+
+
+@dataclass(frozen=True, eq=False)
+class GenerateConceptResult:
+    images: list[PILImage.Image]
+    concept_id: str
+    model: str
+    seed: int
+    usage: Usage
+
+    @property
+    def image(self) -> PILImage.Image:
+        return self.images[0]
+
+
+class Job:
+    """A training job (a snapshot plus methods that ask the server). ``refresh()`` updates it."""
+
+    def __init__(self, client: "PersonalizationClient", msg: personalization_pb2.Job):
+        self._client = client
+        self._set(msg)
+
+    def _set(self, msg: personalization_pb2.Job) -> None:
+        self.proto = msg
+        self.id = msg.id
+        self.state = personalization_pb2.JobState.Name(msg.state)
+        self.reason = msg.reason
+        self.step = msg.step
+        self.total_steps = msg.total_steps
+        self.concept_id = msg.concept_id
+        self.attempts = msg.attempts
+        self.checkpoint_step = msg.checkpoint_step
+        self.placeholder_token = msg.placeholder_token
+        self.cancel_requested = msg.cancel_requested
+
+    @property
+    def done(self) -> bool:
+        return self.state in _TERMINAL
+
+    def refresh(self) -> "Job":
+        self._set(self._client._get_job(self.id))
+        return self
+
+    def cancel(self, reason: str = "") -> "Job":
+        """Ask the server to cancel; a running job stops within one step (``wait`` then raises
+        ``JobCancelledError``)."""
+        self._set(self._client._unary("CancelJob", personalization_pb2.CancelJobRequest(job_id=self.id,
+                                                                                         reason=reason)))
+        return self
+
+    def events(self, from_index: int = 0, timeout: Optional[float] = None,
+               cancel: Optional[CancelToken] = None) -> Iterator[JobEvent]:
+        """The job's events from ``from_index`` until it ends, reconnecting on UNAVAILABLE."""
+        next_index = from_index
+        failures = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                for msg in self._client._watch(self.id, next_index, remaining, cancel):
+                    event = JobEvent.from_proto(msg)
+                    next_index = event.index + 1
+                    failures = 0
+                    yield event
+                    if event.state in _TERMINAL:
+                        return
+                if self.refresh().done and next_index >= self.proto.next_event_index:
+                    return
+            except UnavailableError:
+                failures += 1
+                if failures > self._client.max_watch_reconnects:
+                    raise
+                delay = min(5.0, 0.2 * 2 ** (failures - 1)) * (0.5 + 0.5 * random.random())
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    raise
+                if cancel is not None:
+                    if cancel._sleep(delay):
+                        raise CancelledError("the call was cancelled by the caller") from None
+                else:
+                    time.sleep(delay)
+
+    def wait(self, progress: ProgressArg = None, timeout: Optional[float] = None,
+             cancel: Optional[CancelToken] = None) -> Concept:
+        """Follow the job to its end; returns its Concept. ``progress=True``: a tqdm bar over the
+        steps (one per phase, e.g. "class_images" then "train") with the losses in the postfix;
+        a callable receives ``atelier.Progress`` events. Raises JobFailedError / JobCancelledError."""
+        sink = make_sink(progress)
+        from atelier.sdk.progress import Progress
+
+        try:
+            for event in self.events(0, timeout=timeout, cancel=cancel):
+                if event.phase != "state" and event.total_steps:
+                    message = " ".join(f"{k}={v:.4g}" for k, v in sorted(event.losses.items()))
+                    sink(Progress(event.phase or "train", event.step, event.total_steps, message))
+        finally:
+            sink.close()
+        self.refresh()
+        if self.state == "SUCCEEDED":
+            return self._client.concept(self.concept_id)
+        if self.state == "CANCELLED":
+            raise JobCancelledError(self)
+        raise JobFailedError(self)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, state={self.state}, step={self.step}/{self.total_steps})"
+
+
+def _mask_proto(mask: MaskLike, argument: str) -> tensor_pb2.Mask:
+    if isinstance(mask, tensor_pb2.Mask):
+        return mask
+    if isinstance(mask, PILImage.Image):
+        mask = np.asarray(mask.convert("L")) > 0
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise ValueError(f"{argument}: a mask is (H, W), got shape {array.shape}")
+    return codec.mask_from_numpy(array.astype(bool))
+
+
+def _image_arg(image: Union[ImageLike, str, "os.PathLike[str]", bytes], argument: str) -> tensor_pb2.Image:
+    if isinstance(image, (str, os.PathLike)):
+        with PILImage.open(image) as opened:
+            image = opened.convert("RGB")
+    elif isinstance(image, bytes):
+        return tensor_pb2.Image(data=image)
+    return to_image_proto(image, argument)
+
+
+def _mask_prompt(prompt: Optional[Mapping[str, Any]], argument: str) -> personalization_pb2.MaskPrompt:
+    """None, or a dict with ``points`` [(x, y), ...] (positive) and/or ``box`` (x0, y0, x1, y1)."""
+    msg = personalization_pb2.MaskPrompt()
+    if prompt is None:
+        return msg
+    unknown = set(prompt) - {"points", "labels", "box"}
+    if unknown:
+        raise ValueError(f"{argument}: unknown keys {sorted(unknown)}; use points, labels, box")
+    points = list(prompt.get("points") or [])
+    labels = list(prompt.get("labels") or [1] * len(points))
+    for (x, y), label in zip(points, labels):
+        msg.points.append(segmentation_pb2.Point(x=float(x), y=float(y), label=int(label)))
+    if prompt.get("box") is not None:
+        x0, y0, x1, y1 = (float(v) for v in prompt["box"])
+        msg.box.CopyFrom(segmentation_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+    return msg
+
+
+class PersonalizationClient:
+    """``client.personalization``: training jobs, concepts and generation."""
+
+    max_watch_reconnects = 20
+
+    def __init__(self, transport: _Transport):
+        self._transport = transport
+        self._stub = personalization_pb2_grpc.PersonalizationStub(transport.channel)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _unary(self, name: str, request: Any, timeout: Optional[float] = None, retry: bool = True) -> Any:
+        return self._transport.unary(getattr(self._stub, name), request, timeout, retry=retry)
+
+    def _get_job(self, job_id: str) -> personalization_pb2.Job:
+        return self._unary("GetJob", personalization_pb2.GetJobRequest(job_id=job_id))
+
+    def _watch(self, job_id: str, from_index: int, timeout: Optional[float],
+               cancel: Optional[CancelToken]) -> Iterator[personalization_pb2.JobEvent]:
+        request = personalization_pb2.WatchJobRequest(job_id=job_id, from_index=from_index)
+        return self._transport.iterate(self._stub.WatchJob, request, timeout, cancel=cancel)
+
+    # ------------------------------------------------------------------ jobs
+
+    def train_eqdiff(
+        self,
+        images: Sequence[Union[ImageLike, str, bytes]],
+        class_word: str,
+        masks: Optional[Sequence[MaskLike]] = None,
+        steps: int = 600,
+        *,
+        mask_prompts: Optional[Sequence[Optional[Mapping[str, Any]]]] = None,
+        placeholder_token: Optional[str] = None,
+        initializer_token: Optional[str] = None,
+        seed: Optional[int] = None,
+        class_images: Optional[Sequence[Union[ImageLike, str, bytes]]] = None,
+        model: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
+        **options: Any,
+    ) -> Job:
+        """Queue EqDiff training of the subject in ``images`` (PIL, arrays, paths or bytes).
+        ``masks``: one (H, W) bool mask per image, or None (the server segments each image,
+        with ``mask_prompts`` [{"points": [(x, y)], "box": (x0, y0, x1, y1)}, ...] if given).
+        ``options``: any other EqDiff parameter by name (learning_rate, rra=False, ...).
+        ``idempotency_key``: a retry with the same key returns the same job."""
+        unknown = set(options) - _EQDIFF_FIELDS
+        if unknown:
+            raise TypeError(f"train_eqdiff: unknown EqDiff options {sorted(unknown)}; known: {sorted(_EQDIFF_FIELDS)}")
+        eqdiff = personalization_pb2.EqDiffOptions(steps=int(steps))
+        for name, value in options.items():
+            if value is not None:
+                setattr(eqdiff, name, value)
+        request = personalization_pb2.CreateJobRequest(
+            model=common_pb2.ModelRef(name=model or ""),
+            images=[_image_arg(image, f"images[{i}]") for i, image in enumerate(images)],
+            masks=[_mask_proto(mask, f"masks[{i}]") for i, mask in enumerate(masks or [])],
+            mask_prompts=[_mask_prompt(p, f"mask_prompts[{i}]") for i, p in enumerate(mask_prompts or [])],
+            class_word=class_word, initializer_token=initializer_token or "",
+            placeholder_token=placeholder_token or "",
+            class_images=[_image_arg(image, f"class_images[{i}]") for i, image in enumerate(class_images or [])],
+            idempotency_key=idempotency_key or "", eqdiff=eqdiff)
+        if seed is not None:
+            request.seed = int(seed)
+        # Retrying CreateJob is safe only with a key (the same key returns the same job).
+        return Job(self, self._unary("CreateJob", request, timeout, retry=bool(idempotency_key)))
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, self._get_job(job_id))
+
+    def jobs(self, states: Optional[Sequence[str]] = None, page_size: int = 50) -> Iterator[Job]:
+        """All jobs, newest first (paged transparently), optionally only those in ``states``."""
+        wanted: list[str] = []  # enum value names; protobuf accepts them for enum fields
+        for state in states or ():
+            if state.upper() not in STATES:
+                raise ValueError(f"states: unknown state {state!r}; expected one of {STATES}")
+            wanted.append(state.upper())
+        token = ""
+        while True:
+            response = self._unary("ListJobs", personalization_pb2.ListJobsRequest(
+                page_size=page_size, page_token=token, states=wanted))
+            for msg in response.jobs:
+                yield Job(self, msg)
+            token = response.next_page_token
+            if not token:
+                return
+
+    # ------------------------------------------------------------------ concepts
+
+    def concept(self, concept_id: str) -> Concept:
+        return Concept.from_proto(self._unary("GetConcept", personalization_pb2.GetConceptRequest(
+            concept_id=concept_id)))
+
+    def concepts(self, page_size: int = 50) -> list[Concept]:
+        found: list[Concept] = []
+        token = ""
+        while True:
+            response = self._unary("ListConcepts", personalization_pb2.ListConceptsRequest(
+                page_size=page_size, page_token=token))
+            found.extend(Concept.from_proto(msg) for msg in response.concepts)
+            token = response.next_page_token
+            if not token:
+                return found
+
+    def delete_concept(self, concept: Union[Concept, str]) -> None:
+        concept_id = concept.id if isinstance(concept, Concept) else concept
+        self._unary("DeleteConcept", personalization_pb2.DeleteConceptRequest(concept_id=concept_id))
+
+    def export(self, concept: Union[Concept, str], path: Union[str, "os.PathLike[str]", None] = None) -> bytes:
+        """The concept as safetensors bytes (tensors + metadata); also written to ``path`` if given."""
+        concept_id = concept.id if isinstance(concept, Concept) else concept
+        response = self._unary("ExportConcept", personalization_pb2.ExportConceptRequest(concept_id=concept_id))
+        if path is not None:
+            with open(path, "wb") as handle:
+                handle.write(response.safetensors)
+        return response.safetensors
+
+    def import_(self, data: Union[bytes, str, "os.PathLike[str]"]) -> Concept:
+        """Import an exported concept (bytes or a file path)."""
+        if not isinstance(data, bytes):
+            with open(data, "rb") as handle:
+                data = handle.read()
+        return Concept.from_proto(self._unary("ImportConcept", personalization_pb2.ImportConceptRequest(
+            safetensors=data)))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        concept: Union[Concept, str],
+        prompt: str,
+        negative_prompt: str = "",
+        num_inference_steps: int = 50,
+        guidance_scale: Optional[float] = None,
+        seed: int = 0,
+        num_images: int = 1,
+        model: Optional[str] = None,
+        progress: ProgressArg = None,
+        timeout: Optional[float] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> GenerateConceptResult:
+        """Images of ``concept``: ``prompt`` must contain ``concept.token``. ``guidance_scale``
+        None: the base model's default (``client.models()``)."""
+        concept_id = concept.id if isinstance(concept, Concept) else concept
+        request = personalization_pb2.GenerateConceptRequest(
+            concept_id=concept_id, model=common_pb2.ModelRef(name=model or ""), prompt=prompt,
+            negative_prompt=negative_prompt, num_inference_steps=int(num_inference_steps),
+            seed=int(seed), num_images=int(num_images))
+        if guidance_scale is not None:
+            request.guidance_scale = float(guidance_scale)
+        result = self._transport.stream(self._stub.Generate, request, timeout, progress, cancel=cancel)
+        images = [codec.image_to_pil(image, f"result.images[{i}]") for i, image in enumerate(result.images)]
+        return GenerateConceptResult(images, result.concept_id, result.model.name, result.seed,
+                              Usage.from_proto(result.usage))

@@ -1,0 +1,488 @@
+"""Jobs, their events and concepts in SQL: one schema and one code path (SQLAlchemy Core) for
+SQLite (one replica, zero set-up) and PostgreSQL (several replicas sharing the work).
+
+SQLAlchemy Core rather than psycopg + sqlite3 by hand: the two dialects differ in exactly the
+places that matter here (``FOR UPDATE SKIP LOCKED``, transaction start, RETURNING, upserts),
+and Core spells each once. Concurrency rules:
+
+* A job's events get dense indices 0, 1, 2, ... from a counter on the job row, incremented in
+  the transaction that inserts the event (PostgreSQL serialises on the row lock, SQLite on its
+  single writer), so a watcher that reads "index >= n" in order misses nothing.
+* Workers claim a job (PENDING, or RUNNING with an expired lease) with ``SELECT ... FOR UPDATE
+  SKIP LOCKED`` then a conditional UPDATE; on SQLite every write transaction is ``BEGIN
+  IMMEDIATE`` (one writer), which makes the same two statements atomic.
+* Every write a worker makes for a job is conditioned on it still holding the lease: a worker
+  whose lease was taken over learns it from a zero row count and stops.
+
+Times are Unix seconds from the replicas' clocks (keep them NTP-synchronised; the lease is
+tens of seconds, so skew of a second does not matter).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+
+__all__ = ["JobStore", "JobRow", "EventRow", "ConceptRow", "TERMINAL", "STATES", "QueueFull", "IdempotencyConflict"]
+
+STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "atelier_jobs", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("idempotency_key", sa.String(256), unique=True, nullable=True),
+    sa.Column("body_hash", sa.String(64), nullable=False),     # the request as the client sent it
+    sa.Column("inputs_hash", sa.String(64), nullable=False),   # artifact: the request with masks filled in
+    sa.Column("method", sa.String(64), nullable=False),
+    sa.Column("base_model", sa.String(256), nullable=False),
+    sa.Column("placeholder_token", sa.String(256), nullable=False),
+    sa.Column("class_word", sa.String(256), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("step", sa.Integer, nullable=False, default=0),
+    sa.Column("total_steps", sa.Integer, nullable=False, default=0),
+    sa.Column("create_time", sa.Float, nullable=False),
+    sa.Column("start_time", sa.Float, nullable=True),
+    sa.Column("end_time", sa.Float, nullable=True),
+    sa.Column("lease_owner", sa.String(128), nullable=True),
+    sa.Column("lease_expires", sa.Float, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("checkpoint_hash", sa.String(64), nullable=True),
+    sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
+    sa.Column("concept_id", sa.String(64), nullable=True),
+    sa.Column("next_event", sa.Integer, nullable=False, default=0),
+    sa.Index("atelier_jobs_claim", "state", "create_time"),
+)
+
+events = sa.Table(
+    "atelier_job_events", metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("phase", sa.String(64), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("total_steps", sa.Integer, nullable=False),
+    sa.Column("losses", sa.Text, nullable=False),  # JSON object
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("preview", sa.LargeBinary, nullable=True),  # PNG
+    sa.Column("time", sa.Float, nullable=False),
+    sa.Column("concept_id", sa.String(64), nullable=False),
+)
+
+concepts = sa.Table(
+    "atelier_concepts", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), nullable=False),
+    sa.Column("placeholder_token", sa.String(256), nullable=False),
+    sa.Column("class_word", sa.String(256), nullable=False),
+    sa.Column("base_model", sa.String(256), nullable=False),
+    sa.Column("method", sa.String(64), nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("create_time", sa.Float, nullable=False),
+    sa.Column("metadata", sa.Text, nullable=False),  # JSON object of strings
+)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    idempotency_key: Optional[str]
+    body_hash: str
+    inputs_hash: str
+    method: str
+    base_model: str
+    placeholder_token: str
+    class_word: str
+    state: str
+    reason: str
+    step: int
+    total_steps: int
+    create_time: float
+    start_time: Optional[float]
+    end_time: Optional[float]
+    lease_owner: Optional[str]
+    lease_expires: Optional[float]
+    attempts: int
+    cancel_requested: bool
+    checkpoint_hash: Optional[str]
+    checkpoint_step: int
+    concept_id: Optional[str]
+    next_event: int
+
+
+@dataclass(frozen=True)
+class EventRow:
+    job_id: str
+    idx: int
+    state: str
+    phase: str
+    step: int
+    total_steps: int
+    losses: str
+    message: str
+    preview: Optional[bytes]
+    time: float
+    concept_id: str
+
+
+@dataclass(frozen=True)
+class ConceptRow:
+    id: str
+    job_id: str
+    placeholder_token: str
+    class_word: str
+    base_model: str
+    method: str
+    content_hash: str
+    size_bytes: int
+    create_time: float
+    metadata: str
+
+
+class QueueFull(Exception):
+    pass
+
+
+class IdempotencyConflict(Exception):
+    pass
+
+
+def _job(row) -> JobRow:
+    values = dict(row._mapping)
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRow(**values)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class JobStore:
+    """The SQL side of the job system. ``url``: ``sqlite:///path.db`` or ``postgresql://...``."""
+
+    def __init__(self, url: str):
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            # Writers take the lock up front (BEGIN IMMEDIATE): a read-then-write transaction
+            # cannot deadlock upgrading its lock, and claims are atomic. Readers (watchers,
+            # Get/List) use a second engine with plain deferred BEGIN, which WAL lets run
+            # alongside the writer.
+            self.engine = self._sqlite_engine(url, "BEGIN IMMEDIATE")
+            self.reader = self._sqlite_engine(url, "BEGIN")
+        else:
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            self.reader = self.engine
+        metadata.create_all(self.engine)
+
+    @staticmethod
+    def _sqlite_engine(url: str, begin: str) -> sa.Engine:
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @sa_event.listens_for(engine, "connect")
+        def _connect(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        @sa_event.listens_for(engine, "begin")
+        def _begin(connection):
+            connection.exec_driver_sql(begin)
+
+        return engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self.reader is not self.engine:
+            self.reader.dispose()
+
+    # ------------------------------------------------------------------ jobs: create / read
+
+    def create_job(self, *, idempotency_key: Optional[str], body_hash: str, inputs_hash: str, method: str,
+                   base_model: str, placeholder_token: str, class_word: str, total_steps: int,
+                   max_pending: int) -> tuple[JobRow, bool]:
+        """Insert a PENDING job and its first event; returns (job, created). With a key already
+        used: the existing job when the body matches, else ``IdempotencyConflict``. More than
+        ``max_pending`` PENDING jobs: ``QueueFull``."""
+        if idempotency_key:
+            existing = self.job_by_key(idempotency_key)
+            if existing is not None:
+                return self._same_body(existing, body_hash), False
+        now = time.time()
+        job_id = new_id("job")
+        try:
+            with self.engine.begin() as conn:
+                pending = conn.execute(
+                    sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == "PENDING")).scalar_one()
+                if pending >= max_pending:
+                    raise QueueFull(pending)
+                conn.execute(jobs.insert().values(
+                    id=job_id, idempotency_key=idempotency_key or None, body_hash=body_hash,
+                    inputs_hash=inputs_hash, method=method, base_model=base_model,
+                    placeholder_token=placeholder_token, class_word=class_word, state="PENDING", reason="",
+                    step=0, total_steps=total_steps, create_time=now, attempts=0, cancel_requested=False,
+                    checkpoint_step=0, next_event=0))
+                self._append(conn, job_id, "PENDING", "state", 0, total_steps, message="queued")
+        except sa.exc.IntegrityError:
+            # Another call with the same key won the race.
+            existing = self.job_by_key(idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return self._same_body(existing, body_hash), False
+        return self.get_job(job_id), True
+
+    @staticmethod
+    def _same_body(existing: JobRow, body_hash: str) -> JobRow:
+        if existing.body_hash != body_hash:
+            raise IdempotencyConflict(existing.id)
+        return existing
+
+    def job_by_key(self, key: str) -> Optional[JobRow]:
+        with self.reader.begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.idempotency_key == key)).first()
+        return _job(row) if row else None
+
+    def get_job(self, job_id: str) -> Optional[JobRow]:
+        with self.reader.begin() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return _job(row) if row else None
+
+    def list_jobs(self, states: Iterable[str] = (), limit: int = 50,
+                  after: Optional[tuple[float, str]] = None) -> list[JobRow]:
+        """Newest first; ``after`` = (create_time, id) of the previous page's last job."""
+        query = sa.select(jobs).order_by(jobs.c.create_time.desc(), jobs.c.id.desc()).limit(limit)
+        states = list(states)
+        if states:
+            query = query.where(jobs.c.state.in_(states))
+        if after is not None:
+            time_, id_ = after
+            query = query.where(sa.or_(jobs.c.create_time < time_,
+                                       sa.and_(jobs.c.create_time == time_, jobs.c.id < id_)))
+        with self.reader.begin() as conn:
+            return [_job(row) for row in conn.execute(query)]
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.reader.begin() as conn:
+            rows = conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
+        counts = {state: 0 for state in STATES}
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
+    def events(self, job_id: str, from_index: int, limit: int = 500) -> list[EventRow]:
+        query = (sa.select(events).where(events.c.job_id == job_id, events.c.idx >= from_index)
+                 .order_by(events.c.idx).limit(limit))
+        with self.reader.begin() as conn:
+            return [EventRow(**dict(row._mapping)) for row in conn.execute(query)]
+
+    # ------------------------------------------------------------------ jobs: workers
+
+    def claim(self, owner: str, lease_seconds: float) -> Optional[tuple[JobRow, bool]]:
+        """Atomically take the oldest PENDING job, or a RUNNING one whose lease expired.
+        Returns (job, took_over) or None."""
+        now = time.time()
+        claimable = sa.or_(jobs.c.state == "PENDING",
+                           sa.and_(jobs.c.state == "RUNNING", jobs.c.lease_expires < now))
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.id, jobs.c.state, jobs.c.step, jobs.c.total_steps, jobs.c.lease_owner)
+                .where(claimable).order_by(jobs.c.create_time).limit(1)
+                .with_for_update(skip_locked=True)).first()
+            if row is None:
+                return None
+            took_over = row.state == "RUNNING"
+            result = conn.execute(
+                jobs.update().where(jobs.c.id == row.id, claimable).values(
+                    state="RUNNING", lease_owner=owner, lease_expires=now + lease_seconds,
+                    attempts=jobs.c.attempts + 1, start_time=sa.func.coalesce(jobs.c.start_time, now)))
+            if result.rowcount != 1:
+                return None
+            message = (f"resumed by {owner} after the lease of {row.lease_owner} expired" if took_over
+                       else f"started by {owner}")
+            self._append(conn, row.id, "RUNNING", "state", row.step, row.total_steps, message=message)
+        return self.get_job(row.id), took_over
+
+    def renew(self, job_id: str, owner: str, lease_seconds: float) -> Optional[bool]:
+        """Extend the lease. Returns cancel_requested, or None when the lease is lost."""
+        with self.engine.begin() as conn:
+            result = conn.execute(jobs.update().where(*self._held(job_id, owner))
+                                  .values(lease_expires=time.time() + lease_seconds))
+            if result.rowcount != 1:
+                return None
+            return bool(conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar_one())
+
+    def record_step(self, job_id: str, owner: str, step: int, total_steps: int, phase: str,
+                    losses: dict[str, float], preview: Optional[bytes] = None) -> Optional[bool]:
+        """One step's event; returns cancel_requested, or None when the lease is lost. Two
+        statements per step (UPDATE ... RETURNING, INSERT): this runs once per training step."""
+        with self.engine.begin() as conn:
+            row = conn.execute(jobs.update().where(*self._held(job_id, owner))
+                               .values(step=step, total_steps=total_steps, next_event=jobs.c.next_event + 1)
+                               .returning(jobs.c.next_event, jobs.c.cancel_requested)).first()
+            if row is None:
+                return None
+            self._insert_event(conn, job_id, row.next_event - 1, "RUNNING", phase, step, total_steps,
+                               losses=losses, preview=preview)
+            return bool(row.cancel_requested)
+
+    def set_total_steps(self, job_id: str, owner: str, total_steps: int) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(jobs.update().where(*self._held(job_id, owner))
+                                .values(total_steps=total_steps)).rowcount == 1
+
+    def set_checkpoint(self, job_id: str, owner: str, digest: str, step: int) -> Optional[str]:
+        """Point the job at a new checkpoint; returns the previous one's hash ("" if none),
+        or None when the lease is lost (the new file is then unreferenced)."""
+        with self.engine.begin() as conn:
+            previous = conn.execute(sa.select(jobs.c.checkpoint_hash).where(*self._held(job_id, owner))).first()
+            if previous is None:
+                return None
+            conn.execute(jobs.update().where(jobs.c.id == job_id)
+                         .values(checkpoint_hash=digest, checkpoint_step=step))
+            return previous.checkpoint_hash or ""
+
+    def succeed(self, job_id: str, owner: str, concept: ConceptRow) -> bool:
+        """Insert the concept and end the job in one transaction: the concept becomes visible
+        exactly when the job says SUCCEEDED, and only once."""
+        with self.engine.begin() as conn:
+            job = conn.execute(sa.select(jobs.c.step, jobs.c.total_steps).where(*self._held(job_id, owner))).first()
+            if job is None:
+                return False
+            conn.execute(concepts.insert().values(**concept.__dict__))
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+                state="SUCCEEDED", concept_id=concept.id, end_time=time.time(), lease_owner=None,
+                lease_expires=None))
+            self._append(conn, job_id, "SUCCEEDED", "state", job.step, job.total_steps, message="finished",
+                         concept_id=concept.id)
+        return True
+
+    def end(self, job_id: str, owner: Optional[str], state: str, reason: str) -> bool:
+        """FAILED or CANCELLED, by the lease holder (``owner``) or, for a PENDING job, by anyone."""
+        assert state in ("FAILED", "CANCELLED")
+        with self.engine.begin() as conn:
+            condition = self._held(job_id, owner) if owner else (jobs.c.id == job_id, jobs.c.state == "PENDING")
+            job = conn.execute(sa.select(jobs.c.step, jobs.c.total_steps).where(*condition)).first()
+            if job is None:
+                return False
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(
+                state=state, reason=reason, end_time=time.time(), lease_owner=None, lease_expires=None))
+            self._append(conn, job_id, state, "state", job.step, job.total_steps, message=reason)
+        return True
+
+    def request_cancel(self, job_id: str, reason: str) -> Optional[JobRow]:
+        """PENDING -> CANCELLED now; RUNNING -> cancel_requested (the worker stops at its next
+        step); finished: unchanged. None for an unknown id."""
+        job = self.get_job(job_id)
+        if job is None:
+            return None
+        if job.state == "PENDING" and self.end(job_id, None, "CANCELLED", reason):
+            return self.get_job(job_id)
+        with self.engine.begin() as conn:
+            conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.state == "RUNNING",
+                                             jobs.c.cancel_requested == sa.false())
+                         .values(cancel_requested=True, reason=reason))
+        return self.get_job(job_id)
+
+    @staticmethod
+    def _held(job_id: str, owner: str):
+        return (jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == "RUNNING")
+
+    @classmethod
+    def _append(cls, conn, job_id: str, state: str, phase: str, step: int, total_steps: int, **fields) -> int:
+        # The counter update takes the job row's lock (PostgreSQL) or runs under the single
+        # writer (SQLite): concurrent appenders get consecutive indices.
+        index = conn.execute(jobs.update().where(jobs.c.id == job_id).values(next_event=jobs.c.next_event + 1)
+                             .returning(jobs.c.next_event)).scalar_one() - 1
+        cls._insert_event(conn, job_id, index, state, phase, step, total_steps, **fields)
+        return index
+
+    @staticmethod
+    def _insert_event(conn, job_id: str, index: int, state: str, phase: str, step: int, total_steps: int, *,
+                      losses: Optional[dict] = None, message: str = "", preview: Optional[bytes] = None,
+                      concept_id: str = "") -> None:
+        conn.execute(events.insert().values(
+            job_id=job_id, idx=index, state=state, phase=phase, step=int(step), total_steps=int(total_steps),
+            losses=json.dumps(losses or {}), message=message, preview=preview, time=time.time(),
+            concept_id=concept_id))
+
+    # ------------------------------------------------------------------ retention
+
+    def purge_finished(self, older_than: float) -> list[str]:
+        """Delete jobs that ended before ``older_than`` with their events; returns the artifact
+        hashes they referenced that nothing else references (the caller deletes the files).
+        Concepts stay: they are the user's, removed only by DeleteConcept."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(sa.select(jobs.c.id, jobs.c.inputs_hash, jobs.c.checkpoint_hash).where(
+                jobs.c.state.in_(TERMINAL), jobs.c.end_time < older_than)).all()
+            if not rows:
+                return []
+            ids = [row.id for row in rows]
+            conn.execute(events.delete().where(events.c.job_id.in_(ids)))
+            conn.execute(jobs.delete().where(jobs.c.id.in_(ids)))
+            hashes = {h for row in rows for h in (row.inputs_hash, row.checkpoint_hash) if h}
+            return [h for h in hashes if not self._referenced(conn, h)]
+
+    def clear_checkpoint(self, job_id: str) -> Optional[str]:
+        """Forget a finished job's checkpoint (no longer needed); returns its hash if now unreferenced."""
+        with self.engine.begin() as conn:
+            digest = conn.execute(sa.select(jobs.c.checkpoint_hash).where(
+                jobs.c.id == job_id, jobs.c.state.in_(TERMINAL))).scalar_one_or_none()
+            if not digest:
+                return None
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(checkpoint_hash=None))
+            return None if self._referenced(conn, digest) else digest
+
+    def unreferenced(self, digest: str) -> bool:
+        with self.reader.begin() as conn:
+            return not self._referenced(conn, digest)
+
+    @staticmethod
+    def _referenced(conn, digest: str) -> bool:
+        for column in (jobs.c.inputs_hash, jobs.c.checkpoint_hash, concepts.c.content_hash):
+            if conn.execute(sa.select(sa.literal(1)).where(column == digest).limit(1)).first():
+                return True
+        return False
+
+    # ------------------------------------------------------------------ concepts
+
+    def add_concept(self, concept: ConceptRow) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(concepts.insert().values(**concept.__dict__))
+
+    def get_concept(self, concept_id: str) -> Optional[ConceptRow]:
+        with self.reader.begin() as conn:
+            row = conn.execute(sa.select(concepts).where(concepts.c.id == concept_id)).first()
+        return ConceptRow(**dict(row._mapping)) if row else None
+
+    def list_concepts(self, limit: int = 50, after: Optional[tuple[float, str]] = None) -> list[ConceptRow]:
+        query = sa.select(concepts).order_by(concepts.c.create_time.desc(), concepts.c.id.desc()).limit(limit)
+        if after is not None:
+            time_, id_ = after
+            query = query.where(sa.or_(concepts.c.create_time < time_,
+                                       sa.and_(concepts.c.create_time == time_, concepts.c.id < id_)))
+        with self.reader.begin() as conn:
+            return [ConceptRow(**dict(row._mapping)) for row in conn.execute(query)]
+
+    def delete_concept(self, concept_id: str) -> Optional[tuple[str, bool]]:
+        """Remove the row; returns (content_hash, whether the file is now unreferenced), or None."""
+        with self.engine.begin() as conn:
+            digest = conn.execute(sa.select(concepts.c.content_hash)
+                                  .where(concepts.c.id == concept_id)).scalar_one_or_none()
+            if digest is None:
+                return None
+            conn.execute(concepts.delete().where(concepts.c.id == concept_id))
+            return digest, not self._referenced(conn, digest)
