@@ -97,6 +97,9 @@ def test_concept_changes_the_edit_and_leaves_the_source_branch(servers, inverted
     plain = client.inversion.edit(inverted, "a red box on a blue background", return_source=True)
     assert with_concept.image.size == (64, 64)
     assert np.abs(_pixels(with_concept) - _pixels(plain)).max() > 0
+    # Nor the token left to the tokenizer (what a server that ignored the concept would draw).
+    ignored = client.inversion.edit(inverted, f"a red {concept.token} on a blue background")
+    assert np.abs(_pixels(with_concept) - _pixels(ignored)).max() > 0
     # The concept acts on the target branch only: the source branch reconstructs as without it.
     assert np.array_equal(np.asarray(with_concept.source_image), np.asarray(plain.source_image))
     # By id, and again (from the cache, keyed by content hash): the same image.
