@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,11 @@ from atelier.launcher import installed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from exported_metrics import EXPORTED_BY  # noqa: E402
+from processes import alive as _alive, free_port as _free_port  # noqa: E402
 from promql_names import used_metric_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _exported(text: str) -> set[str]:
@@ -42,18 +36,6 @@ def _exported(text: str) -> set[str]:
         names.update(family.name + s for s in suffixes.get(family.type, ()))
         names.update(sample.name for sample in family.samples)
     return names
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes (its parent, the launcher, has exited and init reaps it).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_launcher_up_metrics_and_clean_stop(tmp_path):
