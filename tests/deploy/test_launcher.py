@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from atelier.launcher import installed
+from atelier.launcher import installed, thread_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 from exported_metrics import EXPORTED_BY  # noqa: E402
@@ -117,3 +117,11 @@ def test_launcher_up_metrics_and_clean_stop(tmp_path):
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_each_service_gets_its_share_of_the_cores_unless_told():
+    assert thread_env({}, {}, services=4, cpus=16) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert thread_env({}, {}, services=4, cpus=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert thread_env({"MKL_NUM_THREADS": "3"}, {}, services=2, cpus=8) == {"OMP_NUM_THREADS": "4"}
+    assert thread_env({"OMP_NUM_THREADS": "8"}, {}, services=4, cpus=2) == {}
+    assert thread_env({}, {"OMP_NUM_THREADS": "2"}, services=4, cpus=2) == {}
