@@ -85,7 +85,7 @@ class Tour:
             residual = float(np.mean([d.residual for d in inversion.diagnostics]))
             print(f"  {method}: z_T {inversion.z_T.shape}, mean fixed-point residual {residual:.3e}, "
                   f"UNet evaluations {inversion.usage.unet_forward_evaluations}"
-                  f"+{inversion.usage.unet_backward_evaluations} backward")
+                  f"+{inversion.usage.unet_backward_evaluations} backward, server wall {inversion.usage.wall_seconds:.1f} s")
             self.inversions[method] = inversion
 
     def edit(self) -> None:
