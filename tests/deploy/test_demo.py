@@ -29,7 +29,7 @@ SERVICES = ("inversion", "segmentation", "personalization", "synthesis")
 PNGS = ["source", "ddim_reconstruction", "ddim_p2p", "ddim_masactrl", "spdinv_reconstruction", "spdinv_p2p",
         "spdinv_masactrl", "scribble", "gradop_plus", "sdedit", "variation_1", "variation_2", "variation_3",
         "segmentation_mask", "segmentation_overlay", "concept_input_1", "concept_input_2", "concept_input_3",
-        "concept_generated_1", "concept_generated_2"]
+        "concept_generated_1", "concept_generated_2", "layer_edit_1", "layer_edit_2"]
 
 
 def test_contact_sheet_has_a_labelled_row_per_stage():
@@ -110,9 +110,10 @@ def test_demo_runs_the_whole_tour_through_the_sdk(launched):
     for name in PNGS:
         assert Image.open(out / f"{name}.png").size == (64, 64), name
     sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.width > 7 * 128 and sheet.height > 5 * 128  # 5 rows; the widest has 7 tiles
+    assert sheet.width > 7 * 128 and sheet.height > 6 * 128  # 6 rows; the widest has 7 tiles
     timings = done.stdout.split("[demo] stage timings:")[1]
-    for stage in ("invert", "edit", "scribble", "variations", "segment", "eqdiff_train", "eqdiff_generate", "total"):
+    for stage in ("invert", "edit", "scribble", "variations", "segment", "eqdiff_train", "eqdiff_generate",
+                  "layer_edit", "total"):
         assert f"  {stage} " in timings, timings
 
 
