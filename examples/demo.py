@@ -182,8 +182,8 @@ class Tour:
         result = job.wait(progress=self.progress)
         print(f"  job {job.id}: {job.state} after {job.step} steps; concept {result.concept.id}")
         row = Row("LayerDiffusion edit (personalization service, a layer_edit job)",
-                  f"the scene's circle kept, its background made '{background}' ({self.train_steps}+"
-                  f"{self.train_steps} steps: the reference trains 500+250)", [("source", image)])
+                  f"the scene's red circle asked to be '{background}'; {self.train_steps}+{self.train_steps} "
+                  "steps (the reference trains 500+250): a pipeline check", [("source", image)])
         for index, edited in enumerate(result.images):
             row.tiles.append((f"edited {index + 1}", self.save(edited, f"layer_edit_{index + 1}")))
         self.rows.append(row)
