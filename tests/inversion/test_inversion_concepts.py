@@ -161,22 +161,46 @@ def test_bad_concepts_and_prompts(servers, inverted):
         client.inversion.edit(inverted, "a red box", concept=3)
 
 
-def test_personalization_down_is_unavailable_naming_it(servers):
+@pytest.mark.parametrize("down", ["refused", "silent"])
+def test_personalization_down_is_unavailable_naming_it_within_the_deadline(down):
+    import socket
+    import time
+
     from atelier.core.config import ServerConfig
     from atelier.inversion.app import InversionApp
 
+    silent = socket.socket()  # accepts connections (backlog) and never speaks: a hung dependency
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    address = "127.0.0.1:1" if down == "refused" else f"127.0.0.1:{silent.getsockname()[1]}"
     config = ServerConfig(service="inversion", host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=1,
-                          max_image_pixels=128 * 128, extras=dict(personalization_address="127.0.0.1:1"))
+                          max_image_pixels=128 * 128, extras=dict(personalization_address=address))
     _, running = _start(InversionApp, config)
     try:
         assert running.wait_loaded(240) and running.load_error is None
-        with atelier.Client(inversion=running.address, timeout=10) as client:
+        with atelier.Client(inversion=running.address, timeout=30) as client:
             inv = client.inversion.invert(scene(), SOURCE, num_inference_steps=2)
+            started = time.monotonic()
             with pytest.raises(AtelierError) as info:
-                client.inversion.edit(inv, "a red <new2> on a blue background", concept="any", timeout=5)
+                client.inversion.edit(inv, "a red <new2> on a blue background", concept="any", timeout=4)
+            assert time.monotonic() - started < 4
             assert info.value.code.name == "UNAVAILABLE" and "personalization" in str(info.value)
     finally:
         running.stop(0)
+        silent.close()
+
+
+def test_concept_cache_is_bounded_in_bytes():
+    from atelier.inversion.concept_source import ConceptSource
+    from atelier.personalization.training import Concept
+
+    source = ConceptSource(None, cache_bytes=100)
+    for name, size in (("a", 40), ("b", 40), ("c", 40), ("huge", 101)):
+        source._put(name, Concept(tensors={}), size)
+    assert source.cached_hashes() == ["b", "c"]
+    assert source._get("b") is not None  # used: "c" is now the oldest
+    source._put("d", Concept(tensors={}), 40)
+    assert source.cached_hashes() == ["b", "d"]
 
 
 @pytest.mark.parametrize("metadata, words", [

@@ -17,7 +17,7 @@ import grpc
 
 from atelier.core import auth
 from atelier.core.dependencies import REQUEST_ID_KEY, dependency_timeout
-from atelier.core.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from atelier.core.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from atelier.inversion.concept_edit import check_concept_kind
 from atelier.personalization.concepts import deserialize
 from atelier.personalization.training import Concept
@@ -117,7 +117,8 @@ def _dependency_error(error: grpc.RpcError, address: str, concept_id: str, secon
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument("concept", f"{where} refused it: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{where} did not answer within the deadline ({seconds:.1f} s)")
+        # Our timeout leaves a margin of the caller's deadline: a dependency that hangs is down.
+        return Unavailable(f"{where} did not answer within {seconds:.1f} s (the caller's deadline less a margin)")
     if code == grpc.StatusCode.CANCELLED:
         return Cancelled(f"the call to {where} was cancelled")
     return Unavailable(f"{where} is unavailable ({code.name}: {details})")
