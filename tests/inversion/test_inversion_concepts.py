@@ -102,6 +102,12 @@ def test_concept_changes_the_edit_and_leaves_the_source_branch(servers, inverted
     assert np.abs(_pixels(with_concept) - _pixels(ignored)).max() > 0
     # The concept acts on the target branch only: the source branch reconstructs as without it.
     assert np.array_equal(np.asarray(with_concept.source_image), np.asarray(plain.source_image))
+    # MasaCtrl composes the same way (its mutual self-attention; the concept on cross-attention).
+    masactrl = _edit(client, inverted, concept, concept.token, engine="masactrl", return_source=True)
+    masactrl_plain = client.inversion.edit(inverted, "a red box on a blue background", engine="masactrl",
+                                           return_source=True)
+    assert np.abs(_pixels(masactrl) - _pixels(masactrl_plain)).max() > 0
+    assert np.array_equal(np.asarray(masactrl.source_image), np.asarray(masactrl_plain.source_image))
     # By id, and again (from the cache, keyed by content hash): the same image.
     again = _edit(client, inverted, concept.id, concept.token)
     assert np.array_equal(_pixels(again), _pixels(with_concept))
