@@ -222,8 +222,10 @@ def edit_request(
         request.masactrl.end_step = end_step
     if mask_threshold is not None:
         request.masactrl.mask_threshold = mask_threshold
-    request.masactrl.mask_source_words.extend(_words(mask_source_words, "mask_source_words"))
-    request.masactrl.mask_target_words.extend(_words(mask_target_words, "mask_target_words"))
+    for argument, words, into in (("mask_source_words", mask_source_words, request.masactrl.mask_source_words),
+                                  ("mask_target_words", mask_target_words, request.masactrl.mask_target_words)):
+        if words is not None:  # extend() even by nothing would mark masactrl as set
+            into.extend(_words(words, argument))
 
     if proximal_guidance is not None:
         request.prox_edit.proximal_guidance = proximal_guidance
@@ -236,11 +238,11 @@ def edit_request(
     return request
 
 
-def _words(words: Optional[Sequence[str]], argument: str) -> list[str]:
+def _words(words: Sequence[str], argument: str) -> list[str]:
     """A list of words; a bare string is refused (it would be split into letters)."""
     if isinstance(words, str):
         raise TypeError(f"{argument} must be a list of words, not a str")
-    return list(words or [])
+    return list(words)
 
 
 def _check_matches_inversion(inversion: inversion_pb2.InversionResult, source_prompt: Optional[str],
