@@ -88,9 +88,10 @@ def invert_request(
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     method_value = choice(method, METHODS, "inversion method")
     method_name = METHOD_NAMES[method_value]
-    options: dict[str, object] = {"max_rounds": max_rounds, "learning_rate": learning_rate, "loss_threshold": loss_threshold,
-               "weight_decay": weight_decay, "check_first": check_first, "anderson_memory": anderson_memory,
-               "null_text_guidance_scale": null_text_guidance_scale}
+    options: dict[str, object] = {
+        "max_rounds": max_rounds, "learning_rate": learning_rate, "loss_threshold": loss_threshold,
+        "weight_decay": weight_decay, "check_first": check_first, "anderson_memory": anderson_memory,
+        "null_text_guidance_scale": null_text_guidance_scale}
     _foreign(options, _METHOD_OPTIONS, method_name, "method")
     request = inversion_pb2.InvertRequest(
         model=common_pb2.ModelRef(name=model or ""),
@@ -168,9 +169,10 @@ def edit_request(
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
 
-    inversion_options: dict[str, object] = {"max_rounds": max_rounds, "learning_rate": learning_rate, "loss_threshold": loss_threshold,
-                         "weight_decay": weight_decay, "check_first": check_first,
-                         "anderson_memory": anderson_memory, "null_text_guidance_scale": null_text_guidance_scale}
+    inversion_options: dict[str, object] = {
+        "max_rounds": max_rounds, "learning_rate": learning_rate, "loss_threshold": loss_threshold,
+        "weight_decay": weight_decay, "check_first": check_first, "anderson_memory": anderson_memory,
+        "null_text_guidance_scale": null_text_guidance_scale}
     carried = getattr(source, "proto", None)
     inversion = carried if isinstance(carried, inversion_pb2.InversionResult) else \
         source if isinstance(source, inversion_pb2.InversionResult) else None
