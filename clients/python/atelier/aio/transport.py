@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping, Optional, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -106,7 +106,7 @@ class AsyncTransport:
             sink.close()
 
     async def iterate(self, method: Any, request: Message, timeout: Optional[float] = None, *,
-                      cancel: Optional[CancelToken] = None) -> AsyncIterator[Any]:
+                      cancel: Optional[CancelToken] = None) -> AsyncGenerator[Any, None]:
         """Yield the raw messages of a server-streaming call (no retries: the caller knows how
         to resume), as the sync transport's ``iterate``. Closing the generator cancels the RPC."""
         deadline = call_deadline(timeout, self.default_timeout)
