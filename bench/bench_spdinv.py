@@ -1,10 +1,12 @@
 """SPDInv vs DDIM inversion: wall time, UNet evaluations, fixed-point residuals.
 
 Runs side by side in one process on the registry's default model at 64x64:
-  ddim          reference DDIM inversion (+ batched residual diagnostics)
-  spdinv        Atelier's SPDInv (loss checked before each AdamW step)
-  spdinv-ref    the reference loop order (step, then check; leeruibin/SPDInv SPD_loop),
-                reproduced here only to measure what checking first saves
+  ddim                reference DDIM inversion (+ batched residual diagnostics)
+  spdinv              SPDInv in the reference order (step, then check; leeruibin/SPDInv SPD_loop)
+  spdinv-check-first  the check_first option (delta checked before each AdamW step)
+  fixed_point         AIDI-style Anderson-accelerated fixed-point iteration (forward passes
+                      only), the same fixed point with the same K and delta: a candidate
+                      faster solver, measured against the reference's residual
 
   .venv/bin/python bench/bench_spdinv.py [--steps 25 50] [--rounds 25] [--threshold 5e-6]
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -36,36 +37,6 @@ def test_scene(size: int = 64) -> torch.Tensor:
         draw.rectangle([x, 0, x + 3, size], fill=(230, 230, 240))
     draw.ellipse([size * 0.25, size * 0.25, size * 0.75, size * 0.75], fill=(220, 30, 30))
     return array_to_torch(np.asarray(canvas.convert("RGB")))
-
-
-def reference_order_spdinv(model, image, prompt, steps, rounds, lr, threshold):
-    """The reference SPD_loop's order: AdamW step first, then compare the pre-step loss."""
-    control = CallControl()
-    cond = model.encode_prompt([prompt])
-    latent_prev = model.encode_image(image).float()
-    chain, used = [latent_prev], []
-    started = time.perf_counter()
-    for t, alpha_prev, alpha_t in diffusion.inversion_schedule(model, steps):
-        c1, c2 = diffusion.inversion_coefficients(alpha_prev, alpha_t)
-        with torch.no_grad():
-            start = c1 * latent_prev + c2 * diffusion.unet_eps(model, latent_prev, t, cond, control).float()
-        latent = start.clone().requires_grad_(True)
-        optimizer = torch.optim.AdamW([latent], lr=lr)  # torch default weight_decay=1e-2, as the reference
-        taken = 0
-        for _ in range(rounds):
-            optimizer.zero_grad()
-            eps = diffusion.unet_eps(model, latent, t, cond, control, backward=True).float()
-            loss = F.mse_loss(latent, c1 * latent_prev + c2 * eps)
-            loss.backward()
-            optimizer.step()
-            taken += 1
-            if loss.item() < threshold:
-                break
-        latent_prev = latent.detach()
-        chain.append(latent_prev)
-        used.append(taken)
-    seconds = time.perf_counter() - started
-    return chain, used, seconds, control
 
 
 @torch.no_grad()
@@ -104,6 +75,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 7.5],
                         help="guidances for the (reported) reconstruction PSNR")
+    parser.add_argument("--fixed-point-thresholds", type=float, nargs="*", default=[],
+                        help="extra fixed_point rows at these deltas (its cost at SPDInv's residual)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per method; fastest kept")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on shared CPUs)")
     args = parser.parse_args(argv)
@@ -117,7 +90,7 @@ def main(argv=None):
           f"threads {torch.get_num_threads()}, K={args.rounds}, delta={args.threshold:g}, lr={args.lr:g}")
     invert(model, image, PROMPT, method="ddim", steps=2)  # warm-up
 
-    header = (f"{'method':<11} {'steps':>5} {'wall s':>8} {'x ddim':>7} {'fwd':>6} {'fwd+bwd':>8} {'bwd run':>8} "
+    header = (f"{'method':<18} {'steps':>5} {'wall s':>8} {'x ddim':>7} {'fwd':>6} {'fwd+bwd':>8} {'bwd run':>8} "
               f"{'rounds med':>10} {'mean residual':>14} {'median resid':>13}")
     print(header)
     print("-" * len(header))
@@ -126,18 +99,16 @@ def main(argv=None):
         results, best_seconds = {}, {}
         # Interleaved repeats, fastest kept: on a shared CPU the minimum is the least noisy estimate.
         for _ in range(args.repeats):
-            for method in ("ddim", "spdinv", "spdinv-ref"):
-                if method == "spdinv-ref":
-                    chain, used, seconds, control = reference_order_spdinv(model, image, PROMPT, steps, args.rounds,
-                                                                           args.lr, args.threshold)
-                    results[method] = (torch.cat(chain).float().cpu(), control.forward_evaluations,
-                                       control.backward_evaluations, used, None)
-                else:
-                    out = invert(model, image, PROMPT, method=method, steps=steps, control=CallControl(),
-                                 max_rounds=args.rounds, learning_rate=args.lr, loss_threshold=args.threshold)
-                    seconds = out.seconds
-                    results[method] = (out.chain, out.forward_evaluations, out.backward_evaluations, out.rounds,
-                                       out.residuals)
+            extra = [f"fixed_point@{delta:g}" for delta in args.fixed_point_thresholds]
+            for method in ("ddim", "spdinv", "spdinv-check-first", "fixed_point", *extra):
+                name, _, delta = method.partition("@")
+                out = invert(model, image, PROMPT, method=name.removesuffix("-check-first"), steps=steps,
+                             control=CallControl(), max_rounds=args.rounds, learning_rate=args.lr,
+                             loss_threshold=float(delta) if delta else args.threshold,
+                             check_first=method.endswith("check-first"))
+                seconds = out.seconds
+                results[method] = (out.chain, out.forward_evaluations, out.backward_evaluations, out.rounds,
+                                   out.residuals)
                 best_seconds[method] = min(seconds, best_seconds.get(method, float("inf")))
         rows = []
         for method, (chain, forward, backward, rounds, residuals) in results.items():
@@ -145,12 +116,12 @@ def main(argv=None):
             rows.append((method, best_seconds[method], forward, backward, sum(rounds), rounds, residuals))
         ddim_seconds = rows[0][1]
         for method, seconds, forward, backward, passes, rounds, residuals in rows:
-            print(f"{method:<11} {steps:>5} {seconds:>8.2f} {seconds / ddim_seconds:>7.1f} {forward:>6} {backward:>8} "
+            print(f"{method:<18} {steps:>5} {seconds:>8.2f} {seconds / ddim_seconds:>7.1f} {forward:>6} {backward:>8} "
                   f"{passes:>8} {statistics.median(rounds):>10.0f} {statistics.fmean(residuals):>14.3g} "
                   f"{statistics.median(residuals):>13.3g}")
         chains[steps] = {method: result[0] for method, result in results.items()}
     print("fwd: forward-only UNet calls; fwd+bwd: calls made with autograd (an upper bound on backward "
-          "passes); bwd run: backward passes actually run (= optimiser steps)")
+          "passes for check-first); bwd run: optimiser steps (fixed_point: accelerated rounds, forward only)")
     print("\nreconstruction PSNR (dB) vs the VAE reconstruction of z_0, regenerated from z_T "
           "(reported, not a goal of inversion alone):")
     for steps, by_method in chains.items():

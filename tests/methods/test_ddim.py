@@ -164,7 +164,7 @@ def test_expired_deadline_runs_no_unet(model, image):
 def test_invalid_arguments_name_the_field(model, image):
     from atelier.core.errors import InvalidArgument
 
-    for kwargs, field in ((dict(method="nti"), "method"), (dict(steps=0), "num_inference_steps"), (dict(steps=1001), "num_inference_steps")):
+    for kwargs, field in ((dict(method="edict"), "method"), (dict(steps=0), "num_inference_steps"), (dict(steps=1001), "num_inference_steps")):
         with pytest.raises(InvalidArgument) as error:
             invert(model, image, PROMPT, **kwargs)
         assert error.value.violations[0][0] == field

@@ -11,6 +11,7 @@ from atelier.core.models import SDModel
 from atelier.core.tiny_models import build_tiny_sd
 from atelier.inversion.editing import edit, make_controller, plan_p2p
 from atelier.inversion.masactrl import MasaCtrlParams, MutualSelfAttention, first_controlled_layer
+from atelier.inversion.proxedit import ProxEditParams
 from atelier.inversion.p2p import (LocalBlend, P2PParams, blend_sites, global_alignment, refinement_mapper,
                                    replacement_mapper, self_replace_sites, tokenize_words)
 
@@ -118,12 +119,12 @@ def test_p2p_target_attention_is_the_mapped_source_attention_during_the_window(m
         return probs
 
     with controlled_attention(model.unet) as sites:
-        controller = Check(make_controller(sites, 10, plan, params, MasaCtrlParams()), expect)
+        controller = Check(make_controller(sites, 10, plan, params, MasaCtrlParams(), (8, 8), 8), expect)
         with torch.no_grad():
             guided_eps(model, latents, 900, embeddings, embeddings[:1], 7.5, CallControl(),
                        attention_kwargs(controller, 0, layout, (8, 8)))
     checked_self = {name for is_cross, name in controller.checked if not is_cross}
-    assert checked_self == self_replace_sites(sites) and checked_self
+    assert checked_self == self_replace_sites(sites, (8, 8), 8) and checked_self
     assert sum(is_cross for is_cross, _ in controller.checked) == sum(s.is_cross for s in sites)
 
 
@@ -138,18 +139,21 @@ def test_refine_expectation_matches_the_alignment(model):
 def test_p2p_windows_and_layers_follow_the_fractions(model):
     plan = plan_p2p(model.tokenizer, "a red circle", "a blue circle", P2PParams(), MAX_LEN)
     with controlled_attention(model.unet) as sites:
-        controller = make_controller(sites, 10, plan, P2PParams(), MasaCtrlParams())
+        controller = make_controller(sites, 10, plan, P2PParams(), MasaCtrlParams(), (8, 8), 8)
     cross = next(s for s in sites if s.is_cross)
-    low_self = next(s for s in sites if s.name in self_replace_sites(sites))
+    low_self = next(s for s in sites if s.name in self_replace_sites(sites, (8, 8), 8))
     assert [controller.wants(cross, i) for i in (0, 7, 8)] == [True, True, False]     # int(0.8 * 11)
     assert [controller.wants(low_self, i) for i in (0, 5, 6)] == [True, True, False]  # int(0.6 * 10)
     with controlled_attention(model.unet) as sites:
-        short = make_controller(sites, 4, plan, P2PParams(), MasaCtrlParams())
+        short = make_controller(sites, 4, plan, P2PParams(), MasaCtrlParams(), (8, 8), 8)
     assert short.cross_steps == 4 and short.self_steps == 2  # the reference's alpha table has steps + 1 rows
-    # The tiny UNet's attention resolutions are 8x8 (level 0) and 4x4 (level 1): self-attention is
-    # replaced at the lower one, LocalBlend reads the 4x4 down/up cross-attention (2 + 3 layers).
-    assert {s.level for s in sites if s.name in self_replace_sites(sites)} == {1}
-    assert sorted(n.split(".")[0] for n in blend_sites(sites)) == ["down_blocks"] * 2 + ["up_blocks"] * 3
+    # The tiny UNet (sample_size 8) has attention at 8x8 (level 0) and 4x4 (level 1): self-attention
+    # is replaced on maps of at most (8 / 2)**2 positions, the 4x4 ones; LocalBlend reads the 4x4
+    # down/up cross-attention (2 + 3 layers), unpooled (a 3x3 window would be 3/4 of that map).
+    assert {s.level for s in sites if s.name in self_replace_sites(sites, (8, 8), 8)} == {1}
+    layout = blend_sites(sites, (8, 8))
+    assert sorted(n.split(".")[0] for n in layout.sites) == ["down_blocks"] * 2 + ["up_blocks"] * 3
+    assert layout.pooling == 1 and layout.subtract_floor
 
 
 # ---------------------------------------------------------------- whole edits
@@ -170,16 +174,16 @@ def test_p2p_word_replace_changes_the_image_and_keeps_the_source_branch(model, z
 
 
 def test_local_blend_threshold_extremes(model, z_T):
-    # Maps are normalised to max 1, so threshold 1 masks nothing: the target becomes the source;
-    # threshold 0 keeps every position (softmax maps are positive): the same as no blend.
+    # Maps are normalised to max 1, so threshold 1 masks nothing: the target becomes the source.
+    # (Threshold 0 keeps all but each map's minimum here: the tiny UNet's 4x4 maps are min-max
+    # normalised, see p2p.blend_sites.)
     kwargs = dict(mode="replace", blend_start_fraction=0.0)
     none_kept = edit(model, z_T, "a red circle", "a blue circle", STEPS,
                      p2p=P2PParams(blend_words=["red", "blue"], blend_threshold=1.0, **kwargs))
     assert torch.equal(none_kept.image, none_kept.source_image)
-    all_kept = edit(model, z_T, "a red circle", "a blue circle", STEPS,
-                    p2p=P2PParams(blend_words=["red", "blue"], blend_threshold=0.0, **kwargs))
-    unblended = edit(model, z_T, "a red circle", "a blue circle", STEPS, p2p=P2PParams(**kwargs))
-    torch.testing.assert_close(all_kept.image, unblended.image, atol=1e-5, rtol=0)
+    most_kept = edit(model, z_T, "a red circle", "a blue circle", STEPS,
+                     p2p=P2PParams(blend_words=["red", "blue"], blend_threshold=0.0, **kwargs))
+    assert (most_kept.image - most_kept.source_image).abs().max() > 1e-4
 
 
 def test_local_blend_mask_follows_the_word_maps():
@@ -200,11 +204,15 @@ def test_local_blend_mask_follows_the_word_maps():
 
 
 def test_masactrl_before_start_step_is_plain_sampling(model, z_T):
+    # The target branch: "" unconditional (SPDInv's MasaCtrl script); the source runs unguided.
+    no_prox = ProxEditParams(proximal_guidance=False)
     late = edit(model, z_T, "a red circle", "a blue square", STEPS, engine="masactrl",
-                masactrl=MasaCtrlParams(start_step=STEPS))
-    torch.testing.assert_close(late.image, plain(model, z_T, "a blue square", "a red circle"), atol=1e-5, rtol=0)
+                masactrl=MasaCtrlParams(start_step=STEPS), prox_edit=no_prox)
+    torch.testing.assert_close(late.image, plain(model, z_T, "a blue square", ""), atol=1e-5, rtol=0)
+    torch.testing.assert_close(late.source_image, plain(model, z_T, "a red circle", "", guidance=1.0),
+                               atol=1e-5, rtol=0)
     early = edit(model, z_T, "a red circle", "a blue square", STEPS, engine="masactrl",
-                 masactrl=MasaCtrlParams(start_step=1, start_layer=0))
+                 masactrl=MasaCtrlParams(start_step=1, start_layer=0), prox_edit=no_prox)
     assert (early.image - late.image).abs().max() > 1e-4
     torch.testing.assert_close(early.source_image, late.source_image, atol=1e-5, rtol=0)
 

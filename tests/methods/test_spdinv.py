@@ -1,4 +1,5 @@
-"""SPDInv: lower fixed-point residual than DDIM, K and delta honoured, cancellation."""
+"""SPDInv: the reference order by default (checked against an oracle of the reference loop),
+the check-first option, lower fixed-point residual than DDIM, K and delta honoured, cancellation."""
 
 import pytest
 import torch
@@ -22,7 +23,60 @@ def ddim(model, image):
 @pytest.fixture(scope="module")
 def spdinv(model, image):
     return invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
+                  max_rounds=10, loss_threshold=5e-6, check_first=True)
+
+
+@pytest.fixture(scope="module")
+def reference_order(model, image):
+    return invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
                   max_rounds=10, loss_threshold=5e-6)
+
+
+def oracle_spd_loop(model, image, prompt, steps, max_rounds, learning_rate, loss_threshold):
+    """The reference SPD_loop's control flow, written from its description: DDIM estimate from
+    eps(z_{t-1}, t), then per round: loss at the current z_t, backward, AdamW step, and stop
+    when that loss was below delta."""
+    z = model.encode_image(image).float()
+    cond = model.encode_prompt([prompt])
+    chain = [z]
+    for t, alpha_prev, alpha_t in diffusion.inversion_schedule(model, steps):
+        with torch.no_grad():
+            eps = model.unet(z, t, encoder_hidden_states=cond).sample
+        z_prev = z
+        estimate = diffusion.ddim_inversion_step(z_prev, eps, alpha_prev, alpha_t)
+        latent = estimate.clone().requires_grad_(True)
+        optimizer = torch.optim.AdamW([latent], lr=learning_rate)
+        for _ in range(max_rounds):
+            optimizer.zero_grad()
+            eps = model.unet(latent, t, encoder_hidden_states=cond).sample
+            loss = torch.nn.functional.mse_loss(latent, diffusion.ddim_inversion_step(z_prev, eps, alpha_prev, alpha_t))
+            loss.backward()
+            optimizer.step()
+            if loss < loss_threshold:
+                break
+        z = latent.detach()
+        chain.append(z)
+    return torch.cat(chain)
+
+
+def test_default_order_is_the_reference_loop(model, image, reference_order):
+    expected = oracle_spd_loop(model, image, PROMPT, STEPS, 10, 1e-3, 5e-6)
+    torch.testing.assert_close(reference_order.chain, expected, rtol=0, atol=2e-5)
+    # Reference cost: the DDIM estimate's forward per step (ours also carries the diagnostics)
+    # plus one forward+backward per Adam step.
+    assert reference_order.forward_evaluations == STEPS + 1
+    assert reference_order.backward_evaluations == sum(reference_order.rounds)
+
+
+def test_default_order_always_takes_the_first_step(model, image, ddim):
+    # A delta every DDIM estimate meets: the reference still takes one Adam step per timestep
+    # (check-first keeps DDIM's estimate), and that step is not wasted: it lowers the residual.
+    lenient = invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
+                     max_rounds=10, loss_threshold=1.0)
+    assert lenient.rounds == [1] * STEPS
+    assert not torch.allclose(lenient.chain[1:], ddim.chain[1:], rtol=0, atol=1e-6)
+    assert sum(r < d for r, d in zip(lenient.residuals, ddim.residuals)) >= STEPS - 1, (
+        lenient.residuals, ddim.residuals)
 
 
 def test_spdinv_lowers_the_fixed_point_residual(ddim, spdinv):
@@ -59,7 +113,7 @@ def test_early_stop_after_some_rounds(model, image, ddim, spdinv):
     step = max(range(1, STEPS), key=lambda i: ddim.residuals[i] / max(spdinv.residuals[i], 1e-12))
     delta = (ddim.residuals[step] * spdinv.residuals[step]) ** 0.5
     out = invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
-                 max_rounds=10, loss_threshold=delta)
+                 max_rounds=10, loss_threshold=delta, check_first=True)
     assert any(0 < r < 10 for r in out.rounds), out.rounds
     for rounds, residual in zip(out.rounds, out.residuals):
         if rounds < 10:
@@ -68,13 +122,15 @@ def test_early_stop_after_some_rounds(model, image, ddim, spdinv):
 
 
 @torch.no_grad()
-def test_residuals_describe_the_returned_chain(model, spdinv):
+@pytest.mark.parametrize("order", ["check_first", "reference"])
+def test_residuals_describe_the_returned_chain(model, order, request):
+    out = request.getfixturevalue("spdinv" if order == "check_first" else "reference_order")
     cond = model.encode_prompt([PROMPT])
     for i, (t, alpha_prev, alpha_t) in enumerate(diffusion.inversion_schedule(model, STEPS)):
         c1, c2 = diffusion.inversion_coefficients(alpha_prev, alpha_t)
-        z_prev, z_t = spdinv.chain[i:i + 1], spdinv.chain[i + 1:i + 2]
+        z_prev, z_t = out.chain[i:i + 1], out.chain[i + 1:i + 2]
         eps = model.unet(z_t, t, encoder_hidden_states=cond).sample
-        assert spdinv.residuals[i] == pytest.approx(torch.mean((z_t - c1 * z_prev - c2 * eps) ** 2).item(),
+        assert out.residuals[i] == pytest.approx(torch.mean((z_t - c1 * z_prev - c2 * eps) ** 2).item(),
                                                     rel=1e-3, abs=1e-9)
 
 
@@ -82,15 +138,16 @@ def test_no_rounds_when_ddim_already_meets_delta(model, image, ddim):
     # A delta every DDIM estimate meets: checked before stepping, so no step is taken and the
     # chain is DDIM's (the reference would still take one Adam step per timestep).
     lenient = invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
-                     max_rounds=10, loss_threshold=1.0)
+                     max_rounds=10, loss_threshold=1.0, check_first=True)
     assert lenient.rounds == [0] * STEPS
     torch.testing.assert_close(lenient.chain, ddim.chain, rtol=0, atol=1e-5)
     assert lenient.residuals == pytest.approx(ddim.residuals, rel=1e-3, abs=1e-9)
 
 
-def test_zero_rounds_budget_is_ddim(model, image, ddim):
+@pytest.mark.parametrize("check_first", [False, True])
+def test_zero_rounds_budget_is_ddim(model, image, ddim, check_first):
     out = invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=CallControl(),
-                 max_rounds=0, loss_threshold=0.0)
+                 max_rounds=0, loss_threshold=0.0, check_first=check_first)
     assert out.rounds == [0] * STEPS and out.backward_evaluations == 0
     assert out.forward_evaluations == STEPS + 1  # as cheap as DDIM with its diagnostics
     torch.testing.assert_close(out.chain, ddim.chain, rtol=0, atol=1e-5)
@@ -104,15 +161,16 @@ def test_weight_decay_reaches_the_optimiser(model, image):
     assert not torch.equal(decayed.chain[-1], plain.chain[-1])
 
 
+@pytest.mark.parametrize("check_first", [False, True])
 @pytest.mark.parametrize("limit", [1, 4, 7])
-def test_cancellation_stops_within_one_evaluation(model, image, limit):
+def test_cancellation_stops_within_one_evaluation(model, image, limit, check_first):
     calls = []
     handle = model.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
     control = CallControl(is_cancelled=lambda: control.forward_evaluations + control.backward_evaluations >= limit)
     try:
         with pytest.raises(Cancelled):
             invert(model, image, PROMPT, method="spdinv", steps=STEPS, control=control, max_rounds=10,
-                   loss_threshold=0.0)
+                   loss_threshold=0.0, check_first=check_first)
     finally:
         handle.remove()
     assert len(calls) == limit

@@ -1,9 +1,15 @@
 """Prompt-driven editing from an inverted latent: Prompt-to-Prompt or MasaCtrl.
 
 The source and target branches are sampled together: one UNet call of batch 4 per step,
-[uncond_source, uncond_target, cond_source, cond_target]. The unconditional embedding of both
-branches is the SOURCE prompt's (negative-prompt inversion, as SPDInv's editing code does), so
-the source branch reproduces the inverted image while the target branch is edited.
+[uncond_source, uncond_target, cond_source, cond_target]. What else a step does depends on the
+inversion method that produced the latent (``recipes.RECIPES``: each method's own editing
+pipeline) and on the ProxEdit options (``proxedit``):
+- the unconditional embedding: the SOURCE prompt's (negative-prompt inversion, as SPDInv's and
+  NPI's editing code do), "" (plain DDIM, DirectInversion), or NTI's per-step optimised ones;
+- proximal guidance and inversion guidance (SPDInv's and ProxNPI's pipeline);
+- DirectInversion's source branch held on the inverted chain.
+MasaCtrl follows SPDInv's MasaCtrl script: guidance 1 on the source branch, ``guidance`` on the
+target, whose unconditional is "" (its npi_interp = 1) unless the method brings its own (NTI).
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ import torch
 
 from atelier.core.attention import BatchLayout, attention_kwargs, controlled_attention
 from atelier.core.control import CallControl
-from atelier.core.diffusion import ddim_step, guided_eps, step_alphas
+from atelier.core.diffusion import ddim_step, step_alphas, unet_eps
 from atelier.core.errors import InvalidArgument
-from atelier.inversion.masactrl import REFERENCE_LAYER_COUNT, MasaCtrlParams, MutualSelfAttention
-from atelier.inversion.p2p import (MODES, LocalBlend, P2PController, P2PParams, blend_sites, equalizer,
+from atelier.inversion import presets, proxedit
+from atelier.inversion.proxedit import ProxEditParams, ResolvedProxEdit
+from atelier.inversion.recipes import RECIPES, EditRecipe
+from atelier.inversion.masactrl import (REFERENCE_LAYER_COUNT, MasaCtrlParams, MutualSelfAttention,
+                                       MutualSelfAttentionMaskAuto)
+from atelier.inversion.p2p import (MAX_REWEIGHT, MODES, LocalBlend, P2PController, P2PParams, blend_sites, equalizer,
                                    refine_edit, refinement_mapper, replace_edit, reweight_edit,
                                    self_replace_sites, tokenize_words, word_positions, replacement_mapper)
 
@@ -50,8 +60,8 @@ def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParam
     if violations:
         raise InvalidArgument.many(violations)
 
-    source = tokenize_words(tokenizer, source_prompt, max_len)
-    target = tokenize_words(tokenizer, target_prompt, max_len)
+    source = tokenize_words(tokenizer, source_prompt, max_len, field="source_prompt")
+    target = tokenize_words(tokenizer, target_prompt, max_len, field="target_prompt")
     same_shape = len(source.ids) == len(target.ids) and len(source.words) == len(target.words)
     mode = params.mode
     if mode == "auto":
@@ -66,11 +76,9 @@ def plan_p2p(tokenizer, source_prompt: str, target_prompt: str, params: P2PParam
                            "prompt must equal the source prompt (combine reweight with replace/refine otherwise)"))
     if mode == "reweight" and not params.reweight:
         violations.append(("reweight", "reweight mode needs at least one word -> scale entry"))
-    for word, value in params.reweight.items():
+    for word in params.reweight:
         if not word_positions(target, word):
             violations.append(("reweight", f"word {word!r} is not in the target prompt"))
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            violations.append(("reweight", f"scale of {word!r} must be a finite number, got {value!r}"))
     blend_weights = None
     if params.blend_words:
         blend_weights = torch.zeros(2, max_len)
@@ -105,6 +113,10 @@ def _p2p_option_violations(target_prompt: str, params: P2PParams) -> list[tuple[
     _check_fraction(violations, "self_replace_fraction", params.self_replace_fraction)
     _check_fraction(violations, "blend_threshold", params.blend_threshold)
     _check_fraction(violations, "blend_start_fraction", params.blend_start_fraction)
+    for word, value in params.reweight.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= MAX_REWEIGHT):
+            violations.append(("reweight", f"scale of {word[:40]!r} must be a number in "
+                               f"[-{MAX_REWEIGHT:g}, {MAX_REWEIGHT:g}], got {value!r}"))
     return violations
 
 
@@ -124,6 +136,12 @@ def check_edit_options(target_prompt: str, steps: int, engine: str, guidance: fl
     if engine == "masactrl":
         if not isinstance(masactrl.start_step, int) or masactrl.start_step < 0:
             violations.append(("start_step", f"must be >= 0, got {masactrl.start_step!r}"))
+        if not isinstance(masactrl.end_step, int) or masactrl.end_step < 0:
+            violations.append(("end_step", f"must be >= 0, got {masactrl.end_step!r}"))
+        if bool(masactrl.mask_source_words) != bool(masactrl.mask_target_words):
+            violations.append(("mask_target_words" if masactrl.mask_source_words else "mask_source_words",
+                               "MaskAuto needs words of both prompts (mask_source_words and mask_target_words)"))
+        _check_fraction(violations, "mask_threshold", masactrl.mask_threshold)
         if not isinstance(masactrl.start_layer, int) or not 0 <= masactrl.start_layer <= REFERENCE_LAYER_COUNT:
             violations.append(("start_layer", f"must be in [0, {REFERENCE_LAYER_COUNT}] "
                                f"(Stable Diffusion's self-attention layer numbering), got {masactrl.start_layer!r}"))
@@ -131,49 +149,182 @@ def check_edit_options(target_prompt: str, steps: int, engine: str, guidance: fl
         raise InvalidArgument.many(violations)
 
 
-def make_controller(sites, steps: int, plan: PlannedP2P | None, p2p: P2PParams, masactrl: MasaCtrlParams):
-    """The engine's controller for one edit: P2P when a plan is given, else MasaCtrl."""
+def make_controller(sites, steps: int, plan: PlannedP2P | None, p2p: P2PParams, masactrl: MasaCtrlParams,
+                    latent_size: tuple[int, int], native_side: int, mask_weights: torch.Tensor | None = None):
+    """The engine's controller for one edit: P2P when a plan is given, else MasaCtrl (MaskAuto
+    when ``mask_weights``, the MaskAuto words' token weights, are given)."""
     if plan is None:
+        if mask_weights is not None:
+            return MutualSelfAttentionMaskAuto(sites, masactrl, mask_weights, blend_sites(sites, latent_size).sites,
+                                               masactrl.mask_threshold)
         return MutualSelfAttention(sites, masactrl)
-    local_blend = None
+    local_blend, blend_at = None, frozenset()
     if plan.blend_weights is not None:
+        layout = blend_sites(sites, latent_size)
+        blend_at = layout.sites
         local_blend = LocalBlend(plan.blend_weights, p2p.blend_threshold,
-                                 start_step=int(p2p.blend_start_fraction * steps))
+                                 start_step=int(p2p.blend_start_fraction * steps), pooling=layout.pooling,
+                                 subtract_floor=layout.subtract_floor)
     # The reference's windows: cross over int(f * (steps + 1)) steps (its alpha table has steps + 1
     # rows), self over int(f * steps).
     return P2PController(plan.cross_edit, cross_steps=int(p2p.cross_replace_fraction * (steps + 1)),
-                         self_steps=int(p2p.self_replace_fraction * steps), self_sites=self_replace_sites(sites),
-                         local_blend=local_blend, local_blend_sites=blend_sites(sites))
+                         self_steps=int(p2p.self_replace_fraction * steps),
+                         self_sites=self_replace_sites(sites, latent_size, native_side),
+                         local_blend=local_blend, local_blend_sites=blend_at)
+
+
+def resolve_prox_edit(options: ProxEditParams, recipe: EditRecipe, engine: str, has_chain: bool) -> ResolvedProxEdit:
+    """Fill the unset ProxEdit options from the method's recipe and the engine (raises InvalidArgument)."""
+    violations = []
+    quantile = proxedit.DEFAULT_QUANTILE[engine] if options.quantile is None else options.quantile
+    if not (isinstance(quantile, (int, float)) and math.isfinite(quantile) and 0.0 < quantile < 1.0):
+        violations.append(("quantile", f"must be a number in (0, 1), got {quantile!r}"))
+    if not isinstance(options.inversion_guidance_timestep, int) or options.inversion_guidance_timestep < 0:
+        violations.append(("inversion_guidance_timestep",
+                           f"must be a non-negative integer, got {options.inversion_guidance_timestep!r}"))
+    prox = recipe.proximal_guidance if options.proximal_guidance is None else options.proximal_guidance
+    guide = options.inversion_guidance
+    if guide and engine != "p2p":
+        violations.append(("inversion_guidance", "SPDInv's pipeline runs it with P2P only"))
+    if guide and not prox:
+        violations.append(("inversion_guidance", "needs proximal guidance (its mask comes from it)"))
+    if guide and not has_chain:
+        violations.append(("source", "inversion guidance needs the inverted chain: invert with "
+                           "return_chain and send the result back, or invert in the same call"))
+    if guide is None:
+        guide = recipe.inversion_guidance and prox and engine == "p2p" and has_chain
+    if violations:
+        raise InvalidArgument.many(violations)
+    return ResolvedProxEdit(bool(prox), float(quantile), bool(guide), int(options.inversion_guidance_timestep))
 
 
 def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps: int, engine: str = "p2p",
          guidance: float = 7.5, p2p: P2PParams | None = None, masactrl: MasaCtrlParams | None = None,
-         control: CallControl | None = None) -> EditOutput:
-    """Edit the image inverted to `z_T` from `source_prompt` towards `target_prompt`."""
+         control: CallControl | None = None, prox_edit: ProxEditParams | None = None, method: str = "spdinv",
+         chain: torch.Tensor | None = None, null_embeddings: torch.Tensor | None = None,
+         preset: str = "") -> EditOutput:
+    """Edit the image inverted to `z_T` from `source_prompt` towards `target_prompt`.
+
+    ``method`` names the inversion that produced ``z_T`` and selects its editing recipe;
+    ``chain`` (z_0..z_T, (steps+1, C, h, w)) enables inversion guidance and DirectInversion;
+    ``null_embeddings`` ((steps, L, D)) are NTI's per-step unconditional embeddings.
+    ``preset`` "spdinv" fills unset P2P options as SPDInv's script does (``presets``).
+    """
     p2p = p2p or P2PParams()
+    if preset not in presets.PRESETS:
+        raise InvalidArgument("preset", f"unknown preset {preset!r}; expected one of {presets.PRESETS}")
+    if preset == "spdinv" and engine == "p2p":
+        p2p = presets.spdinv_p2p(source_prompt, target_prompt, p2p)
     masactrl = masactrl or MasaCtrlParams()
     control = control or CallControl()
     if z_T.ndim != 4 or z_T.shape[0] != 1:
         raise InvalidArgument("z_t", f"expected one latent of shape (1, C, h, w), got {tuple(z_T.shape)}")
     check_edit_options(target_prompt, steps, engine, guidance, p2p, masactrl)
+    recipe = RECIPES.get(method)
+    if recipe is None:
+        raise InvalidArgument("source", f"unknown inversion method {method!r}")
+    check_method_inputs(recipe, steps, z_T, chain, null_embeddings)
+    prox = resolve_prox_edit(prox_edit or ProxEditParams(), recipe, engine, chain is not None)
 
     plan = plan_p2p(model.tokenizer, source_prompt, target_prompt, p2p, model.tokenizer.model_max_length) \
         if engine == "p2p" else None
+    mask_weights = _mask_auto_weights(model.tokenizer, source_prompt, target_prompt, masactrl) \
+        if engine == "masactrl" and masactrl.mask_source_words else None
     embeddings = model.encode_prompt([source_prompt, target_prompt])  # (2, L, D), L = model_max_length
-    uncond = embeddings[:1].expand_as(embeddings)
-
-    layout = BatchLayout(branches=2, groups=("uncond", "cond") if guidance != 1.0 else ("cond",))
+    unconditional = _unconditional(model, recipe, engine, embeddings, null_embeddings)
+    # Per-branch guidance: MasaCtrl's source branch runs unguided (SPDInv's [1, scale]).
+    scales = torch.tensor([1.0 if engine == "masactrl" else guidance, guidance], device=model.device,
+                          dtype=torch.float32).view(2, 1, 1, 1)
+    guided = guidance != 1.0
+    layout = BatchLayout(branches=2, groups=("uncond", "cond") if guided else ("cond",))
     latents = z_T.to(model.device, model.dtype).expand(2, *z_T.shape[1:]).clone()
     latent_size = tuple(latents.shape[-2:])
+    if chain is not None:
+        chain = chain.to(model.device, model.dtype)
     scheduler = model.new_scheduler()
     scheduler.set_timesteps(steps, device=model.device)
     with torch.no_grad(), controlled_attention(model.unet) as sites:
-        controller = make_controller(sites, steps, plan, p2p, masactrl)
+        controller = make_controller(sites, steps, plan, p2p, masactrl, latent_size, _native_side(model), mask_weights)
         for i, t in enumerate(scheduler.timesteps):
-            eps = guided_eps(model, latents, t, embeddings, uncond, guidance, control,
-                             cross_attention_kwargs=attention_kwargs(controller, i, layout, latent_size))
+            kwargs = attention_kwargs(controller, i, layout, latent_size)
+            mask = None
+            if guided:
+                eps_uncond, eps_cond = unet_eps(model, torch.cat([latents, latents]), t,
+                                                torch.cat([unconditional(i), embeddings]), control,
+                                                kwargs).float().chunk(2)
+                delta = eps_cond - eps_uncond
+                if prox.proximal_guidance:
+                    rows = slice(None) if engine == "p2p" else slice(1, None)
+                    delta[rows], tau = proxedit.shrink(delta[rows], prox.quantile)
+                    if prox.inversion_guidance and int(t) < prox.inversion_guidance_timestep:
+                        mask = proxedit.edit_mask(delta, tau)
+                eps = eps_uncond + scales * delta
+            else:
+                eps = unet_eps(model, latents, t, embeddings, control, kwargs)
             alpha_t, alpha_prev = step_alphas(scheduler, t)
-            latents = controller.after_step(i, ddim_step(latents, eps, alpha_t, alpha_prev))
+            latents = ddim_step(latents, eps.to(latents.dtype), alpha_t, alpha_prev)
+            if mask is not None:
+                latents = proxedit.inversion_guidance(latents, mask.to(latents.dtype), chain[steps - i - 1])
+            if recipe.pin_source:  # DirectInversion: the source branch's gap to the chain added back
+                latents[0] = chain[steps - i - 1]
+            latents = controller.after_step(i, latents)
             control.progress("edit", i + 1, steps)
     images = model.decode_latents(latents)
     return EditOutput(image=images[1:2], source_image=images[:1], mode=plan.mode if plan else "")
+
+
+def check_method_inputs(recipe: EditRecipe, steps: int, z_T: torch.Tensor, chain, null_embeddings) -> None:
+    violations = []
+    if chain is not None and (chain.ndim != 4 or chain.shape[0] != steps + 1 or chain.shape[1:] != z_T.shape[1:]):
+        violations.append(("source", f"expected z_0..z_T of shape ({steps + 1}, {', '.join(map(str, z_T.shape[1:]))})"
+                           f", got {tuple(chain.shape)}"))
+    if recipe.pin_source and chain is None:
+        violations.append(("source", "DirectInversion edits along the inverted chain: invert with "
+                           "return_chain and send the result back, or invert in the same call"))
+    if recipe.unconditional == "optimised":
+        if null_embeddings is None:
+            violations.append(("source", "null-text inversion's per-step embeddings are "
+                               "required (send the Invert result back as returned)"))
+        elif null_embeddings.ndim != 3 or null_embeddings.shape[0] != steps:
+            violations.append(("source",
+                               f"expected ({steps}, L, D), got {tuple(null_embeddings.shape)}"))
+    if violations:
+        raise InvalidArgument.many(violations)
+
+
+def _unconditional(model, recipe: EditRecipe, engine: str, embeddings: torch.Tensor, null_embeddings):
+    """step -> (2, L, D) unconditional embeddings of [source, target]."""
+    if recipe.unconditional == "optimised":
+        per_step = null_embeddings.to(model.device, embeddings.dtype)
+        if per_step.shape[1:] != embeddings.shape[1:]:
+            raise InvalidArgument("source",
+                                  f"expected (steps, {', '.join(map(str, embeddings.shape[1:]))}), got {tuple(per_step.shape)}")
+        return lambda step: per_step[step:step + 1].expand_as(embeddings)
+    null = model.encode_prompt([""])
+    source = embeddings[:1] if recipe.unconditional == "source" else null
+    fixed = torch.cat([source, null if engine == "masactrl" else source])
+    return lambda step: fixed
+
+
+def _native_side(model) -> int:
+    """The UNet's training latent side (SD 1.x: 64), which the references' layer rules assume."""
+    size = model.unet.config.sample_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def _mask_auto_weights(tokenizer, source_prompt: str, target_prompt: str, masactrl: MasaCtrlParams) -> torch.Tensor:
+    """(2, tokens): 1 at the MaskAuto words' tokens of the source (row 0) and target (row 1) prompts."""
+    max_len = tokenizer.model_max_length
+    weights = torch.zeros(2, max_len)
+    violations = []
+    for row, (prompt, words, name) in enumerate(((source_prompt, masactrl.mask_source_words, "mask_source_words"),
+                                                 (target_prompt, masactrl.mask_target_words, "mask_target_words"))):
+        tokens = tokenize_words(tokenizer, prompt, max_len, field="source_prompt" if row == 0 else "target_prompt")
+        for word in words:
+            positions = word_positions(tokens, word)
+            if not positions:
+                violations.append((name, f"word {word[:40]!r} is not in the {'source' if row == 0 else 'target'} prompt"))
+            weights[row, positions] = 1.0
+    if violations:
+        raise InvalidArgument.many(violations)
+    return weights

@@ -5,12 +5,23 @@ token alignment (`get_refinement_mapper`), reweighting (`get_equalizer`, applied
 other edits as the reference's `prev_controller`), and LocalBlend. Only the conditional rows
 are edited; branch 0 of the batch is the source, branch 1.. the targets.
 
-Scale mapping (the reference targets SD at 512px, 64x64 latents):
-- self-attention is replaced where the reference does it, at maps up to 16x16, i.e. the two
-  lowest of SD's four attention resolutions (16x16 and 8x8); here: the lower half (at least one)
-  of the UNet's distinct self-attention resolutions.
-- LocalBlend averages the cross-attention maps of the down/up blocks at the lowest resolution
-  (the reference's `down_cross[2:4] + up_cross[:3]`, the 16x16 layers of SD).
+Scale mapping (the reference targets SD at 512px, 64x64 latents; "native" below is the UNet's
+`sample_size`, 64 on SD 1.x):
+- self-attention is replaced where the real-image references do it (the null-text notebook and
+  SPDInv's utils/control_utils.py: maps of at most 32**2 positions, i.e. SD's 32x32, 16x16 and
+  8x8 layers; the text-to-image notebook's 16**2 is not the real-image rule): maps of at most
+  (native / 2)**2 positions.
+- LocalBlend averages the down/up cross-attention maps of the reference's level, its 16x16
+  layers (`down_cross[2:4] + up_cross[:3]`, a quarter of the latent side), max-pooled 3x3 (a
+  window of 3/16 of the frame). On a small UNet a quarter of the latent is 2x2, where that pool
+  makes the mask constant (the whole frame). So the level is the one closest to max(latent / 4,
+  4) on a side (ties to the coarser) and the pool window keeps the reference's 3/16 of the frame: 2 * round(side / 16)
+  + 1, i.e. 3x3 on SD's 16x16 maps (the reference exactly), none on a 4x4 map. Maps smaller than
+  SD's 16x16 are also min-max normalised instead of max-normalised: on the toy's 4x4 maps (16
+  positions share each softmax) every word attends everywhere at 35-70% of its peak, so the
+  reference's "> 0.3 of the max" held on the whole frame (one-object colour edits: coverage 1.00
+  with max, 0.19-0.56 with min-max, objects covering 4-19% of the image); on SD the floor is near
+  0 and the reference's normalisation is kept.
 """
 
 from __future__ import annotations
@@ -22,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from atelier.core.attention import AttentionCall, AttentionController, AttentionSite
+from atelier.core.errors import InvalidArgument
 
 MODES = ("auto", "replace", "refine", "reweight")
+MAX_REWEIGHT = 100.0  # |scale| bound: attention probabilities times more overflow float16/32 sums
 
 
 @dataclass
@@ -52,8 +65,13 @@ def normalize_word(word: str) -> str:
     return word.strip(string.punctuation).lower()
 
 
-def tokenize_words(tokenizer, prompt: str, max_len: int) -> PromptTokens:
-    """Tokenise word by word (CLIP's BPE never merges across spaces) and check against the whole."""
+def tokenize_words(tokenizer, prompt: str, max_len: int, field: str = "prompt") -> PromptTokens:
+    """Tokenise word by word (CLIP's BPE never merges across spaces) and check against the whole.
+
+    Words are split at the whitespace the tokenizer itself cleans (`\\s+`); a prompt that still
+    tokenises differently word by word (characters the tokenizer drops or merges) is refused as
+    INVALID_ARGUMENT naming ``field``: P2P's token mapping needs each word's tokens.
+    """
     words = prompt.split()
     ids, spans, position = [tokenizer.bos_token_id], [], 1
     for word in words:
@@ -64,7 +82,8 @@ def tokenize_words(tokenizer, prompt: str, max_len: int) -> PromptTokens:
     ids = ids[: max_len - 1] + [tokenizer.eos_token_id]
     whole = tokenizer(prompt, truncation=True, max_length=max_len).input_ids
     if list(whole) != ids:
-        raise RuntimeError(f"word-by-word tokenisation of {prompt!r} differs from the whole prompt's")
+        raise InvalidArgument(field, "its words tokenise differently one by one than together (control or "
+                              "unusual whitespace characters?); Prompt-to-Prompt needs each word's tokens")
     return PromptTokens(tuple(normalize_word(w) for w in words), tuple(ids), tuple(spans))
 
 
@@ -155,18 +174,40 @@ def equalizer(target: PromptTokens, weights: dict[str, float], max_len: int) -> 
 
 # ---------------------------------------------------------------- layer choice
 
-def self_replace_sites(sites: list[AttentionSite]) -> set[str]:
-    levels = sorted({s.level for s in sites if not s.is_cross})
-    keep = set(levels[len(levels) - max(1, len(levels) // 2):])
-    return {s.name for s in sites if not s.is_cross and s.level in keep}
+def _side(latent_side: int, level: int) -> int:
+    for _ in range(level):
+        latent_side = (latent_side + 1) // 2  # diffusers' stride-2 downsamplers
+    return latent_side
 
 
-def blend_sites(sites: list[AttentionSite]) -> set[str]:
+def self_replace_sites(sites: list[AttentionSite], latent_size: tuple[int, int], native_side: int) -> set[str]:
+    """Self-attention sites whose maps have at most (native / 2)**2 positions (the real-image 32**2 rule)."""
+    limit = (native_side // 2) ** 2
+    return {s.name for s in sites if not s.is_cross
+            and _side(latent_size[0], s.level) * _side(latent_size[1], s.level) <= limit}
+
+
+REFERENCE_BLEND_SIDE = 16  # the reference's LocalBlend maps (SD 1.x at 512 px)
+
+
+@dataclass(frozen=True)
+class BlendLayout:
+    sites: frozenset[str]
+    pooling: int           # max-pool kernel side
+    subtract_floor: bool   # min-max normalisation (maps smaller than the reference's)
+
+
+def blend_sites(sites: list[AttentionSite], latent_size: tuple[int, int]) -> BlendLayout:
+    """Where LocalBlend reads its maps and how it pools them: see the module docstring."""
     cross = [s for s in sites if s.is_cross and s.place != "mid"] or [s for s in sites if s.is_cross]
     if not cross:
-        return set()
-    lowest = max(s.level for s in cross)
-    return {s.name for s in cross if s.level == lowest}
+        return BlendLayout(frozenset(), 1, False)
+    wanted = max(latent_size[0] / 4, 4)
+    level = min({s.level for s in cross}, key=lambda lv: (abs(_side(latent_size[0], lv) - wanted), -lv))
+    side = _side(latent_size[0], level)
+    return BlendLayout(frozenset(s.name for s in cross if s.level == level),
+                       2 * round(side / REFERENCE_BLEND_SIDE) + 1,
+                       side < REFERENCE_BLEND_SIDE)
 
 
 # ---------------------------------------------------------------- local blend
@@ -178,10 +219,13 @@ class LocalBlend:
     Maps are summed over steps (the reference's attention store), averaged over heads and layers.
     """
 
-    def __init__(self, word_weights: torch.Tensor, threshold: float, start_step: int):
+    def __init__(self, word_weights: torch.Tensor, threshold: float, start_step: int, pooling: int = 3,
+                 subtract_floor: bool = False):
         self.word_weights = word_weights
         self.threshold = threshold
         self.start_step = start_step
+        self.pooling = pooling
+        self.subtract_floor = subtract_floor
         self.maps: dict[str, torch.Tensor] = {}
 
     def record(self, site: AttentionSite, cond_probs: torch.Tensor, spatial_size: tuple[int, int]) -> None:
@@ -194,8 +238,11 @@ class LocalBlend:
 
     def mask(self, latent_size: tuple[int, int]) -> torch.Tensor:
         maps = torch.cat(list(self.maps.values()), dim=1).mean(1, keepdim=True)  # (branches, 1, h, w)
-        maps = F.max_pool2d(maps, kernel_size=3, stride=1, padding=1)
+        if self.pooling > 1:
+            maps = F.max_pool2d(maps, kernel_size=self.pooling, stride=1, padding=self.pooling // 2)
         maps = F.interpolate(maps, size=latent_size)
+        if self.subtract_floor:
+            maps = maps - maps.amin(dim=(2, 3), keepdim=True)
         maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
         mask = maps > self.threshold
         return mask[:1] | mask

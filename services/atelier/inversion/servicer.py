@@ -15,6 +15,7 @@ from atelier.core.models import SD, ModelRegistry, fit_to_vae
 from atelier.core.streaming import stream_call
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
 from atelier.inversion.inversion import invert
+from atelier.inversion.proxedit import DEFAULT_INVERSION_GUIDANCE_TIMESTEP, ProxEditParams
 from atelier.sdk import codec
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
@@ -24,8 +25,14 @@ _METHODS = {
     inversion_pb2.INVERSION_METHOD_UNSPECIFIED: "spdinv",
     inversion_pb2.DDIM: "ddim",
     inversion_pb2.SPDINV: "spdinv",
+    inversion_pb2.NPI: "npi",
+    inversion_pb2.PROXNPI: "proxnpi",
+    inversion_pb2.DIRECT_INVERSION: "directinv",
+    inversion_pb2.NULL_TEXT: "nti",
+    inversion_pb2.FIXED_POINT: "fixed_point",
 }
-_METHOD_ENUMS = {"ddim": inversion_pb2.DDIM, "spdinv": inversion_pb2.SPDINV}
+_METHOD_ENUMS = {name: enum for enum, name in _METHODS.items() if enum != inversion_pb2.INVERSION_METHOD_UNSPECIFIED}
+_PRESETS = {inversion_pb2.EDIT_PRESET_UNSPECIFIED: "", inversion_pb2.SPDINV_PIPELINE: "spdinv"}
 _ENGINES = {
     inversion_pb2.EDIT_ENGINE_UNSPECIFIED: "p2p",
     inversion_pb2.P2P: "p2p",
@@ -61,6 +68,7 @@ class InvertJob:
     steps: int
     return_chain: bool
     spdinv: dict
+    null_text_guidance: float | None = None  # None: the model's default, or the edit's guidance inside Edit
 
 
 @dataclasses.dataclass
@@ -78,6 +86,11 @@ class EditJob:
     p2p: P2PParams
     masactrl: MasaCtrlParams
     return_source: bool
+    method: str = "spdinv"
+    chain: torch.Tensor | None = None  # (steps+1, 4, h, w) float32, when the client sent it back
+    null_embeddings: torch.Tensor | None = None
+    prox_edit: ProxEditParams = dataclasses.field(default_factory=ProxEditParams)
+    preset: str = ""
 
 
 # How long a call waits for its model to load (on the registry's loader thread) before
@@ -101,10 +114,11 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
                         "return_chain" if job.return_chain else "num_inference_steps",
                         "ask without return_chain, or for fewer steps or a smaller image")
         model = self._model(job.model, context)
+        guidance = self._registry.info(job.model).default_guidance_scale  # what NTI optimises for, unless given
         yield from stream_call(
             context,
             self._executor,
-            lambda control: self._run_invert(job, control, model),
+            lambda control: self._run_invert(job, control, model, guidance),
             lambda event: inversion_pb2.InvertEvent(progress=_progress(event)),
             lambda result, control: inversion_pb2.InvertEvent(result=_inversion_result(job, result, control)),
         )
@@ -128,14 +142,19 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
         wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
         return self._registry.get(name, kind=SD, wait_seconds=wait)
 
-    def _run_invert(self, job: InvertJob, control, model):
+    def _run_invert(self, job: InvertJob, control, model, guidance: float):
+        nti_guidance = guidance if job.null_text_guidance is None else job.null_text_guidance
         return invert(
-            model, job.image.to(device=model.device, dtype=model.dtype), job.prompt, method=job.method, steps=job.steps, control=control, **job.spdinv
+            model, job.image.to(device=model.device, dtype=model.dtype), job.prompt, method=job.method,
+            steps=job.steps, control=control, guidance_scale=nti_guidance, **job.spdinv
         )
 
     def _run_edit(self, job: EditJob, control, model):
+        chain, null_embeddings = job.chain, job.null_embeddings
         if job.invert_job is not None:
-            z_t = self._run_invert(job.invert_job, control, model).chain[-1:]
+            inverted = self._run_invert(job.invert_job, control, model, guidance=job.guidance)
+            chain, null_embeddings = inverted.chain, inverted.extras.get("null_embeddings")
+            z_t = chain[-1:]
         else:
             z_t = job.z_t.to(device=model.device, dtype=model.dtype)
         return edit(
@@ -149,6 +168,11 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             p2p=job.p2p,
             masactrl=job.masactrl,
             control=control,
+            prox_edit=job.prox_edit,
+            method=job.method,
+            chain=chain,
+            null_embeddings=null_embeddings,
+            preset=job.preset,
         )
 
     # ---- request parsing (cheap, before the call is queued) -------------
@@ -178,36 +202,52 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
         image = codecs.array_to_torch(np.array(fit_to_vae(pixels, self._registry.info(model), args["image"])))
         if request.method not in _METHODS:
             raise InvalidArgument(args["method"], f"unknown inversion method {request.method}")
-        opts = request.spdinv
+        method = _METHODS[request.method]
+        opts = request.fixed_point if method == "fixed_point" else request.spdinv
+        group = "fixed_point" if method == "fixed_point" else "spdinv"
         spdinv = {}
         if opts.HasField("max_rounds"):
             if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
                 raise InvalidArgument("max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
             spdinv["max_rounds"] = opts.max_rounds
-        for name in ("learning_rate", "loss_threshold", "weight_decay"):
+        names = ("loss_threshold",) if group == "fixed_point" else ("learning_rate", "loss_threshold", "weight_decay")
+        for name in names:
             if opts.HasField(name):
                 value = getattr(opts, name)
                 if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
                     raise InvalidArgument(name, f"must be a finite positive number, got {value}")
                 spdinv[name] = value
+        if group == "spdinv" and opts.HasField("check_first"):
+            spdinv["check_first"] = opts.check_first
+        if group == "fixed_point" and opts.HasField("anderson_memory"):
+            if not 0 <= opts.anderson_memory <= 16:
+                raise InvalidArgument("anderson_memory", "must be between 0 and 16")
+            spdinv["anderson_memory"] = opts.anderson_memory
+        null_text_guidance = None
+        if request.null_text.HasField("guidance_scale"):
+            null_text_guidance = request.null_text.guidance_scale
+            if not np.isfinite(null_text_guidance) or not 0.0 <= null_text_guidance <= 50.0:
+                raise InvalidArgument("null_text_guidance_scale", "must be between 0 and 50")
         return InvertJob(
             model=model,
             image=image,
             prompt=self._prompt(request.prompt, args["prompt"]),
-            method=_METHODS[request.method],
+            method=method,
             steps=self._steps(request, args["num_inference_steps"]),
             return_chain=request.return_chain,
             spdinv=spdinv,
+            null_text_guidance=null_text_guidance,
         )
 
     def _parse_edit(self, request: inversion_pb2.EditRequest) -> EditJob:
         source = request.WhichOneof("source")
         if source is None:
             raise InvalidArgument("source", "set either inversion (a result of Invert) or invert (a request)")
-        invert_job, z_t = None, None
+        invert_job, z_t, chain, null_embeddings = None, None, None, None
         if source == "invert":
             invert_job = self._parse_invert(request.invert, EDIT_INVERT_ARGS)
             model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
+            method = invert_job.method
             height, width = invert_job.image.shape[2:]
         else:
             # An Inversion sent back as is: whatever is wrong with it, the SDK argument is ``source``.
@@ -229,6 +269,19 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
                 raise InvalidArgument("source.z_t", f"larger than {self._limits.max_pixels} pixels")
             if not torch.isfinite(z_t).all():
                 raise InvalidArgument("source.z_t", "contains NaN or infinite values")
+            if inv.method not in _METHODS:
+                raise InvalidArgument("source", f"unknown inversion method {inv.method}")
+            method = _METHODS[inv.method]
+            if inv.HasField("chain"):
+                chain = codecs.tensor_to_torch(inv.chain, field="source.chain",
+                                               shape=(steps + 1, *z_t.shape[1:])).float()
+                if not torch.isfinite(chain).all():
+                    raise InvalidArgument("source.chain", "contains NaN or infinite values")
+            if inv.HasField("null_embeddings"):
+                null_embeddings = codecs.tensor_to_torch(inv.null_embeddings, field="source.null_embeddings",
+                                                         shape=(steps, None, None)).float()
+                if not torch.isfinite(null_embeddings).all():
+                    raise InvalidArgument("source.null_embeddings", "contains NaN or infinite values")
         if request.model.name and request.model.name != model:
             raise InvalidArgument("model", f"differs from the inversion's model {model!r}")
         engine = _ENGINES.get(request.engine)
@@ -240,6 +293,18 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
         if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
             raise InvalidArgument("guidance_scale", f"must be between 0 and 50, got {guidance}")
         p2p, masactrl = _p2p_params(request.p2p), _masactrl_params(request.masactrl)
+        if request.preset not in _PRESETS:
+            raise InvalidArgument("preset", f"unknown preset {request.preset}")
+        prox_edit = _prox_edit_params(request.prox_edit)
+        if method == "directinv" and chain is None and invert_job is None:
+            raise InvalidArgument("source", "DirectInversion edits along the inverted chain: invert with "
+                                  "return_chain and send the result back, or invert in the same call")
+        if method == "nti" and null_embeddings is None and invert_job is None:
+            raise InvalidArgument("source", "null-text inversion's embeddings are required "
+                                  "(send the Invert result back as returned)")
+        if prox_edit.inversion_guidance and chain is None and invert_job is None:
+            raise InvalidArgument("source", "inversion guidance needs the inverted chain: invert with "
+                                  "return_chain and send the result back, or invert in the same call")
         # The method's own checks, before the call is queued (and before any inversion in it).
         check_edit_options(target, steps, engine, guidance, p2p, masactrl)
         return EditJob(
@@ -256,6 +321,11 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             p2p=p2p,
             masactrl=masactrl,
             return_source=request.return_source,
+            method=method,
+            chain=chain,
+            null_embeddings=null_embeddings,
+            prox_edit=prox_edit,
+            preset=_PRESETS[request.preset],
         )
 
 
@@ -264,7 +334,8 @@ def _invert_answer_bytes(job: InvertJob, facts) -> int:
     height, width = job.image.shape[2:]
     latent = 4 * facts.latent_channels * (height // facts.vae_scale_factor) * (width // facts.vae_scale_factor)
     chain = (job.steps + 1) * latent if job.return_chain else 0
-    return latent + chain + 64 * job.steps + 4096
+    null_embeddings = job.steps * 77 * 1024 * 4 if job.method == "nti" else 0  # CLIP L <= 77 tokens, D <= 1024
+    return latent + chain + null_embeddings + 64 * job.steps + 4096
 
 
 def _edit_answer_bytes(job: EditJob) -> int:
@@ -292,9 +363,25 @@ def _p2p_params(opts: inversion_pb2.P2POptions) -> P2PParams:
 
 
 def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions) -> MasaCtrlParams:
-    defaults = MasaCtrlParams()  # the reference's step 4, layer 10
+    defaults = MasaCtrlParams()  # the reference's step 4, layer 10, total_steps 50
     return MasaCtrlParams(start_step=_optional(opts, "start_step", defaults.start_step),
-                          start_layer=_optional(opts, "start_layer", defaults.start_layer))
+                          start_layer=_optional(opts, "start_layer", defaults.start_layer),
+                          end_step=_optional(opts, "end_step", defaults.end_step),
+                          mask_source_words=list(opts.mask_source_words),
+                          mask_target_words=list(opts.mask_target_words),
+                          mask_threshold=_optional(opts, "mask_threshold", defaults.mask_threshold))
+
+
+def _prox_edit_params(opts: inversion_pb2.ProxEditOptions) -> ProxEditParams:
+    quantile = _optional(opts, "quantile", None)
+    if quantile is not None and not (np.isfinite(quantile) and 0.0 < quantile < 1.0):
+        raise InvalidArgument("quantile", f"must be in (0, 1), got {quantile}")
+    timestep = _optional(opts, "inversion_guidance_timestep", DEFAULT_INVERSION_GUIDANCE_TIMESTEP)
+    if timestep < 0:
+        raise InvalidArgument("inversion_guidance_timestep", f"must not be negative, got {timestep}")
+    return ProxEditParams(proximal_guidance=_optional(opts, "proximal_guidance", None), quantile=quantile,
+                          inversion_guidance=_optional(opts, "inversion_guidance", None),
+                          inversion_guidance_timestep=timestep)
 
 
 def _progress(event) -> common_pb2.Progress:
@@ -322,6 +409,9 @@ def _inversion_result(job: InvertJob, out, control) -> inversion_pb2.InversionRe
     )
     if job.return_chain:
         result.chain.CopyFrom(codecs.tensor_from_torch(chain, name="chain"))
+    if "null_embeddings" in out.extras:
+        result.null_embeddings.CopyFrom(codecs.tensor_from_torch(out.extras["null_embeddings"].float().cpu(),
+                                                                 name="null_embeddings"))
     for index, (timestep, residual, rounds) in enumerate(zip(out.timesteps, out.residuals, out.rounds), 1):
         result.diagnostics.add(index=index, timestep=int(timestep), residual=float(residual), rounds=int(rounds))
     return result

@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_methods() -> dict[str, TrainingMethod]:
     """The training methods this build offers, by CreateJobRequest ``method`` field."""
     from atelier.personalization.eqdiff_method import EqDiffMethod
+    from atelier.personalization.layerdiffusion.job import LayerEditMethod
 
-    return {"eqdiff": EqDiffMethod()}
+    return {"eqdiff": EqDiffMethod(), "layer_edit": LayerEditMethod()}
 
 
 class PersonalizationApp:
@@ -95,6 +96,10 @@ class PersonalizationApp:
             max_pending=extras.get("max_pending_jobs", 64), owner=extras.get("replica_id") or None,
             max_attempts=extras.get("job_max_attempts", 5))
         self.segmentation = SegmentationMasks(extras.get("segmentation_address") or None, config.auth.peer)
+        for method in self.methods.values():
+            bind = getattr(method, "bind", None)
+            if bind is not None:
+                bind(self.segmentation, config.max_image_pixels)
         self.worker = JobWorker(self.store, self.artifacts, self.registry, self.executor, self.methods,
                                 self.job_metrics, self.settings, config.max_image_pixels)
 

@@ -41,6 +41,13 @@ class GenerateOptions:
 
 
 class TrainingMethod(Protocol):
+    """Optional members, looked up with getattr by the servicer and app: ``needs_class_word``
+    (default True: class_word / initializer_token are checked against the tokenizer);
+    ``check_request(request, size)`` (InvalidArgument for the method's own request fields, before
+    anything is queued); ``complete_request(inputs, size, deadline, request_id)`` (fills the
+    stored request, e.g. segments the method's other images, within the caller's deadline);
+    ``bind(segmentation, max_image_pixels)`` (the app hands over its clients and limits)."""
+
     name: str  # the CreateJobRequest oneof field, e.g. "eqdiff"; also Concept metadata "method"
 
     def parse(self, request, class_word: str, placeholder_token: str, initializer_token: str) -> Any:

@@ -91,27 +91,34 @@ class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.Personaliz
             raise InvalidArgument("mask_prompts", f"give one prompt set per image ({len(request.images)}) or none")
         if masks and request.mask_prompts:
             raise InvalidArgument("mask_prompts", "give masks or mask_prompts, not both")
+        check_request = getattr(method, "check_request", None)  # the method's own request fields
+        if check_request is not None:
+            check_request(request, size)
         class_word = " ".join(request.class_word.split())
         tokenizer = self._model(model_name, context).tokenizer
-        self._check_words(tokenizer, class_word, "class_word")
-        if request.initializer_token:
-            self._check_words(tokenizer, request.initializer_token, "initializer_token")
+        if getattr(method, "needs_class_word", True):
+            self._check_words(tokenizer, class_word, "class_word")
+            if request.initializer_token:
+                self._check_words(tokenizer, request.initializer_token, "initializer_token")
         params = method.parse(getattr(request, method_name), class_word, request.placeholder_token,
                               request.initializer_token)
         placeholder = method.placeholder_token(params)
         vocab = tokenizer.get_vocab()
-        if placeholder in vocab or placeholder.lower() + "</w>" in vocab:
+        if placeholder and (placeholder in vocab or placeholder.lower() + "</w>" in vocab):
             raise InvalidArgument("placeholder_token", f"{placeholder!r} is already a word of the tokenizer; "
                                                        f"pick a new string such as '<my-{class_word}>'")
 
         inputs = personalization_pb2.CreateJobRequest()
         inputs.CopyFrom(request)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
         if not masks:
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
             inputs.masks.extend(self._segmentation.masks(request.images, request.mask_prompts, size, deadline,
                                                          _request_id(context)))
             check_masks(inputs, size, self._max_pixels, field="segmentation masks")
+        complete_request = getattr(method, "complete_request", None)  # e.g. segment the method's other images
+        if complete_request is not None:
+            complete_request(inputs, size, deadline, _request_id(context))
         inputs_hash = self._artifacts.put(inputs.SerializeToString(deterministic=True))
         try:
             job, _ = self._store.create_job(

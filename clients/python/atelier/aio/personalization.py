@@ -15,14 +15,16 @@ from atelier.sdk.personalization import (
     GenerateConceptResult,
     JobEvent,
     JobSnapshot,
+    LayerEditResult,
     MaskLike,
     PersonalizationClient,
+    WaitCollector,
     WatchFollower,
     cancel_job_request,
     concept_id_of,
     create_job_request,
-    event_progress,
     generate_concept_request,
+    layer_edit_request,
     list_jobs_request,
     read_concept_file,
     save_export,
@@ -73,23 +75,20 @@ class AsyncJob(JobSnapshot):
                     raise CancelledError("the call was cancelled by the caller") from None
 
     async def wait(self, progress: ProgressArg = None, timeout: Optional[float] = None,
-                   cancel: Optional[CancelToken] = None) -> Concept:
-        """Follow the job to its end; returns its Concept (as ``Job.wait``)."""
+                   cancel: Optional[CancelToken] = None) -> Union[Concept, LayerEditResult]:
+        """Follow the job to its end; returns its Concept, or a layer_edit job's LayerEditResult
+        (as ``Job.wait``)."""
         sink = make_sink(progress)
+        collector = WaitCollector(sink)
         try:
-            events = self.events(0, timeout=timeout, cancel=cancel)
-            try:
+            async with contextlib.aclosing(self.events(0, timeout=timeout, cancel=cancel)) as events:
                 async for event in events:
-                    update = event_progress(event)
-                    if update is not None:
-                        sink(update)
-            finally:
-                await events.aclose()
+                    collector.take(event)
         finally:
             sink.close()
         await self.refresh()
         if self.state == "SUCCEEDED":
-            return await self._client.concept(self.concept_id)
+            return collector.result(self, await self._client.concept(self.concept_id))
         raise self.outcome_error()
 
 
@@ -139,6 +138,33 @@ class AsyncPersonalizationClient:
             initializer_token=initializer_token, seed=seed, class_images=class_images, model=model,
             idempotency_key=idempotency_key, options=options)
         # Retrying CreateJob is safe only with a key (the same key returns the same job).
+        return AsyncJob(self, await self._unary("CreateJob", request, timeout, retry=bool(idempotency_key)))
+
+    async def layer_edit(
+        self,
+        image: Union[ImageLike, str, bytes],
+        object_text: str,
+        background_text: str,
+        reference: Optional[Union[ImageLike, str, bytes]] = None,
+        embedding_steps: int = 500,
+        finetune_steps: int = 250,
+        num_inference_steps: int = 50,
+        *,
+        mask: Optional[MaskLike] = None,
+        mask_prompt: Optional[Mapping[str, Any]] = None,
+        reference_mask: Optional[MaskLike] = None,
+        reference_mask_prompt: Optional[Mapping[str, Any]] = None,
+        seed: Optional[int] = None,
+        model: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
+        **options: Any,
+    ) -> AsyncJob:
+        request = layer_edit_request(
+            image, object_text, background_text, reference, embedding_steps, finetune_steps, num_inference_steps,
+            mask=mask, mask_prompt=mask_prompt, reference_mask=reference_mask,
+            reference_mask_prompt=reference_mask_prompt, seed=seed, model=model, idempotency_key=idempotency_key,
+            options=options)
         return AsyncJob(self, await self._unary("CreateJob", request, timeout, retry=bool(idempotency_key)))
 
     async def job(self, job_id: str) -> AsyncJob:

@@ -21,16 +21,19 @@ from PIL import Image as PILImage
 from atelier.sdk import codec
 from atelier.sdk.common import ImageLike, Usage, to_image_proto
 from atelier.sdk.errors import AtelierError, CancelledError, UnavailableError
-from atelier.sdk.progress import CancelToken, Progress, ProgressArg, make_sink
+from atelier.sdk.progress import CancelToken, Progress, ProgressArg, _ProgressSink, make_sink
 from atelier.sdk.transport import _Transport
 from atelier.v1 import common_pb2, personalization_pb2, personalization_pb2_grpc, segmentation_pb2, tensor_pb2
 
-__all__ = ["PersonalizationClient", "Job", "JobEvent", "Concept", "GenerateConceptResult", "JobFailedError",
-           "JobCancelledError", "STATES", "create_job_request", "list_jobs_request", "generate_concept_request"]
+__all__ = ["PersonalizationClient", "Job", "JobEvent", "Concept", "GenerateConceptResult", "LayerEditResult",
+           "JobFailedError", "JobCancelledError", "STATES", "create_job_request", "layer_edit_request",
+           "list_jobs_request", "generate_concept_request"]
 
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 _TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 _EQDIFF_FIELDS = frozenset(f.name for f in personalization_pb2.EqDiffOptions.DESCRIPTOR.fields)
+_LAYER_EDIT_FIELDS = frozenset(f.name for f in personalization_pb2.LayerEditOptions.DESCRIPTOR.fields) - {
+    "object_text", "background_text", "reference", "reference_mask", "reference_mask_prompt"}
 
 MaskLike = Union[np.ndarray, PILImage.Image, tensor_pb2.Mask]
 
@@ -82,11 +85,28 @@ class JobEvent:
     message: str
     time: float
     concept_id: str
+    preview: Optional[PILImage.Image] = field(default=None, repr=False)  # e.g. a layer_edit result image
 
     @classmethod
     def from_proto(cls, msg: personalization_pb2.JobEvent) -> "JobEvent":
+        preview = codec.image_to_pil(msg.preview, "preview") if msg.HasField("preview") and msg.preview.data \
+            else None
         return cls(msg.index, personalization_pb2.JobState.Name(msg.state), msg.step, msg.total_steps,
-                   dict(msg.losses), msg.phase, msg.message, msg.time, msg.concept_id)
+                   dict(msg.losses), msg.phase, msg.message, msg.time, msg.concept_id, preview)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerEditResult:
+    """A finished layer_edit job: the edited images and the concept that draws more of them
+    (``client.personalization.generate(result.concept, "", seed=s, guidance_scale=7.5)``: image k
+    of the job is seed job_seed + k)."""
+
+    images: list[PILImage.Image]
+    concept: "Concept"
+
+    @property
+    def image(self) -> PILImage.Image:
+        return self.images[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,12 +192,26 @@ class WatchFollower:
         return delay
 
 
-def event_progress(event: JobEvent) -> Optional[Progress]:
-    """A training event as ``atelier.Progress`` (phase, step of total, losses); None for state changes."""
-    if event.phase == "state" or not event.total_steps:
-        return None
-    message = " ".join(f"{k}={v:.4g}" for k, v in sorted(event.losses.items()))
-    return Progress(event.phase or "train", event.step, event.total_steps, message)
+class WaitCollector:
+    """What ``wait`` (sync and asyncio) makes of a job's events: progress for the sink, and a
+    layer_edit job's result images (the "sample" phase's previews)."""
+
+    def __init__(self, sink: _ProgressSink):
+        self._sink = sink
+        self._results: dict[int, PILImage.Image] = {}
+
+    def take(self, event: JobEvent) -> None:
+        if event.phase == "sample" and event.preview is not None:
+            self._results[event.step] = event.preview
+        if event.phase != "state" and event.total_steps:
+            message = " ".join(f"{k}={v:.4g}" for k, v in sorted(event.losses.items()))
+            self._sink(Progress(event.phase or "train", event.step, event.total_steps, message))
+
+    def result(self, job: JobSnapshot, concept: Concept) -> Union[Concept, LayerEditResult]:
+        """A succeeded job's result: its concept, or for a layer_edit job the images plus the concept."""
+        if job.proto.method == "layer_edit":
+            return LayerEditResult([self._results[step] for step in sorted(self._results)], concept)
+        return concept
 
 
 class Job(JobSnapshot):
@@ -221,21 +255,21 @@ class Job(JobSnapshot):
                     time.sleep(delay)
 
     def wait(self, progress: ProgressArg = None, timeout: Optional[float] = None,
-             cancel: Optional[CancelToken] = None) -> Concept:
-        """Follow the job to its end; returns its Concept. ``progress=True``: a tqdm bar over the
+             cancel: Optional[CancelToken] = None) -> Union[Concept, LayerEditResult]:
+        """Follow the job to its end; returns its Concept (a layer_edit job: a LayerEditResult,
+        the edited images plus the concept). ``progress=True``: a tqdm bar over the
         steps (one per phase, e.g. "class_images" then "train") with the losses in the postfix;
         a callable receives ``atelier.Progress`` events. Raises JobFailedError / JobCancelledError."""
         sink = make_sink(progress)
+        collector = WaitCollector(sink)
         try:
             for event in self.events(0, timeout=timeout, cancel=cancel):
-                update = event_progress(event)
-                if update is not None:
-                    sink(update)
+                collector.take(event)
         finally:
             sink.close()
         self.refresh()
         if self.state == "SUCCEEDED":
-            return self._client.concept(self.concept_id)
+            return collector.result(self, self._client.concept(self.concept_id))
         raise self.outcome_error()
 
 
@@ -310,6 +344,51 @@ def create_job_request(
         placeholder_token=placeholder_token or "",
         class_images=[_image_arg(image, f"class_images[{i}]") for i, image in enumerate(class_images or [])],
         idempotency_key=idempotency_key or "", eqdiff=eqdiff)
+    if seed is not None:
+        request.seed = int(seed)
+    return request
+
+
+def layer_edit_request(
+    image: Union[ImageLike, str, bytes],
+    object_text: str,
+    background_text: str,
+    reference: Optional[Union[ImageLike, str, bytes]] = None,
+    embedding_steps: int = 500,
+    finetune_steps: int = 250,
+    num_inference_steps: int = 50,
+    *,
+    mask: Optional[MaskLike] = None,
+    mask_prompt: Optional[Mapping[str, Any]] = None,
+    reference_mask: Optional[MaskLike] = None,
+    reference_mask_prompt: Optional[Mapping[str, Any]] = None,
+    seed: Optional[int] = None,
+    model: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+) -> personalization_pb2.CreateJobRequest:
+    """The CreateJobRequest for ``layer_edit``'s arguments (shared by the sync and asyncio clients)."""
+    options = dict(options or {})
+    unknown = set(options) - _LAYER_EDIT_FIELDS
+    if unknown:
+        raise TypeError(f"layer_edit: unknown options {sorted(unknown)}; known: {sorted(_LAYER_EDIT_FIELDS)}")
+    body = personalization_pb2.LayerEditOptions(
+        object_text=object_text, background_text=background_text, embedding_steps=int(embedding_steps),
+        finetune_steps=int(finetune_steps), num_inference_steps=int(num_inference_steps))
+    for name, value in options.items():
+        if value is not None:
+            setattr(body, name, value)
+    if reference is not None:
+        body.reference.CopyFrom(_image_arg(reference, "reference"))
+    if reference_mask is not None:
+        body.reference_mask.CopyFrom(_mask_proto(reference_mask, "reference_mask"))
+    if reference_mask_prompt is not None:
+        body.reference_mask_prompt.CopyFrom(_mask_prompt(reference_mask_prompt, "reference_mask_prompt"))
+    request = personalization_pb2.CreateJobRequest(
+        model=common_pb2.ModelRef(name=model or ""), images=[_image_arg(image, "image")],
+        masks=[_mask_proto(mask, "mask")] if mask is not None else [],
+        mask_prompts=[_mask_prompt(mask_prompt, "mask_prompt")] if mask_prompt is not None else [],
+        idempotency_key=idempotency_key or "", layer_edit=body)
     if seed is not None:
         request.seed = int(seed)
     return request
@@ -425,6 +504,41 @@ class PersonalizationClient:
             initializer_token=initializer_token, seed=seed, class_images=class_images, model=model,
             idempotency_key=idempotency_key, options=options)
         # Retrying CreateJob is safe only with a key (the same key returns the same job).
+        return Job(self, self._unary("CreateJob", request, timeout, retry=bool(idempotency_key)))
+
+    def layer_edit(
+        self,
+        image: Union[ImageLike, str, bytes],
+        object_text: str,
+        background_text: str,
+        reference: Optional[Union[ImageLike, str, bytes]] = None,
+        embedding_steps: int = 500,
+        finetune_steps: int = 250,
+        num_inference_steps: int = 50,
+        *,
+        mask: Optional[MaskLike] = None,
+        mask_prompt: Optional[Mapping[str, Any]] = None,
+        reference_mask: Optional[MaskLike] = None,
+        reference_mask_prompt: Optional[Mapping[str, Any]] = None,
+        seed: Optional[int] = None,
+        model: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+        timeout: Optional[float] = None,
+        **options: Any,
+    ) -> Job:
+        """Queue a LayerDiffusion edit of ``image``: its object takes ``object_text`` (T_a, e.g.
+        "a red circle"), the scene ``background_text`` (T_b, e.g. "on a striped blue background").
+        ``reference``: a background image O_r of the same size (None: the base model draws one
+        from the text). ``mask`` / ``reference_mask``: (H, W) bool object masks (None: the server
+        segments, with ``mask_prompt`` / ``reference_mask_prompt`` {"points": [...], "box": ...}).
+        ``options``: any other LayerDiffusion parameter by name (alpha=0.7, num_images=4,
+        guidance_scale=7.5, finetune_mode="lora", iterative_guidance=False, ...).
+        ``job.wait()`` returns a LayerEditResult (images + concept)."""
+        request = layer_edit_request(
+            image, object_text, background_text, reference, embedding_steps, finetune_steps, num_inference_steps,
+            mask=mask, mask_prompt=mask_prompt, reference_mask=reference_mask,
+            reference_mask_prompt=reference_mask_prompt, seed=seed, model=model, idempotency_key=idempotency_key,
+            options=options)
         return Job(self, self._unary("CreateJob", request, timeout, retry=bool(idempotency_key)))
 
     def job(self, job_id: str) -> Job:

@@ -26,7 +26,7 @@ from atelier.v1 import common_pb2 as atelier_dot_v1_dot_common__pb2
 from atelier.v1 import tensor_pb2 as atelier_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61telier/v1/inversion.proto\x12\natelier.v1\x1a\x17\x61telier/v1/common.proto\x1a\x17\x61telier/v1/tensor.proto\"\xc1\x01\n\rSPDInvOptions\x12\x17\n\nmax_rounds\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eloss_threshold\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_max_roundsB\x10\n\x0e_learning_rateB\x11\n\x0f_loss_thresholdB\x0f\n\r_weight_decay\"\x8e\x02\n\rInvertRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ModelRef\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x11.atelier.v1.Image\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x06method\x18\x04 \x01(\x0e\x32\x1b.atelier.v1.InversionMethod\x12 \n\x13num_inference_steps\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0creturn_chain\x18\x06 \x01(\x08\x12)\n\x06spdinv\x18\x07 \x01(\x0b\x32\x19.atelier.v1.SPDInvOptionsB\x16\n\x14_num_inference_steps\"T\n\x0fStepDiagnostics\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08timestep\x18\x02 \x01(\x03\x12\x10\n\x08residual\x18\x03 \x01(\x01\x12\x0e\n\x06rounds\x18\x04 \x01(\x05\"\xc7\x02\n\x0fInversionResult\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ModelRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x06method\x18\x03 \x01(\x0e\x32\x1b.atelier.v1.InversionMethod\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x1f\n\x03z_t\x18\x07 \x01(\x0b\x32\x12.atelier.v1.Tensor\x12!\n\x05\x63hain\x18\x08 \x01(\x0b\x32\x12.atelier.v1.Tensor\x12\x30\n\x0b\x64iagnostics\x18\t \x03(\x0b\x32\x1b.atelier.v1.StepDiagnostics\x12 \n\x05usage\x18\n \x01(\x0b\x32\x11.atelier.v1.Usage\"o\n\x0bInvertEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.InversionResultH\x00\x42\x07\n\x05\x65vent\"\xaa\x03\n\nP2POptions\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.atelier.v1.P2POptions.Mode\x12#\n\x16\x63ross_replace_fraction\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15self_replace_fraction\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x36\n\x08reweight\x18\x04 \x03(\x0b\x32$.atelier.v1.P2POptions.ReweightEntry\x12\x13\n\x0b\x62lend_words\x18\x05 \x03(\t\x12\x1c\n\x0f\x62lend_threshold\x18\x06 \x01(\x01H\x02\x88\x01\x01\x1a/\n\rReweightEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0b\n\x07REPLACE\x10\x01\x12\n\n\x06REFINE\x10\x02\x12\x0c\n\x08REWEIGHT\x10\x03\x42\x19\n\x17_cross_replace_fractionB\x18\n\x16_self_replace_fractionB\x12\n\x10_blend_threshold\"c\n\x0fMasaCtrlOptions\x12\x17\n\nstart_step\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bstart_layer\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\r\n\x0b_start_stepB\x0e\n\x0c_start_layer\"\xf5\x02\n\x0b\x45\x64itRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ModelRef\x12\x30\n\tinversion\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.InversionResultH\x00\x12+\n\x06invert\x18\x03 \x01(\x0b\x32\x19.atelier.v1.InvertRequestH\x00\x12\x15\n\rtarget_prompt\x18\x04 \x01(\t\x12&\n\x06\x65ngine\x18\x05 \x01(\x0e\x32\x16.atelier.v1.EditEngine\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12#\n\x03p2p\x18\x07 \x01(\x0b\x32\x16.atelier.v1.P2POptions\x12-\n\x08masactrl\x18\x08 \x01(\x0b\x32\x1b.atelier.v1.MasaCtrlOptions\x12\x15\n\rreturn_source\x18\t \x01(\x08\x42\x08\n\x06sourceB\x11\n\x0f_guidance_scale\"y\n\nEditResult\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.atelier.v1.Image\x12\'\n\x0csource_image\x18\x02 \x01(\x0b\x32\x11.atelier.v1.Image\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.atelier.v1.Usage\"h\n\tEditEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ProgressH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.atelier.v1.EditResultH\x00\x42\x07\n\x05\x65vent*I\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44\x44IM\x10\x01\x12\n\n\x06SPDINV\x10\x02*@\n\nEditEngine\x12\x1b\n\x17\x45\x44IT_ENGINE_UNSPECIFIED\x10\x00\x12\x07\n\x03P2P\x10\x01\x12\x0c\n\x08MASACTRL\x10\x02\x32\xd2\x01\n\tInversion\x12>\n\x06Invert\x12\x19.atelier.v1.InvertRequest\x1a\x17.atelier.v1.InvertEvent0\x01\x12\x38\n\x04\x45\x64it\x12\x17.atelier.v1.EditRequest\x1a\x15.atelier.v1.EditEvent0\x01\x12K\n\nListModels\x12\x1d.atelier.v1.ListModelsRequest\x1a\x1e.atelier.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61telier/v1/inversion.proto\x12\natelier.v1\x1a\x17\x61telier/v1/common.proto\x1a\x17\x61telier/v1/tensor.proto\"\xeb\x01\n\rSPDInvOptions\x12\x17\n\nmax_rounds\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0eloss_threshold\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x18\n\x0b\x63heck_first\x18\x05 \x01(\x08H\x04\x88\x01\x01\x42\r\n\x0b_max_roundsB\x10\n\x0e_learning_rateB\x11\n\x0f_loss_thresholdB\x0f\n\r_weight_decayB\x0e\n\x0c_check_first\"A\n\x0fNullTextOptions\x12\x1b\n\x0eguidance_scale\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_guidance_scale\"\x9d\x01\n\x11\x46ixedPointOptions\x12\x17\n\nmax_rounds\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0eloss_threshold\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0f\x61nderson_memory\x18\x03 \x01(\x05H\x02\x88\x01\x01\x42\r\n\x0b_max_roundsB\x11\n\x0f_loss_thresholdB\x12\n\x10_anderson_memory\"\xf2\x02\n\rInvertRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ModelRef\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x11.atelier.v1.Image\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x06method\x18\x04 \x01(\x0e\x32\x1b.atelier.v1.InversionMethod\x12 \n\x13num_inference_steps\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x14\n\x0creturn_chain\x18\x06 \x01(\x08\x12)\n\x06spdinv\x18\x07 \x01(\x0b\x32\x19.atelier.v1.SPDInvOptions\x12.\n\tnull_text\x18\x08 \x01(\x0b\x32\x1b.atelier.v1.NullTextOptions\x12\x32\n\x0b\x66ixed_point\x18\t \x01(\x0b\x32\x1d.atelier.v1.FixedPointOptionsB\x16\n\x14_num_inference_steps\"T\n\x0fStepDiagnostics\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08timestep\x18\x02 \x01(\x03\x12\x10\n\x08residual\x18\x03 \x01(\x01\x12\x0e\n\x06rounds\x18\x04 \x01(\x05\"\xf4\x02\n\x0fInversionResult\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ModelRef\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x06method\x18\x03 \x01(\x0e\x32\x1b.atelier.v1.InversionMethod\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x1f\n\x03z_t\x18\x07 \x01(\x0b\x32\x12.atelier.v1.Tensor\x12!\n\x05\x63hain\x18\x08 \x01(\x0b\x32\x12.atelier.v1.Tensor\x12\x30\n\x0b\x64iagnostics\x18\t \x03(\x0b\x32\x1b.atelier.v1.StepDiagnostics\x12 \n\x05usage\x18\n \x01(\x0b\x32\x11.atelier.v1.Usage\x12+\n\x0fnull_embeddings\x18\x0b \x01(\x0b\x32\x12.atelier.v1.Tensor\"o\n\x0bInvertEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ProgressH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.InversionResultH\x00\x42\x07\n\x05\x65vent\"\xaa\x03\n\nP2POptions\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.atelier.v1.P2POptions.Mode\x12#\n\x16\x63ross_replace_fraction\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x15self_replace_fraction\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x36\n\x08reweight\x18\x04 \x03(\x0b\x32$.atelier.v1.P2POptions.ReweightEntry\x12\x13\n\x0b\x62lend_words\x18\x05 \x03(\t\x12\x1c\n\x0f\x62lend_threshold\x18\x06 \x01(\x01H\x02\x88\x01\x01\x1a/\n\rReweightEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0b\n\x07REPLACE\x10\x01\x12\n\n\x06REFINE\x10\x02\x12\x0c\n\x08REWEIGHT\x10\x03\x42\x19\n\x17_cross_replace_fractionB\x18\n\x16_self_replace_fractionB\x12\n\x10_blend_threshold\"\xed\x01\n\x0fMasaCtrlOptions\x12\x17\n\nstart_step\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0bstart_layer\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x15\n\x08\x65nd_step\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x19\n\x11mask_source_words\x18\x04 \x03(\t\x12\x19\n\x11mask_target_words\x18\x05 \x03(\t\x12\x1b\n\x0emask_threshold\x18\x06 \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_start_stepB\x0e\n\x0c_start_layerB\x0b\n\t_end_stepB\x11\n\x0f_mask_threshold\"\xed\x01\n\x0fProxEditOptions\x12\x1e\n\x11proximal_guidance\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08quantile\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12inversion_guidance\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12(\n\x1binversion_guidance_timestep\x18\x04 \x01(\x05H\x03\x88\x01\x01\x42\x14\n\x12_proximal_guidanceB\x0b\n\t_quantileB\x15\n\x13_inversion_guidanceB\x1e\n\x1c_inversion_guidance_timestep\"\xcd\x03\n\x0b\x45\x64itRequest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ModelRef\x12\x30\n\tinversion\x18\x02 \x01(\x0b\x32\x1b.atelier.v1.InversionResultH\x00\x12+\n\x06invert\x18\x03 \x01(\x0b\x32\x19.atelier.v1.InvertRequestH\x00\x12\x15\n\rtarget_prompt\x18\x04 \x01(\t\x12&\n\x06\x65ngine\x18\x05 \x01(\x0e\x32\x16.atelier.v1.EditEngine\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12#\n\x03p2p\x18\x07 \x01(\x0b\x32\x16.atelier.v1.P2POptions\x12-\n\x08masactrl\x18\x08 \x01(\x0b\x32\x1b.atelier.v1.MasaCtrlOptions\x12\x15\n\rreturn_source\x18\t \x01(\x08\x12.\n\tprox_edit\x18\n \x01(\x0b\x32\x1b.atelier.v1.ProxEditOptions\x12&\n\x06preset\x18\x0b \x01(\x0e\x32\x16.atelier.v1.EditPresetB\x08\n\x06sourceB\x11\n\x0f_guidance_scale\"y\n\nEditResult\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.atelier.v1.Image\x12\'\n\x0csource_image\x18\x02 \x01(\x0b\x32\x11.atelier.v1.Image\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.atelier.v1.Usage\"h\n\tEditEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.atelier.v1.ProgressH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.atelier.v1.EditResultH\x00\x42\x07\n\x05\x65vent*\x95\x01\n\x0fInversionMethod\x12 \n\x1cINVERSION_METHOD_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44\x44IM\x10\x01\x12\n\n\x06SPDINV\x10\x02\x12\x07\n\x03NPI\x10\x03\x12\x0b\n\x07PROXNPI\x10\x04\x12\x14\n\x10\x44IRECT_INVERSION\x10\x05\x12\r\n\tNULL_TEXT\x10\x06\x12\x0f\n\x0b\x46IXED_POINT\x10\x07*@\n\nEditEngine\x12\x1b\n\x17\x45\x44IT_ENGINE_UNSPECIFIED\x10\x00\x12\x07\n\x03P2P\x10\x01\x12\x0c\n\x08MASACTRL\x10\x02*>\n\nEditPreset\x12\x1b\n\x17\x45\x44IT_PRESET_UNSPECIFIED\x10\x00\x12\x13\n\x0fSPDINV_PIPELINE\x10\x01\x32\xd2\x01\n\tInversion\x12>\n\x06Invert\x12\x19.atelier.v1.InvertRequest\x1a\x17.atelier.v1.InvertEvent0\x01\x12\x38\n\x04\x45\x64it\x12\x17.atelier.v1.EditRequest\x1a\x15.atelier.v1.EditEvent0\x01\x12K\n\nListModels\x12\x1d.atelier.v1.ListModelsRequest\x1a\x1e.atelier.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_P2POPTIONS_REWEIGHTENTRY']._loaded_options = None
   _globals['_P2POPTIONS_REWEIGHTENTRY']._serialized_options = b'8\001'
-  _globals['_INVERSIONMETHOD']._serialized_start=2225
-  _globals['_INVERSIONMETHOD']._serialized_end=2298
-  _globals['_EDITENGINE']._serialized_start=2300
-  _globals['_EDITENGINE']._serialized_end=2364
+  _globals['_INVERSIONMETHOD']._serialized_start=3107
+  _globals['_INVERSIONMETHOD']._serialized_end=3256
+  _globals['_EDITENGINE']._serialized_start=3258
+  _globals['_EDITENGINE']._serialized_end=3322
+  _globals['_EDITPRESET']._serialized_start=3324
+  _globals['_EDITPRESET']._serialized_end=3386
   _globals['_SPDINVOPTIONS']._serialized_start=93
-  _globals['_SPDINVOPTIONS']._serialized_end=286
-  _globals['_INVERTREQUEST']._serialized_start=289
-  _globals['_INVERTREQUEST']._serialized_end=559
-  _globals['_STEPDIAGNOSTICS']._serialized_start=561
-  _globals['_STEPDIAGNOSTICS']._serialized_end=645
-  _globals['_INVERSIONRESULT']._serialized_start=648
-  _globals['_INVERSIONRESULT']._serialized_end=975
-  _globals['_INVERTEVENT']._serialized_start=977
-  _globals['_INVERTEVENT']._serialized_end=1088
-  _globals['_P2POPTIONS']._serialized_start=1091
-  _globals['_P2POPTIONS']._serialized_end=1517
-  _globals['_P2POPTIONS_REWEIGHTENTRY']._serialized_start=1328
-  _globals['_P2POPTIONS_REWEIGHTENTRY']._serialized_end=1375
-  _globals['_P2POPTIONS_MODE']._serialized_start=1377
-  _globals['_P2POPTIONS_MODE']._serialized_end=1444
-  _globals['_MASACTRLOPTIONS']._serialized_start=1519
-  _globals['_MASACTRLOPTIONS']._serialized_end=1618
-  _globals['_EDITREQUEST']._serialized_start=1621
-  _globals['_EDITREQUEST']._serialized_end=1994
-  _globals['_EDITRESULT']._serialized_start=1996
-  _globals['_EDITRESULT']._serialized_end=2117
-  _globals['_EDITEVENT']._serialized_start=2119
-  _globals['_EDITEVENT']._serialized_end=2223
-  _globals['_INVERSION']._serialized_start=2367
-  _globals['_INVERSION']._serialized_end=2577
+  _globals['_SPDINVOPTIONS']._serialized_end=328
+  _globals['_NULLTEXTOPTIONS']._serialized_start=330
+  _globals['_NULLTEXTOPTIONS']._serialized_end=395
+  _globals['_FIXEDPOINTOPTIONS']._serialized_start=398
+  _globals['_FIXEDPOINTOPTIONS']._serialized_end=555
+  _globals['_INVERTREQUEST']._serialized_start=558
+  _globals['_INVERTREQUEST']._serialized_end=928
+  _globals['_STEPDIAGNOSTICS']._serialized_start=930
+  _globals['_STEPDIAGNOSTICS']._serialized_end=1014
+  _globals['_INVERSIONRESULT']._serialized_start=1017
+  _globals['_INVERSIONRESULT']._serialized_end=1389
+  _globals['_INVERTEVENT']._serialized_start=1391
+  _globals['_INVERTEVENT']._serialized_end=1502
+  _globals['_P2POPTIONS']._serialized_start=1505
+  _globals['_P2POPTIONS']._serialized_end=1931
+  _globals['_P2POPTIONS_REWEIGHTENTRY']._serialized_start=1742
+  _globals['_P2POPTIONS_REWEIGHTENTRY']._serialized_end=1789
+  _globals['_P2POPTIONS_MODE']._serialized_start=1791
+  _globals['_P2POPTIONS_MODE']._serialized_end=1858
+  _globals['_MASACTRLOPTIONS']._serialized_start=1934
+  _globals['_MASACTRLOPTIONS']._serialized_end=2171
+  _globals['_PROXEDITOPTIONS']._serialized_start=2174
+  _globals['_PROXEDITOPTIONS']._serialized_end=2411
+  _globals['_EDITREQUEST']._serialized_start=2414
+  _globals['_EDITREQUEST']._serialized_end=2875
+  _globals['_EDITRESULT']._serialized_start=2877
+  _globals['_EDITRESULT']._serialized_end=2998
+  _globals['_EDITEVENT']._serialized_start=3000
+  _globals['_EDITEVENT']._serialized_end=3104
+  _globals['_INVERSION']._serialized_start=3389
+  _globals['_INVERSION']._serialized_end=3599
 # @@protoc_insertion_point(module_scope)

@@ -99,8 +99,60 @@ class EqDiffOptions(_message.Message):
     class_image_guidance_scale: float
     def __init__(self, prompt_template: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., scale_lr: _Optional[bool] = ..., batch_size: _Optional[int] = ..., adam_beta1: _Optional[float] = ..., adam_beta2: _Optional[float] = ..., adam_epsilon: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., fdte: _Optional[bool] = ..., p_low: _Optional[float] = ..., p_high: _Optional[float] = ..., p_original: _Optional[float] = ..., low_pass_half_width: _Optional[int] = ..., high_pass_half_width: _Optional[int] = ..., mgdp: _Optional[bool] = ..., masked_loss: _Optional[bool] = ..., mask_dilation_iterations: _Optional[int] = ..., rra: _Optional[bool] = ..., time_gap: _Optional[int] = ..., reference_attention_loss: _Optional[bool] = ..., reference_attention_loss_weight: _Optional[float] = ..., cross_attention_loss: _Optional[bool] = ..., cross_attention_loss_weight: _Optional[float] = ..., custom_diffusion: _Optional[bool] = ..., prior_preservation: _Optional[bool] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., class_image_guidance_scale: _Optional[float] = ...) -> None: ...
 
+class LayerEditOptions(_message.Message):
+    __slots__ = ("object_text", "background_text", "reference", "reference_mask", "reference_mask_prompt", "layered_optimization", "embedding_steps", "embedding_learning_rate", "alpha", "finetune", "finetune_steps", "finetune_learning_rate", "finetune_mode", "lora_rank", "object_loss", "background_loss", "object_loss_weight", "background_loss_weight", "reference_steps", "reference_guidance_scale", "iterative_guidance", "num_inference_steps", "guidance_scale", "num_images")
+    OBJECT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_TEXT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MASK_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_MASK_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    LAYERED_OPTIMIZATION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    FINETUNE_MODE_FIELD_NUMBER: _ClassVar[int]
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_LOSS_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_LOSS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    ITERATIVE_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    object_text: str
+    background_text: str
+    reference: _tensor_pb2.Image
+    reference_mask: _tensor_pb2.Mask
+    reference_mask_prompt: MaskPrompt
+    layered_optimization: bool
+    embedding_steps: int
+    embedding_learning_rate: float
+    alpha: float
+    finetune: bool
+    finetune_steps: int
+    finetune_learning_rate: float
+    finetune_mode: str
+    lora_rank: int
+    object_loss: bool
+    background_loss: bool
+    object_loss_weight: float
+    background_loss_weight: float
+    reference_steps: int
+    reference_guidance_scale: float
+    iterative_guidance: bool
+    num_inference_steps: int
+    guidance_scale: float
+    num_images: int
+    def __init__(self, object_text: _Optional[str] = ..., background_text: _Optional[str] = ..., reference: _Optional[_Union[_tensor_pb2.Image, _Mapping]] = ..., reference_mask: _Optional[_Union[_tensor_pb2.Mask, _Mapping]] = ..., reference_mask_prompt: _Optional[_Union[MaskPrompt, _Mapping]] = ..., layered_optimization: _Optional[bool] = ..., embedding_steps: _Optional[int] = ..., embedding_learning_rate: _Optional[float] = ..., alpha: _Optional[float] = ..., finetune: _Optional[bool] = ..., finetune_steps: _Optional[int] = ..., finetune_learning_rate: _Optional[float] = ..., finetune_mode: _Optional[str] = ..., lora_rank: _Optional[int] = ..., object_loss: _Optional[bool] = ..., background_loss: _Optional[bool] = ..., object_loss_weight: _Optional[float] = ..., background_loss_weight: _Optional[float] = ..., reference_steps: _Optional[int] = ..., reference_guidance_scale: _Optional[float] = ..., iterative_guidance: _Optional[bool] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., num_images: _Optional[int] = ...) -> None: ...
+
 class CreateJobRequest(_message.Message):
-    __slots__ = ("model", "images", "masks", "mask_prompts", "class_word", "initializer_token", "placeholder_token", "seed", "class_images", "idempotency_key", "eqdiff")
+    __slots__ = ("model", "images", "masks", "mask_prompts", "class_word", "initializer_token", "placeholder_token", "seed", "class_images", "idempotency_key", "eqdiff", "layer_edit")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +164,7 @@ class CreateJobRequest(_message.Message):
     CLASS_IMAGES_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     EQDIFF_FIELD_NUMBER: _ClassVar[int]
+    LAYER_EDIT_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     masks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Mask]
@@ -123,7 +176,8 @@ class CreateJobRequest(_message.Message):
     class_images: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Image]
     idempotency_key: str
     eqdiff: EqDiffOptions
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[_tensor_pb2.Mask, _Mapping]]] = ..., mask_prompts: _Optional[_Iterable[_Union[MaskPrompt, _Mapping]]] = ..., class_word: _Optional[str] = ..., initializer_token: _Optional[str] = ..., placeholder_token: _Optional[str] = ..., seed: _Optional[int] = ..., class_images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., eqdiff: _Optional[_Union[EqDiffOptions, _Mapping]] = ...) -> None: ...
+    layer_edit: LayerEditOptions
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[_tensor_pb2.Mask, _Mapping]]] = ..., mask_prompts: _Optional[_Iterable[_Union[MaskPrompt, _Mapping]]] = ..., class_word: _Optional[str] = ..., initializer_token: _Optional[str] = ..., placeholder_token: _Optional[str] = ..., seed: _Optional[int] = ..., class_images: _Optional[_Iterable[_Union[_tensor_pb2.Image, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., eqdiff: _Optional[_Union[EqDiffOptions, _Mapping]] = ..., layer_edit: _Optional[_Union[LayerEditOptions, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "state", "reason", "method", "model", "step", "total_steps", "concept_id", "create_time", "start_time", "end_time", "attempts", "cancel_requested", "idempotency_key", "checkpoint_step", "placeholder_token", "next_event_index")
