@@ -39,9 +39,15 @@ class FakeInversionServicer(inversion_pb2_grpc.InversionServicer):
             image = codec.image_to_pil(request.image, "image", max_pixels=self.app.max_pixels, multiple_of=8)
             width, height = image.size
 
+        if request.prompt == "many violations":
+            raise InvalidArgument.many((f"points[{i}]", "x" * 1000) for i in range(40))
+
         def work(control: CallControl):
             if request.prompt == "boom":
                 raise RuntimeError("secret internal detail")
+            if request.prompt == "hang":  # a call whose code ignores its control (a hung device call)
+                self.app.release.wait(60)
+                return np.zeros((1, 4, 1, 1), dtype=np.float32)
             for step in range(1, steps + 1):
                 control.unet()
                 with self.app.lock:
@@ -99,6 +105,10 @@ class FakeInversionApp:
         self.lock = threading.Lock()
         self.evaluations = 0
         self.closed = False
+        self.backend_ready = True  # what backend_readiness() reports (an external backend's health)
+
+    def backend_readiness(self):
+        return self.backend_ready, "backend up" if self.backend_ready else "backend down"
 
     def add_to_server(self, server) -> None:
         inversion_pb2_grpc.add_InversionServicer_to_server(FakeInversionServicer(self), server)

@@ -69,3 +69,21 @@ def test_failed_load_exits_nonzero():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_calls_cut_off_after_the_grace_period_exit_nonzero():
+    process, lines = _spawn("--grace-seconds", "0.5", "--step-seconds", "0.05")
+    try:
+        port = _wait_for_line(lines, r"listening on 127\.0\.0\.1:(\d+)").group(1)
+        _wait_for_line(lines, r"ready on")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = inversion_pb2_grpc.InversionStub(channel).Invert(inversion_pb2.InvertRequest(num_inference_steps=10_000), timeout=30)
+            assert next(call).progress.step == 1
+            process.send_signal(signal.SIGTERM)
+            _wait_for_line(lines, r"grace period over")
+            with pytest.raises(grpc.RpcError):
+                list(call)
+        assert process.wait(30) == 2
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -229,6 +229,44 @@ def test_bad_edit_options_are_refused_before_any_compute(service):
     assert unet_evaluations(metrics) == before  # the inversion in the same call never ran
 
 
+def test_a_long_unknown_model_name_is_not_found_without_leaks(service):
+    _, _, client = service
+    name = "m" * 10_000
+    with pytest.raises(atelier.NotFoundError) as info:  # not RESOURCE_EXHAUSTED (trailer too big)
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, model=name)
+    message = info.value.message
+    assert "'mmm" in message and len(message) < 300
+    assert "toy" not in message and "/" not in message  # neither the model list nor folders
+
+
+def test_every_bad_invert_field_is_reported_at_once(service):
+    _, _, client = service
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.invert(scene(256), "p" * 5000, num_inference_steps=0, learning_rate=-1.0)
+    fields = {f.split(".")[0] if f.startswith("image") else f for f, _ in info.value.field_violations}
+    assert {"image", "prompt", "num_inference_steps", "learning_rate"} <= fields, fields
+
+
+def test_all_training_timesteps_run_until_the_deadline(service):
+    running, _, client = service
+    wait_idle(running)
+    events = []
+    with pytest.raises(atelier.DeadlineExceededError):  # not INTERNAL (t = 1000 overflowed)
+        client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=1000, timeout=3,
+                                progress=events.append)
+    assert events, "the inversion never started stepping"
+    wait_idle(running)
+
+
+@pytest.mark.parametrize("option", ["learning_rate", "weight_decay", "loss_threshold"])
+def test_spdinv_options_beyond_float32_are_invalid_argument(service, option):
+    # Found by tests/fuzz: 1e308 passed isfinite and overflowed AdamW's float32 scalars (INTERNAL).
+    _, _, client = service
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.invert(scene(), PROMPT, num_inference_steps=2, **{option: 1e308})
+    assert [f for f, _ in info.value.field_violations] == [option]
+
+
 def test_the_asyncio_client_inverts_and_edits_like_the_sync_one(service):
     import asyncio
 

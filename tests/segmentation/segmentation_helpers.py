@@ -71,7 +71,7 @@ class Service:
 
 
 @contextlib.contextmanager
-def running_service(sam_source: str, max_image_pixels: int = 1024 * 1024, max_queue: int = 16, attach: bool = True,
+def running_service(sam_source: str, max_image_pixels: int = 1024 * 1024, max_queue: int = 16,
                     client_timeout: Optional[float] = 60, **settings):
     """A segmentation server on loopback (own metrics registry, ``sam_source`` as toy-sam) and
     an SDK client for it."""
@@ -90,8 +90,6 @@ def running_service(sam_source: str, max_image_pixels: int = 1024 * 1024, max_qu
     metrics = Metrics(CollectorRegistry())
     app = SegmentationApp(config, SegmentationSettings(batching=BatchingOptions(**batching), **settings), metrics)
     running = start(app, config, metrics)
-    if attach:
-        app.attach(running)
     client = None
     try:
         assert running.wait_loaded(120), "segmentation service did not load"

@@ -133,7 +133,7 @@ def test_batch_bad_input_names_the_prompt_set(service, image):
 
 
 def test_image_over_the_size_limit_is_invalid_argument(sam_source):
-    with running_service(sam_source, max_image_pixels=40 * 40, attach=False) as small:
+    with running_service(sam_source, max_image_pixels=40 * 40) as small:
         with pytest.raises(atelier.InvalidArgumentError) as caught:
             small.client.segmentation.segment(make_image(1), points=[(1, 1)])
         assert caught.value.field_violations[0][0] == "image.width"
@@ -176,6 +176,25 @@ def test_sdk_rejects_malformed_arguments_before_sending(service, image):
         segmentation.segment_many(image, [{"points": [(1, 1)]}, {"points": [(1, 2, 3)]}])
     with pytest.raises(ValueError, match="prompt_sets"):
         segmentation.segment_many(image, [])
+
+
+def test_many_bad_points_are_invalid_argument_with_bounded_details(service, image):
+    # 60 points outside the image: 60 violations would overflow gRPC's 8 KiB trailers
+    # (the client saw RESOURCE_EXHAUSTED); the status keeps the first ones and a count.
+    points = [(WIDTH + 100 + i, HEIGHT + 100 + i) for i in range(60)]
+    with pytest.raises(atelier.InvalidArgumentError) as caught:
+        service.client.segmentation.segment(image, points=points)
+    violations = caught.value.field_violations
+    assert violations[0][0] == "points[0]"
+    assert violations[-1][1].endswith("more violations omitted") and len(violations) < 60
+
+
+@pytest.mark.parametrize("size", [(200, 1), (1, 200)])
+def test_thin_images_segment(service, size):
+    width, height = size
+    pixels = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    result = service.client.segmentation.segment(pixels, points=[(0, 0)])
+    assert result.masks.shape[-2:] == (height, width)
 
 
 def test_the_asyncio_client_gets_the_same_masks_concurrently(service, image):

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from atelier.core import auth
 from atelier.sdk import channel_options
 
-__all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries"]
+__all__ = ["ServerConfig", "DEFAULT_PORTS", "parse_model_entries", "cpu_limit"]
 
 # service -> (gRPC port, metrics port); see docs/INTERNALS.md.
 DEFAULT_PORTS: dict[str, tuple[int, int]] = {
@@ -38,6 +38,43 @@ def parse_model_entries(entries: Sequence[str], origin: str) -> dict[str, str]:
     return models
 
 
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_limit(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: the container's CFS quota (cgroup v2 ``cpu.max``, else v1
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), rounded up, capped by the CPUs the process
+    may run on; without a quota, the latter (``os.sched_getaffinity``, else ``os.cpu_count``).
+
+    os.cpu_count() alone sees the host's CPUs: a pod limited to 2 CPUs on a 64-core node
+    would start 64 OpenMP threads that the quota then throttles."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    quota = period = None
+    v2 = _read(os.path.join(cgroup_root, "cpu.max"))
+    if v2:
+        parts = v2.split()
+        if len(parts) == 2 and parts[0] != "max":
+            quota, period = parts
+    else:
+        quota = _read(os.path.join(cgroup_root, "cpu", "cpu.cfs_quota_us")) or _read(
+            os.path.join(cgroup_root, "cpu.cfs_quota_us"))
+        period = _read(os.path.join(cgroup_root, "cpu", "cpu.cfs_period_us")) or _read(
+            os.path.join(cgroup_root, "cpu.cfs_period_us"))
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except (TypeError, ValueError):
+        return max(1, available)
+    if quota_us <= 0 or period_us <= 0:  # v1 reports -1 for "no limit"
+        return max(1, available)
+    return max(1, min(available, -(-quota_us // period_us)))
 def _boolean(text: str) -> bool:
     if text.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -67,6 +104,13 @@ class ServerConfig:
     models: dict[str, str] = field(default_factory=dict)
     models_file: Optional[str] = None
     device: Optional[str] = None  # None: auto (CUDA fp16 when present, else CPU fp32)
+    # torch intra-op / OpenMP threads; None: the container's CPU limit (see cpu_limit).
+    threads: Optional[int] = None
+    # Health turns NOT_SERVING when a call runs this long past its deadline (the compute
+    # worker is wedged: nothing else can run) or the worker thread died.
+    wedged_after_seconds: float = 60.0
+    # How often health re-checks the compute worker and the app's backend (Triton).
+    health_interval_seconds: float = 1.0
     # Model registry (atelier.core.models): weights variant and dtype for entries that name none,
     # the memory budget of loaded models (0: auto, 80% of the GPU; no bound on CPU), preloading
     # every configured model at start, and whether a bad entry fails the start.
@@ -88,7 +132,23 @@ class ServerConfig:
             keepalive_time_ms=self.keepalive_time_ms,
             keepalive_timeout_ms=self.keepalive_timeout_ms,
             min_ping_interval_ms=self.min_ping_interval_ms,
-        )
+        ) + [
+            # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
+            # start and silently take half the connections. Refuse to bind instead.
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def resolved_threads(self, cgroup_root: str = "/sys/fs/cgroup", environ: Optional[Mapping[str, str]] = None) -> int:
+        """``threads`` (--threads / ATELIER_THREADS); else an OMP_NUM_THREADS the operator set
+        (OpenMP's own knob); else the container's CPU limit."""
+        if self.threads is not None:
+            return self.threads
+        env = os.environ if environ is None else environ
+        try:
+            omp = int(env.get("OMP_NUM_THREADS", ""))
+        except ValueError:
+            omp = 0
+        return omp if omp > 0 else cpu_limit(cgroup_root)
 
     @classmethod
     def from_args(
@@ -141,6 +201,13 @@ class ServerConfig:
                             help="JSON object {name: source} [ATELIER_MODELS_FILE]")
         parser.add_argument("--device", default=env_default("ATELIER_DEVICE", None),
                             help="torch device, e.g. cuda:0 or cpu; default auto [ATELIER_DEVICE]")
+        parser.add_argument("--threads", type=int, default=env_default("ATELIER_THREADS", None, int),
+                            help="torch/OpenMP threads; default OMP_NUM_THREADS if set, else the container's CPU limit "
+                                 "[ATELIER_THREADS]")
+        parser.add_argument("--wedged-after-seconds", type=float,
+                            default=env_default("ATELIER_WEDGED_AFTER_SECONDS", cls.wedged_after_seconds, float),
+                            help="report NOT_SERVING when a call runs this long past its deadline "
+                                 "[ATELIER_WEDGED_AFTER_SECONDS]")
         parser.add_argument("--dtype", default=env_default("ATELIER_DTYPE", None),
                             help="model dtype (fp32, fp16, bf16); default fp16 on CUDA, fp32 on CPU [ATELIER_DTYPE]")
         parser.add_argument("--model-variant", default=env_default("ATELIER_MODEL_VARIANT", None),
@@ -184,14 +251,17 @@ class ServerConfig:
             (args.model_memory_bytes >= 0, "--model-memory-bytes must be >= 0"),
             (args.max_inflight_bytes > 0, "--max-inflight-bytes must be positive"),
             (args.metrics_port < 65536, "--metrics-port must be below 65536"),
+            (args.threads is None or args.threads > 0, "--threads must be positive"),
+            (args.wedged_after_seconds > 0, "--wedged-after-seconds must be positive"),
         ]
         for ok, message in checks:
             if not ok:
                 parser.error(message)
 
         core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
-                "max_image_pixels", "model", "models_file", "device", "dtype", "model_variant",
-                "model_memory_bytes", "preload_models", "strict_models", "max_inflight_bytes", *auth.AUTH_DESTS}
+                "max_image_pixels", "model", "models_file", "device", "threads", "wedged_after_seconds",
+                "dtype", "model_variant", "model_memory_bytes", "preload_models", "strict_models",
+                "max_inflight_bytes", *auth.AUTH_DESTS}
         extras = {dest: value for dest, value in vars(args).items() if dest not in core}
         return cls(
             service=service,
@@ -205,6 +275,8 @@ class ServerConfig:
             models=models,
             models_file=args.models_file,
             device=args.device,
+            threads=args.threads,
+            wedged_after_seconds=args.wedged_after_seconds,
             dtype=args.dtype,
             model_variant=args.model_variant,
             model_memory_bytes=args.model_memory_bytes,

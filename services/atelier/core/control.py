@@ -1,8 +1,9 @@
 """Per-call control: deadline, cancellation, progress, UNet-evaluation accounting.
 
 Method code calls ``control.unet()`` exactly once immediately before every UNet
-call (``control.decoder()`` before every VAE-decoder forward+backward), so a deadline
-or a client cancel stops the work after at most one more evaluation.
+call, ``control.vae()`` before every VAE encode/decode and ``control.decoder()`` before
+every VAE-decoder forward+backward, so a deadline or a client cancel stops the work after
+at most one more heavy evaluation.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class CallControl:
         self._metrics = metrics
         self.forward_evaluations = 0
         self.backward_evaluations = 0
+        self.vae_evaluations = 0
         self.decoder_backward_evaluations = 0
         self.created_at = time.monotonic()
         self.started_at: Optional[float] = None
@@ -82,6 +84,12 @@ class CallControl:
             self.forward_evaluations += 1
         metrics = self._metrics if self._metrics is not None else default_metrics()
         metrics.unet_evaluations.labels(kind="backward" if backward else "forward").inc()
+
+    def vae(self) -> None:
+        """Check, then count one VAE encode or decode (a 1024^2 image takes seconds on a CPU:
+        without this a call past its deadline still ran its decode)."""
+        self.check()
+        self.vae_evaluations += 1
 
     def decoder(self) -> None:
         """Check, then count one VAE-decoder forward+backward pass (GradOP+'s optimisation)."""

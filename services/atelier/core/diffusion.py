@@ -49,6 +49,22 @@ def _as_tensor(alpha, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(alpha, dtype=torch.float32, device=like.device)
 
 
+def set_timesteps(scheduler, steps: int, device=None):
+    """``scheduler.set_timesteps(steps)``, with the timesteps kept inside the alphas table.
+
+    DDIMScheduler's "leading" spacing adds ``steps_offset`` (1 for SD v1.x) to
+    ``arange(steps) * (T // steps)``; when that reaches T (e.g. 1000 steps of 1000) the last
+    timestep indexes past ``alphas_cumprod``. The offset is then shifted down just enough
+    to fit (1000 steps become 0..999, the whole table), leaving every other count unchanged.
+    """
+    scheduler.set_timesteps(steps, device=device)
+    last_valid = scheduler.config.num_train_timesteps - 1
+    excess = int(scheduler.timesteps.max()) - last_valid
+    if excess > 0:
+        scheduler.timesteps = scheduler.timesteps - excess
+    return scheduler.timesteps
+
+
 def step_alphas(scheduler, timestep) -> tuple[float, float]:
     """(a_t, a_prev) for a sampling step at ``timestep`` exactly as DDIMScheduler.step picks them."""
     t = int(timestep)
@@ -61,7 +77,7 @@ def step_alphas(scheduler, timestep) -> tuple[float, float]:
 def inversion_schedule(model, steps: int) -> list[tuple[int, float, float]]:
     """[(t, a_prev, a_t)] in inversion order (ascending t), the reverse of the sampling steps."""
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(steps)
+    set_timesteps(scheduler, steps)
     schedule = []
     for t in reversed(scheduler.timesteps.tolist()):
         alpha_t, alpha_prev = step_alphas(scheduler, t)
@@ -107,7 +123,7 @@ def sample(model, z_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
     ``callback(i, t, latents)`` runs after each step (P2P's local blend edits latents there).
     """
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(steps, device=model.device)
+    set_timesteps(scheduler, steps, device=model.device)
     latents = z_T.to(model.device, model.dtype) * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):

@@ -28,7 +28,35 @@ __all__ = [
     "Internal",
     "from_codec_error",
     "to_grpc_status",
+    "shorten",
+    "quoted",
+    "Violations",
 ]
+
+# gRPC refuses response metadata beyond 8 KiB (the client's default max_metadata_size) and
+# reports RESOURCE_EXHAUSTED instead of our status. The status travels twice: grpc-message
+# (percent-encoded, up to 12 bytes per character) and grpc-status-details-bin (base64, 4/3).
+# These bounds keep both together under ~6 KiB whatever the caller sent.
+MAX_MESSAGE_CHARS = 200
+MAX_FIELD_CHARS = 120
+MAX_DESCRIPTION_CHARS = 240
+MAX_VIOLATIONS = 20
+MAX_DETAILS_BYTES = 3000
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (with "..." and the original length when cut):
+    for echoing caller strings (model names, prompts) in error messages."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(text)} chars)"
+    return text[: max(0, limit - len(suffix))] + suffix
+
+
+def quoted(text: str, limit: int = 80) -> str:
+    """``repr`` of a shortened caller string, e.g. ``'toy'`` in "model 'toy' not found"."""
+    return repr(shorten(text, limit))
 
 
 class AtelierError(Exception):
@@ -61,6 +89,31 @@ class InvalidArgument(AtelierError):
         error.message = "; ".join(f"{field}: {description}" for field, description in violations)
         error.args = (error.message,)
         return error
+
+
+class Violations:
+    """Collects the field violations of several independent checks, so that a request's every
+    bad field is reported in one INVALID_ARGUMENT (as a form shows all its errors at once)."""
+
+    def __init__(self):
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append((field, description))
+
+    def attempt(self, check, *args, **kwargs):
+        """``check(*args, **kwargs)``; its InvalidArgument/CodecError is recorded (result None)."""
+        try:
+            return check(*args, **kwargs)
+        except InvalidArgument as error:
+            self.items.extend(error.violations)
+        except CodecError as error:
+            self.items.append((error.field, error.description))
+        return None
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument.many(self.items)
 
 
 class NotFound(AtelierError):
@@ -97,15 +150,22 @@ def from_codec_error(error: CodecError) -> InvalidArgument:
 
 def to_grpc_status(error: AtelierError) -> grpc.Status:
     """The google.rpc.Status for an error: code, message, and a BadRequest
-    detail when there are field violations."""
-    status = status_pb2.Status(code=_rpc_code(error.code), message=error.message)
+    detail when there are field violations.
+
+    Bounded in size (see MAX_*): at most MAX_VIOLATIONS violations and MAX_DETAILS_BYTES,
+    the rest summarised as "N more violations omitted"; every string shortened."""
+    status = status_pb2.Status(code=_rpc_code(error.code), message=shorten(error.message, MAX_MESSAGE_CHARS))
     if error.violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-                for field, description in error.violations
-            ]
-        )
+        bad_request = error_details_pb2.BadRequest()
+        for index, (field, description) in enumerate(error.violations):
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=shorten(field, MAX_FIELD_CHARS), description=shorten(description, MAX_DESCRIPTION_CHARS))
+            if index >= MAX_VIOLATIONS or bad_request.ByteSize() + violation.ByteSize() > MAX_DETAILS_BYTES:
+                omitted = len(error.violations) - index
+                bad_request.field_violations.add(
+                    field="", description=f"{omitted} more violation{'s' if omitted > 1 else ''} omitted")
+                break
+            bad_request.field_violations.append(violation)
         detail = any_pb2.Any()
         detail.Pack(bad_request)
         status.details.append(detail)

@@ -35,6 +35,7 @@ class ComputeExecutor:
         self.metrics = metrics if metrics is not None else default_metrics()
         self._waiting: collections.deque = collections.deque()
         self._running = 0
+        self._current: Optional[CallControl] = None  # the running call's control
         self._closed = False
         self._condition = threading.Condition()
         self._worker: Optional[threading.Thread] = None
@@ -86,6 +87,21 @@ class ComputeExecutor:
         with self._condition:
             return bool(self._waiting or self._running)
 
+    def wedged(self, after_seconds: float) -> Optional[str]:
+        """Why the worker cannot take new work, or None: it died with calls waiting, or the
+        running call is ``after_seconds`` past its deadline (its code ignores its control,
+        e.g. a hung device call). Health reports NOT_SERVING while this is not None."""
+        with self._condition:
+            worker, control = self._worker, self._current
+            pending = bool(self._waiting or self._running)
+        if pending and worker is not None and not worker.is_alive() and not self._closed:
+            return f"the {self.name} compute worker died"
+        if control is not None and control.deadline is not None:
+            overdue = time.monotonic() - control.deadline
+            if overdue > after_seconds:
+                return f"a {self.name} call has run {overdue:.0f} s past its deadline"
+        return None
+
     def shutdown(self, wait: bool = True, timeout: Optional[float] = SHUTDOWN_JOIN_SECONDS) -> None:
         """Stop accepting work; queued calls still run (their controls decide). With ``wait``,
         join the worker (for up to ``timeout`` s): a daemon thread still freeing tensors when
@@ -113,6 +129,7 @@ class ComputeExecutor:
                 fn, control, future = self._waiting.popleft()
                 self._queue_depth.set(len(self._waiting))
                 self._running = 1
+                self._current = control
                 self._in_flight.set(1)
             started = time.monotonic()
             try:
@@ -124,6 +141,7 @@ class ComputeExecutor:
                 del fn, control, future
                 with self._condition:
                     self._running = 0
+                    self._current = None
                     self._in_flight.set(0)
                     self._mean_run_seconds += 0.2 * (seconds - self._mean_run_seconds)
 

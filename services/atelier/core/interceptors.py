@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import grpc
 
-from atelier.core.errors import AtelierError, Unavailable, from_codec_error, to_grpc_status
+from atelier.core.errors import AtelierError, InvalidArgument, Unavailable, from_codec_error, to_grpc_status
 from atelier.core.metrics import Metrics, grpc_code_name
 from atelier.sdk.codec import CodecError
 
@@ -41,28 +41,81 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
     return "unary"
 
 
-def _wrap_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable]):
-    """Return ``handler`` with its behaviour replaced by ``wrap(behavior, streaming_response)``."""
+def _wrap_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable],
+                   wrap_deserializer: Optional[Callable[[Callable], Callable]] = None):
+    """Return ``handler`` with its behaviour replaced by ``wrap(behavior, streaming_response)``
+    (and its request deserializer by ``wrap_deserializer(deserializer)`` when given)."""
     behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    deserializer = handler.request_deserializer
+    if wrap_deserializer is not None and deserializer is not None:
+        deserializer = wrap_deserializer(deserializer)
     if getattr(behavior, "experimental_non_blocking", False):
         # Callback-style handlers (health Watch) take a third argument and hold no
         # thread; wrapping would turn them into thread-holding generators.
-        return handler
+        if deserializer is handler.request_deserializer:
+            return handler
+        return handler._replace(request_deserializer=deserializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer
+            wrap(handler.unary_unary, False), deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer
+            wrap(handler.unary_stream, True), deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer
+            wrap(handler.stream_unary, False), deserializer, handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer
+        wrap(handler.stream_stream, True), deserializer, handler.response_serializer
     )
+
+
+class _Undecodable:
+    """What a wrapped deserializer returns for bytes that are not the request message.
+
+    grpcio answers a deserializer that raises with INTERNAL ("Exception deserializing
+    request"); garbage from a caller is INVALID_ARGUMENT, so the error is carried to the
+    handler wrapper as a value and aborted there."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable) -> Callable:
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # noqa: BLE001 - any parse failure is the caller's bytes
+            return _Undecodable(error)
+
+    return deserialize
+
+
+def _check_decoded(request, context) -> None:
+    if isinstance(request, _Undecodable):
+        _LOG.info("undecodable request: %s", type(request.error).__name__)
+        context.abort_with_status(to_grpc_status(
+            InvalidArgument("", "the request is not a valid protobuf message of the method's request type")))
+
+
+def _checked_stream(requests, context):
+    for request in requests:
+        _check_decoded(request, context)
+        yield request
+
+
+def _non_blocking_checked(behavior):
+    def checked(request, context, send_response_callback):
+        _check_decoded(request, context)
+        return behavior(request, context, send_response_callback)
+
+    checked.experimental_non_blocking = True
+    checked.experimental_thread_pool = getattr(behavior, "experimental_thread_pool", None)
+    return checked
 
 
 class Readiness:
@@ -113,6 +166,30 @@ class Readiness:
             return self._condition.wait_for(lambda: self._in_flight == 0, timeout)
 
 
+# gRPC reports "no deadline" as a far-future instant.
+_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
+# A client ends its call at its own deadline, which the server receives a little later than
+# the client set it (grpc-timeout counts from the send): the client's cancel arrives while the
+# server still sees some time left. A call ended this close to its deadline ran out of time.
+_DEADLINE_TOLERANCE_SECONDS = 0.25
+_DEADLINE_TOLERANCE_FRACTION = 0.1
+
+
+def _deadline_budget(context) -> Optional[float]:
+    """Seconds the call had when it started, or None without a deadline."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining >= _NO_DEADLINE_SECONDS:
+        return None
+    return remaining
+
+
+def _ended_by_deadline(context, budget: Optional[float]) -> bool:
+    if budget is None:
+        return False
+    tolerance = min(_DEADLINE_TOLERANCE_SECONDS, _DEADLINE_TOLERANCE_FRACTION * budget)
+    return context.time_remaining() <= tolerance
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """grpc_server_{started,handled,msg_received,msg_sent}_total and handling_seconds."""
 
@@ -131,6 +208,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             def begin(context) -> dict:
                 outcome = {"finished": False}
                 started = time.perf_counter()
+                budget = _deadline_budget(context)
                 metrics.started.labels(*labels).inc()
                 if not handler.request_streaming:
                     metrics.msg_received.labels(*labels).inc()
@@ -143,7 +221,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     if code is None:
                         if outcome["finished"]:
                             code = grpc.StatusCode.OK
-                        elif context.time_remaining() <= 0:
+                        elif _ended_by_deadline(context, budget):
                             code = grpc.StatusCode.DEADLINE_EXCEEDED
                         else:
                             code = grpc.StatusCode.CANCELLED
@@ -202,12 +280,18 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             if key == "x-request-id":
                 _LOG.info("%s x-request-id=%s", full_method, str(value)[:128])
 
+        def arguments(request, context):
+            if handler.request_streaming:
+                return _checked_stream(request, context)
+            _check_decoded(request, context)
+            return request
+
         def wrap(behavior, streaming_response):
             if streaming_response:
                 def stream_behavior(request, context):
                     _admit(readiness, service, context)
                     try:
-                        yield from behavior(request, context)
+                        yield from behavior(arguments(request, context), context)
                     except Exception as error:  # noqa: BLE001 - the one mapping point
                         _abort_for(error, context, full_method)
 
@@ -216,13 +300,16 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             def unary_behavior(request, context):
                 _admit(readiness, service, context)
                 try:
-                    return behavior(request, context)
+                    return behavior(arguments(request, context), context)
                 except Exception as error:  # noqa: BLE001 - the one mapping point
                     _abort_for(error, context, full_method)
 
             return unary_behavior
 
-        return _wrap_behavior(handler, wrap)
+        wrapped = _wrap_behavior(handler, wrap, _tolerant)
+        if wrapped.unary_stream is not None and getattr(wrapped.unary_stream, "experimental_non_blocking", False):
+            wrapped = wrapped._replace(unary_stream=_non_blocking_checked(wrapped.unary_stream))
+        return wrapped
 
 
 def _admit(readiness: Optional[Readiness], service: str, context) -> None:

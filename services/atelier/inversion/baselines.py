@@ -72,7 +72,7 @@ def null_text_embeddings(model, chain: torch.Tensor, cond: torch.Tensor, steps: 
     ``chain``: z_0..z_T of the DDIM inversion ((steps+1, C, h, w), device and dtype of the model).
     """
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(steps, device=model.device)
+    diffusion.set_timesteps(scheduler, steps, device=model.device)
     uncond = model.encode_prompt([""]).float()
     latent = chain[-1:]
     found, losses = [], []

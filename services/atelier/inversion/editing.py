@@ -21,7 +21,7 @@ import torch
 
 from atelier.core.attention import BatchLayout, attention_kwargs, controlled_attention
 from atelier.core.control import CallControl
-from atelier.core.diffusion import ddim_step, step_alphas, unet_eps
+from atelier.core.diffusion import ddim_step, set_timesteps, step_alphas, unet_eps
 from atelier.core.errors import InvalidArgument
 from atelier.inversion import presets, proxedit
 from atelier.inversion.proxedit import ProxEditParams, ResolvedProxEdit
@@ -242,7 +242,7 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     if chain is not None:
         chain = chain.to(model.device, model.dtype)
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(steps, device=model.device)
+    set_timesteps(scheduler, steps, device=model.device)
     with torch.no_grad(), controlled_attention(model.unet) as sites:
         controller = make_controller(sites, steps, plan, p2p, masactrl, latent_size, _native_side(model), mask_weights)
         for i, t in enumerate(scheduler.timesteps):
@@ -269,6 +269,7 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
                 latents[0] = chain[steps - i - 1]
             latents = controller.after_step(i, latents)
             control.progress("edit", i + 1, steps)
+    control.vae()
     images = model.decode_latents(latents)
     return EditOutput(image=images[1:2], source_image=images[:1], mode=plan.mode if plan else "")
 

@@ -58,6 +58,7 @@ def invert(model, image: torch.Tensor, prompt: str, method: str = "spdinv", step
         raise InvalidArgument("image", f"expected (1, 3, H, W) with H, W multiples of 8, got {tuple(image.shape)}")
     started = time.perf_counter()
     forward_before, backward_before = control.forward_evaluations, control.backward_evaluations
+    control.vae()
     z0 = model.encode_image(image).float()
     cond = model.encode_prompt([prompt])
     schedule = diffusion.inversion_schedule(model, steps)

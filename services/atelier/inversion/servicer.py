@@ -10,7 +10,7 @@ import torch
 from atelier.core import codecs
 from atelier.core.admission import charge_response
 from atelier.core.catalog import ListModelsRpc
-from atelier.core.errors import InvalidArgument
+from atelier.core.errors import InvalidArgument, Violations
 from atelier.core.models import SD, ModelRegistry, fit_to_vae
 from atelier.core.streaming import stream_call
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
@@ -47,6 +47,12 @@ _P2P_MODES = {
     inversion_pb2.P2POptions.REFINE: "refine",
     inversion_pb2.P2POptions.REWEIGHT: "reweight",
 }
+
+
+# The optimiser runs in float32 (AdamW turns lr and decay into float32 scalars: 1e308 raised
+# "value cannot be converted to type float without overflow"). Bounds far above any useful
+# value (the reference uses lr 1e-3, decay 1e-2, threshold 5e-6) that stay finite in float32.
+_SPDINV_UPPER_BOUNDS = {"learning_rate": 1e3, "loss_threshold": 1e30, "weight_decay": 1e3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,45 +201,59 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
         return text
 
     def _parse_invert(self, request: inversion_pb2.InvertRequest, args: dict[str, str] = INVERT_ARGS) -> InvertJob:
-        if not request.HasField("image"):
-            raise InvalidArgument(args["image"], "an image is required")
+        """The job for an InvertRequest; every bad field is reported at once (one InvalidArgument).
+        The model comes first (NotFound / FAILED_PRECONDITION): the image is fitted to its VAE."""
+        violations = Violations()
         model = self._model_name(request.model, args["model"])
-        pixels = codec.image_to_pil(request.image, field=args["image"], max_pixels=self._limits.max_pixels)
-        image = codecs.array_to_torch(np.array(fit_to_vae(pixels, self._registry.info(model), args["image"])))
-        if request.method not in _METHODS:
-            raise InvalidArgument(args["method"], f"unknown inversion method {request.method}")
-        method = _METHODS[request.method]
+        image = None
+        if not request.HasField("image"):
+            violations.add(args["image"], "an image is required")
+        else:
+            pixels = violations.attempt(codec.image_to_pil, request.image, field=args["image"],
+                                        max_pixels=self._limits.max_pixels)
+            if pixels is not None:
+                fitted = violations.attempt(fit_to_vae, pixels, self._registry.info(model), args["image"])
+                if fitted is not None:
+                    image = codecs.array_to_torch(np.array(fitted))
+        method = _METHODS.get(request.method)
+        if method is None:
+            violations.add(args["method"], f"unknown inversion method {request.method}")
         opts = request.fixed_point if method == "fixed_point" else request.spdinv
         group = "fixed_point" if method == "fixed_point" else "spdinv"
         spdinv = {}
         if opts.HasField("max_rounds"):
             if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
-                raise InvalidArgument("max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
+                violations.add("max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
             spdinv["max_rounds"] = opts.max_rounds
         names = ("loss_threshold",) if group == "fixed_point" else ("learning_rate", "loss_threshold", "weight_decay")
         for name in names:
             if opts.HasField(name):
                 value = getattr(opts, name)
                 if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                    raise InvalidArgument(name, f"must be a finite positive number, got {value}")
+                    violations.add(name, f"must be a finite positive number, got {value}")
+                elif value > _SPDINV_UPPER_BOUNDS[name]:
+                    violations.add(name, f"must be at most {_SPDINV_UPPER_BOUNDS[name]:g}, got {value:g}")
                 spdinv[name] = value
         if group == "spdinv" and opts.HasField("check_first"):
             spdinv["check_first"] = opts.check_first
         if group == "fixed_point" and opts.HasField("anderson_memory"):
             if not 0 <= opts.anderson_memory <= 16:
-                raise InvalidArgument("anderson_memory", "must be between 0 and 16")
+                violations.add("anderson_memory", "must be between 0 and 16")
             spdinv["anderson_memory"] = opts.anderson_memory
         null_text_guidance = None
         if request.null_text.HasField("guidance_scale"):
             null_text_guidance = request.null_text.guidance_scale
             if not np.isfinite(null_text_guidance) or not 0.0 <= null_text_guidance <= 50.0:
-                raise InvalidArgument("null_text_guidance_scale", "must be between 0 and 50")
+                violations.add("null_text_guidance_scale", "must be between 0 and 50")
+        prompt = violations.attempt(self._prompt, request.prompt, args["prompt"])
+        steps = violations.attempt(self._steps, request, args["num_inference_steps"])
+        violations.raise_if_any()
         return InvertJob(
             model=model,
             image=image,
-            prompt=self._prompt(request.prompt, args["prompt"]),
+            prompt=prompt,
             method=method,
-            steps=self._steps(request, args["num_inference_steps"]),
+            steps=steps,
             return_chain=request.return_chain,
             spdinv=spdinv,
             null_text_guidance=null_text_guidance,

@@ -15,8 +15,8 @@ from atelier.segmentation.app import SegmentationApp, add_arguments
 def main(argv=None) -> int:
     config = ServerConfig.from_args(argv, "segmentation", add_arguments=add_arguments)
     app = SegmentationApp(config)
-    # app.attach makes health follow the Triton backend as well as loading and draining.
-    return serve(app, config, app.metrics, on_started=app.attach)
+    # Health follows the Triton backend too: the bootstrap polls app.backend_readiness().
+    return serve(app, config, app.metrics)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ class SegmentationApp:
                  metrics: Optional[Metrics] = None, registry: Optional[ModelRegistry] = None):
         self.config = config
         self.settings = settings or SegmentationSettings.from_extras(config.extras)
+        # The bootstrap polls backend_readiness() (Triton up/down) at this interval.
+        config.health_interval_seconds = self.settings.health_interval_seconds
         self.metrics = metrics if metrics is not None else default_metrics()
         self.segmentation_metrics = segmentation_metrics(self.metrics.registry)
         # The registry loads SAM folders into Segmenters (model + its cache and batcher), off the
@@ -96,8 +98,6 @@ class SegmentationApp:
         self.registry = registry
         self.executor = ComputeExecutor(config.max_queue, "segmentation", metrics=self.metrics)
         self._triton = None
-        self._stop = threading.Event()
-        self._monitor: Optional[threading.Thread] = None
         self._backend_ready = self.segmentation_metrics.backend_ready.labels(self.settings.backend)
 
     # ------------------------------------------------------------------ App protocol
@@ -122,7 +122,6 @@ class SegmentationApp:
             _LOG.warning("segmentation: image-encoder backend not ready yet: %s", reason)
 
     def close(self) -> None:
-        self._stop.set()
         self.registry.close()  # closes every loaded Segmenter
         self.executor.shutdown()
         if self._triton is not None:
@@ -152,33 +151,11 @@ class SegmentationApp:
 
     # ------------------------------------------------------------------ health
     def backend_readiness(self) -> tuple[bool, str]:
+        """Whether the image-encoder backend answers; the bootstrap's health follows it
+        (``atelier.core.server`` polls it every ``config.health_interval_seconds``)."""
         if self._triton is None:
-            return True, "local image encoder"
-        return self._triton.readiness()
-
-    def attach(self, running) -> None:
-        """Make the server's health follow the encoder backend (Triton up/down), not only loading.
-
-        ``running`` is the RunningServer from ``atelier.core.server.start``."""
-        from grpc_health.v1 import health_pb2
-
-        def watch():
-            last = None
-            while not self._stop.wait(self.settings.health_interval_seconds if last is not None else 0.05):
-                if running.readiness.state != "serving":
-                    continue  # loading, failed or draining: the bootstrap owns health then
-                ready, reason = self.backend_readiness()
-                self._backend_ready.set(1 if ready else 0)
-                if ready != last:
-                    status = health_pb2.HealthCheckResponse.SERVING if ready else \
-                        health_pb2.HealthCheckResponse.NOT_SERVING
-                    for service in ("", *self.service_names):
-                        running.health.set(service, status)
-                    (_LOG.info if ready else _LOG.warning)("segmentation: health %s: %s",
-                                                           "SERVING" if ready else "NOT_SERVING", reason)
-                    last = ready
-
-        if self._triton is None and self.settings.backend != "triton":
-            return  # the local encoder cannot go away; the bootstrap's health is the whole story
-        self._monitor = threading.Thread(target=watch, name="segmentation-health", daemon=True)
-        self._monitor.start()
+            ready, reason = True, "local image encoder"
+        else:
+            ready, reason = self._triton.readiness()
+        self._backend_ready.set(1 if ready else 0)
+        return ready, reason

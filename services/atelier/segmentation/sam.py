@@ -166,14 +166,21 @@ class SamPredictor:
         rgb = image.convert("RGB")
         height, width = rgb.height, rgb.width
         # SamImageProcessor's resize rule (longest side to S, rounded); pixel_values() checks it.
+        # A side of a very thin image (200x1) would round to 0: it keeps at least one pixel.
         scale = self.input_size / max(height, width)
-        reshaped = (int(height * scale + 0.5), int(width * scale + 0.5))
+        reshaped = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
         return PreparedImage(image=rgb, original_size=(height, width), reshaped_size=reshaped,
                              content_key=content_key(rgb))
 
     def pixel_values(self, prepared: PreparedImage) -> torch.Tensor:
         """The encoder input (3, S, S) float32: SamProcessor's resize, rescale, normalise, pad."""
-        encoded = self.processor.image_processor(images=[prepared.image], return_tensors="pt")
+        image = prepared.image
+        if min(int(side * self.input_size / max(prepared.original_size) + 0.5) for side in prepared.original_size) < 1:
+            # The processor would resize a side to 0 and fail: resize to our (>= 1 px) size
+            # first, with the processor's own filter; its longest side is then S already.
+            height, width = prepared.reshaped_size
+            image = image.resize((width, height), resample=PILImage.Resampling(self.processor.image_processor.resample))
+        encoded = self.processor.image_processor(images=[image], return_tensors="pt")
         reshaped = tuple(int(v) for v in encoded["reshaped_input_sizes"][0])
         if reshaped != prepared.reshaped_size:
             raise RuntimeError(f"resize rule mismatch: processor {reshaped}, ours {prepared.reshaped_size}")

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from atelier.core.diffusion import ddim_step, guided_eps, step_alphas
+from atelier.core.diffusion import ddim_step, guided_eps, set_timesteps, step_alphas
 from atelier.synthesis.painting import Painter, stroke_loss
 
 # preview(step, total, x0_image (1,3,H,W) in [0,1])
@@ -59,9 +59,10 @@ def _noise(shape, seed_generator: torch.Generator, like: torch.Tensor) -> torch.
     return torch.randn(shape, generator=seed_generator, dtype=torch.float32).to(like.device, like.dtype)
 
 
-def _preview(model, latents, eps, alpha_t, step, total, sink: Optional[PreviewSink]) -> None:
+def _preview(model, latents, eps, alpha_t, step, total, sink: Optional[PreviewSink], control) -> None:
     if sink is None:
         return
+    control.vae()
     x0 = (latents - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
     sink(step, total, model.decode_latents(x0))
 
@@ -99,7 +100,7 @@ def gradop_plus(model, scribble: torch.Tensor, cond: torch.Tensor, uncond: torch
     target = scribble.to(model.device, torch.float32)
     generator = torch.Generator("cpu").manual_seed(params.seed)
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(params.steps, device=model.device)
+    set_timesteps(scheduler, params.steps, device=model.device)
     timesteps = scheduler.timesteps
     height, width = scribble.shape[-2:]
     factor = model.vae_scale_factor
@@ -114,7 +115,7 @@ def gradop_plus(model, scribble: torch.Tensor, cond: torch.Tensor, uncond: torch
         eps = guided_eps(model, latents, t, cond, uncond, params.guidance, control, kwargs)
         alpha_t, alpha_prev = step_alphas(scheduler, t)
         if params.preview_every and (i + 1) % params.preview_every == 0:
-            _preview(model, latents, eps, alpha_t, i + 1, total, preview)
+            _preview(model, latents, eps, alpha_t, i + 1, total, preview, control)
         latents = ddim_step(latents, eps, alpha_t, alpha_prev)
         if start <= i < start + params.iterative_steps and i < total - 1:
             control.progress("optimise", i - start + 1, params.iterative_steps)
@@ -124,6 +125,7 @@ def gradop_plus(model, scribble: torch.Tensor, cond: torch.Tensor, uncond: torch
             fresh = _noise(shape, generator, latents)
             latents = scheduler.add_noise(optimised, fresh, timesteps[i + 1: i + 2])
         control.progress("sample", i + 1, total)
+    control.vae()
     image = model.decode_latents(latents)
     return SynthesisOutput(image=image.float(), stroke_loss=stroke_loss(painter, image, target))
 
@@ -142,10 +144,11 @@ def sdedit(model, scribble: torch.Tensor, cond: torch.Tensor, uncond: torch.Tens
     encode (a posterior sample), noise to the first kept timestep, DDIM-sample the rest with CFG."""
     generator = torch.Generator("cpu").manual_seed(params.seed)
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(params.steps, device=model.device)
+    set_timesteps(scheduler, params.steps, device=model.device)
     timesteps = sdedit_timesteps(scheduler, params.steps, params.strength)
     if len(timesteps) == 0:
         raise ValueError(f"strength: {params.strength} with {params.steps} steps leaves no denoising step")
+    control.vae()
     posterior = model.vae.encode((scribble * 2 - 1).to(model.device, model.dtype)).latent_dist
     sample = posterior.mean + posterior.std * _noise(posterior.mean.shape, generator, posterior.mean)
     init = sample * model.vae.config.scaling_factor
@@ -155,9 +158,10 @@ def sdedit(model, scribble: torch.Tensor, cond: torch.Tensor, uncond: torch.Tens
         eps = guided_eps(model, latents, t, cond, uncond, params.guidance, control)
         alpha_t, alpha_prev = step_alphas(scheduler, t)
         if params.preview_every and (i + 1) % params.preview_every == 0:
-            _preview(model, latents, eps, alpha_t, i + 1, total, preview)
+            _preview(model, latents, eps, alpha_t, i + 1, total, preview, control)
         latents = ddim_step(latents, eps, alpha_t, alpha_prev)
         control.progress("sample", i + 1, total)
+    control.vae()
     image = model.decode_latents(latents).float()
     target = scribble.to(image.device, torch.float32)
     return SynthesisOutput(image=image, stroke_loss=stroke_loss(Painter(painting, target), image, target))

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from atelier.core.attention import AttentionCall, AttentionController, AttentionSite, BatchLayout, attention_kwargs
-from atelier.core.diffusion import ddim_step, step_alphas, unet_eps
+from atelier.core.diffusion import ddim_step, set_timesteps, step_alphas, unet_eps
 
 T_ALIGN = 600
 T_EARLY = 600
@@ -166,7 +166,7 @@ def isa_dca_variations(model, chain: torch.Tensor, cond: torch.Tensor, uncond_re
     Must run inside ``controlled_attention(model.unet)``. Returns (n, 3, H, W) in [0, 1].
     """
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(params.steps, device=model.device)
+    set_timesteps(scheduler, params.steps, device=model.device)
     if chain.shape[0] != len(scheduler.timesteps) + 1:
         raise ValueError(f"the chain has {chain.shape[0]} latents; {params.steps} steps need {params.steps + 1}")
     chain = chain.to(model.device, model.dtype)
@@ -189,7 +189,9 @@ def isa_dca_variations(model, chain: torch.Tensor, cond: torch.Tensor, uncond_re
         alpha_t, alpha_prev = step_alphas(scheduler, t)
         if preview is not None and params.preview_every and (i + 1) % params.preview_every == 0:
             x0 = (generated[:1] - (1 - alpha_t) ** 0.5 * guided[:1]) / alpha_t**0.5
+            control.vae()
             preview(i + 1, total, model.decode_latents(x0))
         generated = ddim_step(generated, guided, alpha_t, alpha_prev)
         control.progress("variations", i + 1, total)
+    control.vae()
     return model.decode_latents(generated).float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from typing import Optional, Union, cast
 
@@ -50,6 +51,10 @@ _NUMPY_TO_DATATYPE = {
     np.dtype("uint8"): "UINT8",
     np.dtype("bool"): "BOOL",
 }
+
+# numpy's own limit is 32 (numpy 1) or 64 (numpy 2) dims; no tensor in the API has more
+# than 5, so a generous fixed bound keeps the error the same on every numpy.
+MAX_TENSOR_DIMS = 32
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -154,6 +159,8 @@ def tensor_to_numpy(msg: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray
 
 
 def _check_shape(shape: tuple[int, ...], field: str) -> None:
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise CodecError(field, f"has {len(shape)} dimensions; at most {MAX_TENSOR_DIMS} are supported")
     for axis, dim in enumerate(shape):
         if dim <= 0:
             raise CodecError(field, f"dimension {axis} is {dim}; every dimension must be positive (shape {list(shape)})")
@@ -221,6 +228,15 @@ def _check_size(width: int, height: int, field: str, max_pixels: Optional[int], 
                 raise CodecError(f"{field}.{side}", f"{side} {value} is not a multiple of {multiple_of}")
 
 
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _describe(error: Exception) -> str:
+    """PIL's message without object reprs ("cannot identify image file <_io.BytesIO object
+    at 0x7f...>"): heap addresses mean nothing to a caller and must not leave the server."""
+    return _OBJECT_REPR.sub("", str(error)).strip() or type(error).__name__
+
+
 def _open_lazily(data: bytes, data_field: str, size_field: str) -> PILImage.Image:
     """Open without decoding pixels: PIL reads only the header, so the size can be
     checked before a decompression bomb is expanded."""
@@ -231,9 +247,9 @@ def _open_lazily(data: bytes, data_field: str, size_field: str) -> PILImage.Imag
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
             return PILImage.open(io.BytesIO(data))
     except PILImage.DecompressionBombError as exc:
-        raise CodecError(size_field, f"image too large to decode: {exc}") from None
+        raise CodecError(size_field, f"image too large to decode: {_describe(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise CodecError(data_field, f"cannot read image header: {exc}") from None
+        raise CodecError(data_field, f"cannot read image header: {_describe(exc)}") from None
 
 
 def _decode_fully(img: PILImage.Image, data_field: str) -> None:
@@ -242,7 +258,7 @@ def _decode_fully(img: PILImage.Image, data_field: str) -> None:
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
             img.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise CodecError(data_field, f"cannot decode image: {exc}") from None
+        raise CodecError(data_field, f"cannot decode image: {_describe(exc)}") from None
 
 
 def image_to_pil(
