@@ -8,6 +8,10 @@ and sent garbled bytes; nothing else needs writing.
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,4 +55,20 @@ def _synthesis() -> FuzzTarget:
     return FuzzTarget("synthesis", SynthesisApp, lambda config, metrics: SynthesisApp(config, metrics=metrics))
 
 
-TARGETS: list[FuzzTarget] = [_inversion(), _segmentation(), _synthesis()]
+def _personalization() -> FuzzTarget:
+    from atelier.personalization.app import PersonalizationApp
+
+    def build(config: ServerConfig, metrics: Metrics) -> Any:
+        # Its own job store and artifacts (SQLite under a temporary folder, removed with the app);
+        # no segmentation service, so requests without masks are refused at CreateJob.
+        data_dir = tempfile.mkdtemp(prefix="atelier-fuzz-personalization-")
+        config = dataclasses.replace(config, extras={**config.extras, "data_dir": data_dir,
+                                                     "job_poll_seconds": 0.2})
+        app = PersonalizationApp(config, metrics=metrics)
+        weakref.finalize(app, shutil.rmtree, data_dir, True)
+        return app
+
+    return FuzzTarget("personalization", PersonalizationApp, build)
+
+
+TARGETS: list[FuzzTarget] = [_inversion(), _segmentation(), _synthesis(), _personalization()]
