@@ -221,3 +221,20 @@ def test_concepts_of_another_kind_or_model_are_failed_precondition(metadata, wor
     with pytest.raises(FailedPrecondition, match=words):
         check_concept_kind(metadata, "toy")
     check_concept_kind(dict(method="eqdiff", base_model="toy"), "toy")
+
+
+def test_request_id_reaches_personalization(servers, inverted, caplog):
+    import grpc
+
+    from atelier.v1 import inversion_pb2, inversion_pb2_grpc
+
+    caplog.set_level("INFO")
+    concept = servers["concepts"][0]
+    request = inversion_pb2.EditRequest(inversion=inverted.proto, concept_id=concept.id,
+                                        target_prompt=f"a red {concept.token} on a blue background")
+    with grpc.insecure_channel(servers["inversion"].address) as channel:
+        events = list(inversion_pb2_grpc.InversionStub(channel).Edit(
+            request, timeout=120, metadata=(("x-request-id", "concept-edit-rid-7"),)))
+    assert events[-1].HasField("result")
+    logged = [r.getMessage() for r in caplog.records if "concept-edit-rid-7" in r.getMessage()]
+    assert any("Personalization/GetConcept" in m for m in logged), logged
