@@ -160,3 +160,63 @@ def test_a_cancelled_control_stops_the_step(model):
     with pytest.raises(Cancelled):
         run.step(CallControl(is_cancelled=lambda: True))
     assert run.step_index == 0
+
+
+def _cancel_after_unet(evaluations):
+    """A control cancelled once ``evaluations`` UNet calls ran: the VAE work after them must not start."""
+    control = CallControl(is_cancelled=lambda: control.forward_evaluations + control.backward_evaluations
+                          >= evaluations)
+    return control
+
+
+def test_generation_at_1000_steps_starts_inside_the_alphas_table(model):
+    from atelier.core.errors import Cancelled
+
+    images, masks = concept_data(count=1)
+    params = EqDiffParams(class_word="box", steps=1, prior_preservation=False, rra=False)
+    run = EqDiffRun(model, images, masks, params, seed=0)
+    run_steps(run, 1)
+    concept = run.finish()
+    control = _cancel_after_unet(2)  # two steps at t=999 and 998 (t=1000 raised IndexError before)
+    with pytest.raises(Cancelled):
+        generate_with_concept(model, concept, PROMPT, num_inference_steps=1000, control=control)
+    assert control.forward_evaluations == 2
+
+
+def test_generation_stops_before_the_decode_when_cancelled(model, monkeypatch):
+    from atelier.core.errors import Cancelled
+
+    images, masks = concept_data(count=1)
+    run = EqDiffRun(model, images, masks, EqDiffParams(class_word="box", steps=1, prior_preservation=False,
+                                                      rra=False), seed=0)
+    run_steps(run, 1)
+    concept = run.finish()
+    decodes = []
+    monkeypatch.setattr(model, "decode_latents", lambda latents: decodes.append(latents))
+    control = _cancel_after_unet(3)
+    with pytest.raises(Cancelled):
+        generate_with_concept(model, concept, PROMPT, num_inference_steps=3, control=control)
+    assert control.forward_evaluations == 3 and decodes == [] and control.vae_evaluations == 0
+
+
+def test_class_images_stop_before_the_decode_when_cancelled(model, monkeypatch):
+    from atelier.core.errors import Cancelled
+
+    images, masks = concept_data(count=1)
+    params = EqDiffParams(class_word="box", steps=1, num_class_images=1, class_image_steps=2)
+    run = EqDiffRun(model, images, masks, params, seed=0)
+    decodes = []
+    monkeypatch.setattr(model, "decode_latents", lambda latents: decodes.append(latents))
+    control = _cancel_after_unet(2)
+    with pytest.raises(Cancelled):
+        run.step(control)  # the class-image step: 2 sampling steps, then the decode
+    assert control.forward_evaluations == 2 and decodes == [] and run.step_index == 0
+
+
+def test_training_counts_its_vae_encodes(model):
+    images, masks = concept_data(count=1)
+    run = EqDiffRun(model, images, masks, EqDiffParams(class_word="box", steps=1, prior_preservation=False),
+                    seed=0)
+    control = CallControl()
+    run.step(control)
+    assert control.vae_evaluations == 2  # the instance batch and the RRA reference batch

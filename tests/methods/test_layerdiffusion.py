@@ -238,3 +238,38 @@ def test_lora_mode_trains_only_adapters_resumes_and_generates(model):
     assert all(torch.equal(resumed.finish().tensors[k], v) for k, v in concept.tensors.items())
     again = generate_with_concept(model, concept, seed=2, num_images=1)
     assert torch.allclose(again, concept.tensors["result.images"], atol=1e-6)
+
+
+def test_vae_work_is_checked_and_counted(model, monkeypatch):
+    """Every VAE encode/decode goes through control.vae(): a cancelled control stops before the
+    input's encode, and a sample step cancelled after its UNet calls never decodes."""
+    from atelier.core.errors import Cancelled
+
+    image, mask = scene()
+    ref, ref_mask = reference()
+    p = params(layered_optimization=False, finetune=False, num_images=1, num_inference_steps=2)
+    with pytest.raises(Cancelled):
+        LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask,
+                          control=CallControl(is_cancelled=lambda: True))
+    counted = CallControl()
+    run = LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask, control=counted)
+    assert counted.vae_evaluations == 1
+    decodes = []
+    monkeypatch.setattr(model, "decode_latents", lambda latents: decodes.append(latents))
+    control = CallControl(is_cancelled=lambda: control.forward_evaluations >= 2)
+    with pytest.raises(Cancelled):
+        run.step(control)
+    assert control.forward_evaluations == 2 and decodes == []
+
+
+def test_sampling_at_1000_steps_starts_inside_the_alphas_table(model):
+    from atelier.core.errors import Cancelled
+
+    image, mask = scene()
+    e = model.encode_prompt(["a red triangle"])
+    control = CallControl(is_cancelled=lambda: control.forward_evaluations >= 2)
+    seen = []
+    with pytest.raises(Cancelled):
+        iterative_guidance_sample(model, e, e, torch.zeros(1, 4, 8, 8), 1000, 7.5, True, control,
+                                  record=lambda i, t, name, cond: seen.append(t))
+    assert seen[0] == 999 and control.forward_evaluations == 2

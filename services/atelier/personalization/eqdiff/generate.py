@@ -13,7 +13,7 @@ import torch
 
 from atelier.core.attention import BatchLayout, attention_kwargs, controlled_attention
 from atelier.core.control import CallControl
-from atelier.core.diffusion import ddim_step, step_alphas, unet_eps
+from atelier.core.diffusion import ddim_step, set_timesteps, step_alphas, unet_eps
 from atelier.core.errors import FailedPrecondition, InvalidArgument
 from atelier.personalization.training import Concept
 
@@ -89,6 +89,7 @@ def generate_with_concept(model, concept: Concept, prompt: str, negative_prompt:
     if params.rra:
         bank = ReferenceBank(set(layers.rra_site_names()))
         reference = concept.tensors["reference.image"].to(model.device, model.dtype)
+        control.vae()
         ref_latent = model.encode_image(reference)  # clean: the posterior mean, never noised
         ref_cond = model.encode_prompt(["", params.reference_prompt()] if guided else [params.reference_prompt()])
         # target row -> bank row: uncond rows read [ref + ""], cond rows read [ref + caption]
@@ -98,7 +99,7 @@ def generate_with_concept(model, concept: Concept, prompt: str, negative_prompt:
     layout = BatchLayout(branches=num_images, groups=("uncond", "cond") if guided else ("cond",))
 
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(int(num_inference_steps), device=model.device)
+    set_timesteps(scheduler, int(num_inference_steps), device=model.device)
     latents = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
     with controlled_attention(model.unet):
@@ -120,4 +121,5 @@ def generate_with_concept(model, concept: Concept, prompt: str, negative_prompt:
             alpha_t, alpha_prev = step_alphas(scheduler, t)
             latents = ddim_step(latents, eps, alpha_t, alpha_prev)
             control.progress("generate", i + 1, total)
+    control.vae()
     return model.decode_latents(latents)

@@ -14,8 +14,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from atelier.core.control import CallControl
-from atelier.core.diffusion import guided_eps, step_alphas
-from atelier.core.diffusion import ddim_step
+from atelier.core.diffusion import ddim_step, guided_eps, set_timesteps, step_alphas
 from atelier.core.errors import FailedPrecondition, InvalidArgument
 from atelier.personalization.training import Concept
 
@@ -86,7 +85,7 @@ def iterative_guidance_sample(model, e_object: torch.Tensor, e_optimised: torch.
     embeddings = {OBJECT: e_object, "optimised": e_optimised}
     uncond = model.encode_prompt([""])
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(int(num_inference_steps), device=model.device)
+    set_timesteps(scheduler, int(num_inference_steps), device=model.device)
     schedule = guidance_schedule(len(scheduler.timesteps), iterative)
     latents = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
@@ -168,5 +167,6 @@ def generate_with_concept(model, concept: Concept, seed: int = 0, num_images: in
     for k in range(int(num_images)):
         latents = iterative_guidance_sample(view, e_object, e_optimised, initial_noise(model, height, width, seed + k),
                                             steps, guidance, iterative, control, stage="generate")
+        control.vae()
         images.append(model.decode_latents(latents))
     return torch.cat(images)

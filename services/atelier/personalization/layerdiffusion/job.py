@@ -132,7 +132,7 @@ class LayerEditMethod:
             raise InvalidArgument("masks[0]", "the object mask is full (no background pixel)")
         return LayerDiffusionRun(model, inputs.images[:1], object_mask, job.params, reference=reference,
                                  reference_mask=reference_mask, segment=self._segmenter(size, control),
-                                 seed=inputs.seed)
+                                 seed=inputs.seed, control=control)
 
     def _segmenter(self, size: tuple[int, int], control: CallControl):
         def segment(image: torch.Tensor) -> torch.Tensor:
