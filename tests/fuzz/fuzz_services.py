@@ -101,7 +101,8 @@ def _png(pixels) -> bytes:
 
 
 def _personalization_seeds(running, channel) -> dict:
-    """A real EqDiff concept (a 1-step job on the toy model) and requests that name it."""
+    """Real concepts (a 1-step EqDiff job and a short LayerDiffusion edit on the toy model) and
+    requests that name them."""
     import numpy as np
 
     from atelier.v1 import personalization_pb2, personalization_pb2_grpc, tensor_pb2
@@ -115,27 +116,42 @@ def _personalization_seeds(running, channel) -> dict:
     create = personalization_pb2.CreateJobRequest(
         images=[image], masks=[tensor_pb2.Mask(png=_png(mask))], class_word="box", seed=1,
         eqdiff=personalization_pb2.EqDiffOptions(steps=1, prior_preservation=False, batch_size=1))
+    background = pixels.copy()
+    background[:, :, 1] = 160
+    layer_edit = personalization_pb2.CreateJobRequest(
+        images=[image], masks=[tensor_pb2.Mask(png=_png(mask))], seed=1,
+        layer_edit=personalization_pb2.LayerEditOptions(
+            object_text="a red square", background_text="on a green background",
+            reference=tensor_pb2.Image(encoding=tensor_pb2.Image.PNG, data=_png(background), width=64, height=64),
+            reference_mask=tensor_pb2.Mask(png=_png(mask)), embedding_steps=1, finetune_steps=1,
+            reference_steps=2, num_images=1, num_inference_steps=2))
     stub = personalization_pb2_grpc.PersonalizationStub(channel)
-    job = stub.CreateJob(create, timeout=30)
-    deadline = time.monotonic() + 60
-    while job.state != personalization_pb2.SUCCEEDED and time.monotonic() < deadline:
-        time.sleep(0.1)
-        job = stub.GetJob(personalization_pb2.GetJobRequest(job_id=job.id), timeout=5)
-    assert job.state == personalization_pb2.SUCCEEDED, job
-    concept = stub.GetConcept(personalization_pb2.GetConceptRequest(concept_id=job.concept_id), timeout=5)
+
+    def trained(request):  # one at a time: the fuzz server holds one pending job at most
+        job = stub.CreateJob(request, timeout=30)
+        deadline = time.monotonic() + 90
+        while job.state != personalization_pb2.SUCCEEDED and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = stub.GetJob(personalization_pb2.GetJobRequest(job_id=job.id), timeout=5)
+        assert job.state == personalization_pb2.SUCCEEDED, job
+        return job, stub.GetConcept(personalization_pb2.GetConceptRequest(concept_id=job.concept_id), timeout=5)
+
+    job, concept = trained(create)
+    edit_job, edit_concept = trained(layer_edit)
     exported = stub.ExportConcept(personalization_pb2.ExportConceptRequest(concept_id=concept.id),
                                   timeout=30).safetensors
     prompt = f"a photo of {concept.placeholder_token}"
     return {
-        "CreateJob": [create],
-        "WatchJob": [personalization_pb2.WatchJobRequest(job_id=job.id)],
-        "GetJob": [personalization_pb2.GetJobRequest(job_id=job.id)],
-        "CancelJob": [personalization_pb2.CancelJobRequest(job_id=job.id)],
-        "GetConcept": [personalization_pb2.GetConceptRequest(concept_id=concept.id)],
-        "ExportConcept": [personalization_pb2.ExportConceptRequest(concept_id=concept.id)],
+        "CreateJob": [create, layer_edit],
+        "WatchJob": [personalization_pb2.WatchJobRequest(job_id=j.id) for j in (job, edit_job)],
+        "GetJob": [personalization_pb2.GetJobRequest(job_id=j.id) for j in (job, edit_job)],
+        "CancelJob": [personalization_pb2.CancelJobRequest(job_id=j.id) for j in (job, edit_job)],
+        "GetConcept": [personalization_pb2.GetConceptRequest(concept_id=c.id) for c in (concept, edit_concept)],
+        "ExportConcept": [personalization_pb2.ExportConceptRequest(concept_id=c.id) for c in (concept, edit_concept)],
         "ImportConcept": [personalization_pb2.ImportConceptRequest(safetensors=exported)],
         "Generate": [personalization_pb2.GenerateConceptRequest(concept_id=concept.id, prompt=prompt,
-                                                                num_inference_steps=2)],
+                                                                num_inference_steps=2),
+                     personalization_pb2.GenerateConceptRequest(concept_id=edit_concept.id, num_inference_steps=2)],
         # DeleteConcept is left generic: deleting the seed concept would void the others' seeds
     }
 
