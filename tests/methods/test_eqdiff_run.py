@@ -220,3 +220,36 @@ def test_training_counts_its_vae_encodes(model):
     control = CallControl()
     run.step(control)
     assert control.vae_evaluations == 2  # the instance batch and the RRA reference batch
+
+
+@pytest.mark.parametrize("change", ["no_params", "params_not_an_object", "bad_param_value", "no_height",
+                                    "no_embeddings", "embeddings_1d", "embeddings_width", "no_reference"])
+def test_a_malformed_concept_is_a_failed_precondition(model, change):
+    """Concepts come from ImportConcept too (any file): generation names what is wrong instead of
+    raising KeyError/AttributeError (INTERNAL)."""
+    from atelier.personalization.training import Concept
+
+    params = EqDiffParams(class_word="box", steps=1)
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    metadata = {"method": "eqdiff", "base_model": model.name, "params": params.to_json(), "height": "64",
+                "width": "64"}
+    tensors = {"fdte.embeddings": torch.zeros(2, width), "reference.image": torch.zeros(1, 3, 64, 64)}
+    if change == "no_params":
+        del metadata["params"]
+    elif change == "params_not_an_object":
+        metadata["params"] = "[1, 2]"
+    elif change == "bad_param_value":
+        metadata["params"] = params.to_json().replace('"steps": 1', '"steps": -5')
+    elif change == "no_height":
+        del metadata["height"]
+    elif change == "no_embeddings":
+        del tensors["fdte.embeddings"]
+    elif change == "embeddings_1d":
+        tensors["fdte.embeddings"] = torch.zeros(width)
+    elif change == "embeddings_width":
+        tensors["fdte.embeddings"] = torch.zeros(2, width + 1)
+    elif change == "no_reference":
+        del tensors["reference.image"]
+    with pytest.raises(FailedPrecondition):
+        generate_with_concept(model, Concept(tensors, metadata), PROMPT.replace("<new2>", params.placeholder_token),
+                              num_inference_steps=1)

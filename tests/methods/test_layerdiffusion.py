@@ -273,3 +273,28 @@ def test_sampling_at_1000_steps_starts_inside_the_alphas_table(model):
         iterative_guidance_sample(model, e, e, torch.zeros(1, 4, 8, 8), 1000, 7.5, True, control,
                                   record=lambda i, t, name, cond: seen.append(t))
     assert seen[0] == 999 and control.forward_evaluations == 2
+
+
+@pytest.mark.parametrize("change", ["no_params", "params_not_an_object", "no_width", "no_embedding",
+                                    "embedding_shape"])
+def test_a_malformed_concept_is_a_failed_precondition(model, change):
+    """Concepts come from ImportConcept too (any file): generation names what is wrong instead of
+    raising KeyError/AttributeError (INTERNAL)."""
+    from atelier.personalization.training import Concept
+
+    shape = tuple(model.encode_prompt([""]).shape)
+    metadata = {"method": "layer_edit", "base_model": model.name, "params": params().to_json(), "height": "64",
+                "width": "64"}
+    tensors = {"embedding.object": torch.zeros(shape), "embedding.optimised": torch.zeros(shape)}
+    if change == "no_params":
+        del metadata["params"]
+    elif change == "params_not_an_object":
+        metadata["params"] = "7"
+    elif change == "no_width":
+        del metadata["width"]
+    elif change == "no_embedding":
+        del tensors["embedding.optimised"]
+    elif change == "embedding_shape":
+        tensors["embedding.object"] = torch.zeros(1, 5, shape[-1])
+    with pytest.raises(FailedPrecondition):
+        generate_with_concept(model, Concept(tensors, metadata), num_inference_steps=1)

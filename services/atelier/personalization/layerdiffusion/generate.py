@@ -106,17 +106,43 @@ def initial_noise(model, height: int, width: int, seed: int) -> torch.Tensor:
                        generator=torch.Generator().manual_seed(int(seed)))
 
 
+EMBEDDINGS = ("embedding.object", "embedding.optimised")
+
+
+def check_concept(concept: Concept) -> LayerDiffusionParams:
+    """The concept's parameters, after checking the file holds what generation reads (an imported
+    file may be anything): FailedPrecondition naming what is wrong."""
+    metadata = concept.metadata
+    if metadata.get("method") != METHOD:
+        raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not {METHOD}")
+    try:
+        params = LayerDiffusionParams.from_json(metadata["params"]).validate()
+        height, width = int(metadata["height"]), int(metadata["width"])
+    except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as error:
+        raise FailedPrecondition(f"the concept's metadata is malformed: {type(error).__name__}: {error}") from None
+    if not (0 < height <= 8192 and 0 < width <= 8192):
+        raise FailedPrecondition(f"the concept's size {height}x{width} is out of range")
+    for name in EMBEDDINGS:
+        tensor = concept.tensors.get(name)
+        if tensor is None or tensor.ndim != 3 or not tensor.is_floating_point():
+            raise FailedPrecondition(f"the concept has no (1, L, D) float tensor {name!r}")
+    return params
+
+
 def load_concept(model, concept: Concept):
     """(params, e^_a, e_opt, model view with the concept's UNet) for ``model``.
 
     FailedPrecondition for a concept of another method or base model, or weights that do not fit."""
+    params = check_concept(concept)
     metadata = concept.metadata
-    if metadata.get("method") != METHOD:
-        raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not {METHOD}")
     if metadata.get("base_model") != model.name:
         raise FailedPrecondition(f"concept was trained on base model {metadata.get('base_model')!r}, "
                                  f"not {model.name!r}")
-    params = LayerDiffusionParams.from_json(metadata["params"])
+    expected = tuple(model.encode_prompt([""]).shape)
+    for name in EMBEDDINGS:
+        if tuple(concept.tensors[name].shape) != expected:
+            raise FailedPrecondition(f"the concept's {name!r} has shape {tuple(concept.tensors[name].shape)}, "
+                                     f"model {model.name!r} uses {expected}")
     state = {name[len(UNET_PREFIX):]: tensor for name, tensor in concept.tensors.items()
              if name.startswith(UNET_PREFIX)}
     lora = {name[len(LORA_PREFIX):]: tensor for name, tensor in concept.tensors.items()

@@ -21,7 +21,7 @@ from atelier.core.control import CallControl
 from atelier.core.errors import InvalidArgument
 from atelier.v1 import personalization_pb2
 
-from .generate import METHOD, generate_with_concept
+from .generate import METHOD, check_concept, generate_with_concept
 from .params import LayerDiffusionParams
 from .run import LayerDiffusionRun
 
@@ -146,6 +146,10 @@ class LayerEditMethod:
                                             f"layer_edit-reference-{id(control):x}")
             return codecs.mask_to_torch(mask, field="reference mask (segmented)", size=size)[None, None]
         return segment
+
+    def check_concept(self, concept) -> None:
+        """FailedPrecondition when an imported file is not a well-formed LayerDiffusion concept."""
+        check_concept(concept)
 
     def generate(self, model, concept, options, control: CallControl) -> torch.Tensor:
         """More edited images; the prompt is not used (the concept holds its own embeddings)."""
