@@ -140,6 +140,14 @@ def _personalization_seeds(running, channel) -> dict:
     edit_job, edit_concept = trained(layer_edit)
     exported = stub.ExportConcept(personalization_pb2.ExportConceptRequest(concept_id=concept.id),
                                   timeout=30).safetensors
+    # the same file with its header edited as a hand-made or foreign file might be
+    from safetensors.torch import load as load_tensors, save as save_tensors
+
+    from atelier.personalization.concepts import read_metadata
+    metadata = read_metadata(exported)
+    edited = [save_tensors(load_tensors(exported), metadata=changed) for changed in (
+        {k: v for k, v in metadata.items() if k != "params"}, {**metadata, "method": "layer_edit"},
+        {**metadata, "params": "[]"}, {**metadata, "width": "-1"})]
     prompt = f"a photo of {concept.placeholder_token}"
     return {
         "CreateJob": [create, layer_edit],
@@ -148,7 +156,7 @@ def _personalization_seeds(running, channel) -> dict:
         "CancelJob": [personalization_pb2.CancelJobRequest(job_id=j.id) for j in (job, edit_job)],
         "GetConcept": [personalization_pb2.GetConceptRequest(concept_id=c.id) for c in (concept, edit_concept)],
         "ExportConcept": [personalization_pb2.ExportConceptRequest(concept_id=c.id) for c in (concept, edit_concept)],
-        "ImportConcept": [personalization_pb2.ImportConceptRequest(safetensors=exported)],
+        "ImportConcept": [personalization_pb2.ImportConceptRequest(safetensors=data) for data in [exported, *edited]],
         "Generate": [personalization_pb2.GenerateConceptRequest(concept_id=concept.id, prompt=prompt,
                                                                 num_inference_steps=2),
                      personalization_pb2.GenerateConceptRequest(concept_id=edit_concept.id, num_inference_steps=2)],

@@ -87,8 +87,8 @@ def test_eqdiff_job_end_to_end(servers):
     with grpc.insecure_channel(running.address) as channel:
         stub = personalization_pb2_grpc.PersonalizationStub(channel)
         with pytest.raises(grpc.RpcError) as error:
-            stub.Generate(personalization_pb2.GenerateConceptRequest(
-                concept_id=concept.id, prompt=prompt, num_inference_steps=1000), timeout=3)
+            list(stub.Generate(personalization_pb2.GenerateConceptRequest(
+                concept_id=concept.id, prompt=prompt, num_inference_steps=1000), timeout=3))
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.value
 
 
