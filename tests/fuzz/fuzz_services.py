@@ -8,11 +8,11 @@ and sent garbled bytes; nothing else needs writing.
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -170,11 +170,14 @@ def _personalization() -> FuzzTarget:
     end (``settle``). Generate runs real sampling, cut short by the fuzz's 1 s deadline."""
     from atelier.personalization.app import PersonalizationApp
 
-    def build(config, metrics):
+    def build(config: ServerConfig, metrics: Metrics) -> Any:
+        # Its own job store and artifacts (SQLite under a temporary folder, removed with the app);
+        # no segmentation service, so requests without masks are refused at CreateJob.
         data_dir = tempfile.mkdtemp(prefix="atelier-fuzz-personalization-")
-        atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
-        extras = dict(config.extras, data_dir=data_dir)
-        return PersonalizationApp(dataclasses.replace(config, extras=extras), metrics=metrics)
+        app = PersonalizationApp(dataclasses.replace(config, extras={**config.extras, "data_dir": data_dir}),
+                                 metrics=metrics)
+        weakref.finalize(app, shutil.rmtree, data_dir, True)
+        return app
 
     extras = dict(max_pending_jobs=1, job_poll_seconds=0.2, checkpoint_every=1000, job_retention_hours=0.0)
     return FuzzTarget("personalization", PersonalizationApp, build, config=dict(extras=extras),
