@@ -1,6 +1,7 @@
 """Atelier's whole tour through the SDK: invert -> edit (P2P, MasaCtrl), scribble -> image
 (GradOP+ vs SDEdit), ISA-DCA variations, SAM segmentation, a short EqDiff job and a generation
-with its concept, a short LayerDiffusion edit (a layer_edit job).
+with its concept, an edit of the scene with that concept beside the same edit without it, a short
+LayerDiffusion edit (a layer_edit job).
 
 Writes PNGs and a labelled contact sheet (contact_sheet.png) to out/demo/ (or --out) and prints
 each stage's wall time. Any failed stage ends the script with a non-zero status. Service
@@ -32,8 +33,10 @@ SOURCE_PROMPT = "a red circle on a blue background"
 BLUE, RED = (168, 194, 245), (220, 30, 30)
 DEFAULT_ADDRESSES = {"inversion": "127.0.0.1:50051", "segmentation": "127.0.0.1:50052",
                      "personalization": "127.0.0.1:50053", "synthesis": "127.0.0.1:50054"}
-STAGES = ("invert", "edit", "scribble", "variations", "segment", "eqdiff_train", "eqdiff_generate", "layer_edit")
-NEEDS = {"edit": "invert", "eqdiff_generate": "eqdiff_train"}  # stages that use an earlier one's result
+STAGES = ("invert", "edit", "scribble", "variations", "segment", "eqdiff_train", "eqdiff_generate", "concept_edit",
+          "layer_edit")
+# Stages that use earlier ones' results.
+NEEDS = {"edit": ("invert",), "eqdiff_generate": ("eqdiff_train",), "concept_edit": ("invert", "eqdiff_train")}
 
 
 class StageFailed(RuntimeError):
@@ -170,6 +173,28 @@ class Tour:
             row.tiles.append((f"generated {index + 1}", self.save(image, f"concept_generated_{index + 1}")))
         row.caption += f"; then Generate '{prompt}'"
 
+    def concept_edit(self) -> None:
+        """The SPDInv inversion of the scene edited circle -> the concept's token, beside the same
+        edit with the plain class word: the inversion service fetches the concept from the
+        personalization service (concept-aware Edit), no new inversion is run."""
+        inversion = self.inversions["spdinv"]
+        token, word = self.concept.token, self.concept.class_word
+        row = Row("Concept-aware edit (inversion service, concept from the personalization service)",
+                  f"the SPDInv inversion edited circle -> '{token}' (the EqDiff concept above) and -> '{word}' "
+                  f"(no concept); {self.train_steps} training steps do not learn the concept",
+                  [("source", scene())])
+        for engine in ("p2p", "masactrl"):
+            for label, target, concept in (("with concept", f"a red {token} on a blue background", self.concept),
+                                           ("no concept", f"a red {word} on a blue background", None)):
+                edited = self.client.inversion.edit(inversion, target, engine=engine, concept=concept,
+                                                    guidance_scale=self.guidance_scale, progress=self.progress)
+                name = f"concept_edit_{engine}" if concept is not None else f"plain_edit_{engine}"
+                title = "P2P" if engine == "p2p" else "MasaCtrl"
+                row.tiles.append((f"{title} {label}", self.save(edited.image, name)))
+                print(f"  {engine}: {target!r}{' with concept ' + self.concept.id if concept else ''} "
+                      f"-> {self.out / (name + '.png')}")
+        self.rows.append(row)
+
     def layer_edit(self) -> None:
         image = scene()
         background = "on a striped blue background"
@@ -250,8 +275,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown or not wanted:
         parser.error(f"--stages: unknown {unknown}; known: {', '.join(STAGES)}")
     for name, needs in NEEDS.items():
-        if name in wanted and needs not in wanted:
-            parser.error(f"--stages: {name} needs {needs}")
+        missing = [need for need in needs if need not in wanted]
+        if name in wanted and missing:
+            parser.error(f"--stages: {name} needs {', '.join(missing)}")
     out = Path(args.out)
     started = time.perf_counter()
     with client_from_environment() as client:

@@ -1,5 +1,6 @@
 """`make demo`'s parts: the launcher brings the four services up on loopback (embedded models),
-examples/demo.py runs its whole tour through the SDK against them (fewer steps than `make demo`),
+examples/demo.py runs its whole tour through the SDK against them (the inversion service reaching
+the personalization service for the concept-aware edit) (fewer steps than `make demo`),
 writes every PNG and the contact sheet; a failing stage exits non-zero naming the stage; SIGTERM
 then stops everything with no process left. Plus the contact-sheet builder on its own."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -29,7 +31,8 @@ SERVICES = ("inversion", "segmentation", "personalization", "synthesis")
 PNGS = ["source", "ddim_reconstruction", "ddim_p2p", "ddim_masactrl", "spdinv_reconstruction", "spdinv_p2p",
         "spdinv_masactrl", "scribble", "gradop_plus", "sdedit", "variation_1", "variation_2", "variation_3",
         "segmentation_mask", "segmentation_overlay", "concept_input_1", "concept_input_2", "concept_input_3",
-        "concept_generated_1", "concept_generated_2", "layer_edit_1", "layer_edit_2"]
+        "concept_generated_1", "concept_generated_2", "concept_edit_p2p", "plain_edit_p2p", "concept_edit_masactrl",
+        "plain_edit_masactrl", "layer_edit_1", "layer_edit_2"]
 
 
 def test_contact_sheet_has_a_labelled_row_per_stage():
@@ -110,10 +113,17 @@ def test_demo_runs_the_whole_tour_through_the_sdk(launched):
     for name in PNGS:
         assert Image.open(out / f"{name}.png").size == (64, 64), name
     sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.width > 7 * 128 and sheet.height > 6 * 128  # 6 rows; the widest has 7 tiles
+    assert sheet.width > 7 * 128 and sheet.height > 7 * 128  # 7 rows; the widest has 7 tiles
+    # The concept reaches the edit (inversion -> personalization, wired by services.json): the
+    # same edit differs with and without it; the source branch is the same DDIM/SPDInv inversion.
+    for engine in ("p2p", "masactrl"):
+        with_concept = np.asarray(Image.open(out / f"concept_edit_{engine}.png"), dtype=np.int16)
+        plain = np.asarray(Image.open(out / f"plain_edit_{engine}.png"), dtype=np.int16)
+        assert np.abs(with_concept - plain).max() > 0, engine
+    assert "concept_edit" in done.stdout and "with concept" in done.stdout
     timings = done.stdout.split("[demo] stage timings:")[1]
     for stage in ("invert", "edit", "scribble", "variations", "segment", "eqdiff_train", "eqdiff_generate",
-                  "layer_edit", "total"):
+                  "concept_edit", "layer_edit", "total"):
         assert f"  {stage} " in timings, timings
 
 
@@ -126,3 +136,5 @@ def test_a_failing_stage_exits_non_zero_naming_it(launched):
     assert not (launched["tmp"] / "failing" / "contact_sheet.png").exists()
     bad = _demo(launched, "--stages", "edit")  # edit needs invert's result
     assert bad.returncode == 2 and "edit needs invert" in bad.stderr
+    bad = _demo(launched, "--stages", "invert,concept_edit")  # and the concept from eqdiff_train
+    assert bad.returncode == 2 and "concept_edit needs eqdiff_train" in bad.stderr
