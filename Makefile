@@ -46,9 +46,12 @@ tools:
 test: $(VENV)/.installed tools
 	$(PY) -m pytest -q
 
-# All services up on the embedded default model, then the SDK demo (PNGs in out/demo/).
+# All four services up on the embedded models, then the SDK's whole tour (PNGs and a contact
+# sheet in out/demo/, timings per stage); exits non-zero if a service or a stage fails.
+# docs/demo_outputs.png is a copy of out/demo/contact_sheet.png.
 demo: $(VENV)/.installed
-	$(PY) -m atelier.launcher --config deploy/local/services.json -- $(PY) examples/demo.py --out out/demo
+	rm -rf out/demo
+	$(PY) -m atelier.launcher --require-all --config deploy/local/services.json -- $(PY) examples/demo.py --out out/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

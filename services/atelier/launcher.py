@@ -33,7 +33,7 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["main", "ServiceSpec", "load_config", "installed"]
+__all__ = ["main", "ServiceSpec", "load_config", "installed", "thread_env"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -159,6 +159,21 @@ def wait_serving(name: str, address: str, timeout: float, proc: subprocess.Popen
     raise TimeoutError(f"{name} at {address} not SERVING after {timeout:.0f} s")
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def thread_env(environ: dict[str, str], service_env: dict[str, str], services: int,
+               cpus: Optional[int]) -> dict[str, str]:
+    """Each service's share of the cores, unless the caller or the service's ``env`` sets
+    OMP_NUM_THREADS. Without it torch starts a thread per core in every service, and several
+    services' spinning OpenMP pools on one machine slow each other many-fold (make demo's
+    invert stage on a loaded 2-core machine: 405 s with torch's default, 21 s with one each)."""
+    if "OMP_NUM_THREADS" in environ or "OMP_NUM_THREADS" in service_env:
+        return {}
+    share = str(max(1, (cpus or 1) // max(1, services)))
+    return {name: share for name in THREAD_VARIABLES if name not in environ and name not in service_env}
+
+
 def service_command(service: ServiceSpec, by_name: dict[str, ServiceSpec],
                     triton: Optional[TritonSpec]) -> list[str]:
     cmd = [sys.executable, "-m", f"atelier.{service.name}", "--host", service.host, "--port", str(service.port),
@@ -200,8 +215,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 sys.executable, "-m", "atelier.segmentation.triton_launcher", "--triton-venv", triton.venv,
                 "--grpc-port", str(triton.grpc_port), "--http-port", str(triton.http_port),
                 "--metrics-port", str(triton.metrics_port)], dict(os.environ))
-        started = [(s, children.start(s.name, service_command(s, by_name, triton), {**os.environ, **s.env}))
-                   for s in services]
+        threads = {s.name: thread_env(dict(os.environ), s.env, len(services), os.cpu_count()) for s in services}
+        for name, variables in threads.items():
+            if variables:
+                print(f"[launcher] {name}: {' '.join(f'{k}={v}' for k, v in variables.items())} "
+                      "(its share of the cores; set OMP_NUM_THREADS to override)", flush=True)
+        started = [(s, children.start(s.name, service_command(s, by_name, triton),
+                                      {**os.environ, **threads[s.name], **s.env})) for s in services]
         for service, proc in started:
             wait_serving(service.name, service.address, args.startup_timeout, proc)
             print(f"[launcher] {service.name} is SERVING at {service.address} "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from atelier.launcher import installed
+from atelier.launcher import installed, thread_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 from exported_metrics import EXPORTED_BY  # noqa: E402
+from processes import alive as _alive, free_port as _free_port  # noqa: E402
 from promql_names import used_metric_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _exported(text: str) -> set[str]:
@@ -42,18 +36,6 @@ def _exported(text: str) -> set[str]:
         names.update(family.name + s for s in suffixes.get(family.type, ()))
         names.update(sample.name for sample in family.samples)
     return names
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes (its parent, the launcher, has exited and init reaps it).
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_launcher_up_metrics_and_clean_stop(tmp_path):
@@ -135,3 +117,11 @@ def test_launcher_up_metrics_and_clean_stop(tmp_path):
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_each_service_gets_its_share_of_the_cores_unless_told():
+    assert thread_env({}, {}, services=4, cpus=16) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert thread_env({}, {}, services=4, cpus=2) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert thread_env({"MKL_NUM_THREADS": "3"}, {}, services=2, cpus=8) == {"OMP_NUM_THREADS": "4"}
+    assert thread_env({"OMP_NUM_THREADS": "8"}, {}, services=4, cpus=2) == {}
+    assert thread_env({}, {"OMP_NUM_THREADS": "2"}, services=4, cpus=2) == {}
