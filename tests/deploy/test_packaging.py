@@ -2,6 +2,7 @@
 the two share the ``atelier`` namespace without both shipping ``atelier/__init__.py``."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,9 +15,26 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
 
+# What each project's build reads: the server is found under services/, the SDK under atelier/.
+_PROJECT_FILES = {ROOT: ("pyproject.toml", "services"),
+                  ROOT / "clients" / "python": ("pyproject.toml", "README.md", "atelier")}
+
+
 def _wheel(source: Path, out: Path) -> zipfile.ZipFile:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    str(source), "-w", str(out)], check=True, capture_output=True)
+    """Build ``source``'s wheel from a clean copy of its sources: setuptools packs whatever its
+    build/ folder holds, so building in the checkout would ship files a stale build/ kept from
+    an older layout (and builds running at once would share that folder)."""
+    clean = out / "src"
+    for name in _PROJECT_FILES[source]:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, clean / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+        elif (source / name).exists():
+            clean.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, clean / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           str(clean), "-w", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
     (wheel,) = out.glob("*.whl")
     return zipfile.ZipFile(wheel)
 

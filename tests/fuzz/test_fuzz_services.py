@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from atelier.core.config import ServerConfig
@@ -55,11 +56,12 @@ class Servers:
             running = start(target.build(config, metrics), config, metrics)
             assert running.wait_loaded(240) and running.load_error is None, running.load_error
             channel = grpc.insecure_channel(running.address, options=channel_options.client_options())
-            self._running[target.name] = (running, channel)
+            seeds = target.seeds(running, channel) if target.seeds is not None else {}
+            self._running[target.name] = (running, channel, seeds)
         return self._running[target.name]
 
     def close(self):
-        for running, channel in self._running.values():
+        for running, channel, _ in self._running.values():
             channel.close()
             running.stop(2)
 
@@ -69,6 +71,33 @@ def servers():
     servers = Servers()
     yield servers
     servers.close()
+
+
+@st.composite
+def _mutated(draw, seeds, generic):
+    """A seed request with a random subset of its fields replaced by a generic request's."""
+    request = type(seeds[0])()
+    request.CopyFrom(draw(st.sampled_from(seeds)))
+    fuzzed = draw(generic)
+    for field, _ in fuzzed.ListFields():
+        if draw(st.integers(0, 99)) < 30:
+            part = type(request)()
+            part.MergeFrom(fuzzed)
+            for other, _ in part.ListFields():
+                if other.name != field.name:
+                    part.ClearField(other.name)
+            request.ClearField(field.name)
+            request.MergeFrom(part)
+    return request
+
+
+def _request_strategy(method, seeds):
+    generic = message_strategy(method.input_type)
+    seeds = seeds.get(method.name)
+    if not seeds:
+        return generic
+    # half mutated well-formed requests (they reach the work), half generic ones
+    return st.one_of(_mutated(seeds, generic), generic)
 
 
 def _callable(channel, service, method, serialize=True):
@@ -93,7 +122,9 @@ def _invoke(call, method, request) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def _assert_healthy(running, channel):
+def _assert_healthy(target, running, channel):
+    if target.settle is not None:
+        target.settle(running, channel)
     executor = getattr(running.app, "executor", None)
     deadline = time.monotonic() + 20
     while executor is not None and (executor.busy() or executor.queue_depth()) and time.monotonic() < deadline:
@@ -106,13 +137,13 @@ def _assert_healthy(running, channel):
 
 @pytest.mark.parametrize("target, service, method", RPCS, ids=RPC_IDS)
 def test_fuzzed_requests_never_fail_internally(servers, target, service, method):
-    running, channel = servers.get(target)
+    running, channel, seeds = servers.get(target)
     call = _callable(channel, service, method)
     codes = collections.Counter()
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
               phases=(Phase.explicit, Phase.generate, Phase.shrink), suppress_health_check=list(HealthCheck))
-    @given(request=message_strategy(method.input_type))
+    @given(request=_request_strategy(method, seeds))
     def fuzz(request):
         code = _invoke(call, method, request)
         codes[code.name] += 1
@@ -120,13 +151,13 @@ def test_fuzzed_requests_never_fail_internally(servers, target, service, method)
 
     fuzz()
     print(f"{method.full_name}: {dict(codes)}")
-    _assert_healthy(running, channel)
+    _assert_healthy(target, running, channel)
 
 
 @pytest.mark.parametrize("target, service, method", RPCS, ids=RPC_IDS)
 def test_garbled_request_bytes_are_invalid_argument(servers, target, service, method):
-    running, channel = servers.get(target)
+    running, channel, _ = servers.get(target)
     call = _callable(channel, service, method, serialize=False)
     for garbage in (b"\xff\xff\xff\xff", b"\x0a\x7fshort", b"\x12\x02\x08"):
         assert _invoke(call, method, garbage) == grpc.StatusCode.INVALID_ARGUMENT
-    _assert_healthy(running, channel)
+    _assert_healthy(target, running, channel)

@@ -160,3 +160,96 @@ def test_a_cancelled_control_stops_the_step(model):
     with pytest.raises(Cancelled):
         run.step(CallControl(is_cancelled=lambda: True))
     assert run.step_index == 0
+
+
+def _cancel_after_unet(evaluations):
+    """A control cancelled once ``evaluations`` UNet calls ran: the VAE work after them must not start."""
+    control = CallControl(is_cancelled=lambda: control.forward_evaluations + control.backward_evaluations
+                          >= evaluations)
+    return control
+
+
+def test_generation_at_1000_steps_starts_inside_the_alphas_table(model):
+    from atelier.core.errors import Cancelled
+
+    images, masks = concept_data(count=1)
+    params = EqDiffParams(class_word="box", steps=1, prior_preservation=False, rra=False)
+    run = EqDiffRun(model, images, masks, params, seed=0)
+    run_steps(run, 1)
+    concept = run.finish()
+    control = _cancel_after_unet(2)  # two steps at t=999 and 998 (t=1000 raised IndexError before)
+    with pytest.raises(Cancelled):
+        generate_with_concept(model, concept, PROMPT, num_inference_steps=1000, control=control)
+    assert control.forward_evaluations == 2
+
+
+def test_generation_stops_before_the_decode_when_cancelled(model, monkeypatch):
+    from atelier.core.errors import Cancelled
+
+    images, masks = concept_data(count=1)
+    run = EqDiffRun(model, images, masks, EqDiffParams(class_word="box", steps=1, prior_preservation=False,
+                                                      rra=False), seed=0)
+    run_steps(run, 1)
+    concept = run.finish()
+    decodes = []
+    monkeypatch.setattr(model, "decode_latents", lambda latents: decodes.append(latents))
+    control = _cancel_after_unet(3)
+    with pytest.raises(Cancelled):
+        generate_with_concept(model, concept, PROMPT, num_inference_steps=3, control=control)
+    assert control.forward_evaluations == 3 and decodes == [] and control.vae_evaluations == 0
+
+
+def test_class_images_stop_before_the_decode_when_cancelled(model, monkeypatch):
+    from atelier.core.errors import Cancelled
+
+    images, masks = concept_data(count=1)
+    params = EqDiffParams(class_word="box", steps=1, num_class_images=1, class_image_steps=2)
+    run = EqDiffRun(model, images, masks, params, seed=0)
+    decodes = []
+    monkeypatch.setattr(model, "decode_latents", lambda latents: decodes.append(latents))
+    control = _cancel_after_unet(2)
+    with pytest.raises(Cancelled):
+        run.step(control)  # the class-image step: 2 sampling steps, then the decode
+    assert control.forward_evaluations == 2 and decodes == [] and run.step_index == 0
+
+
+def test_training_counts_its_vae_encodes(model):
+    images, masks = concept_data(count=1)
+    run = EqDiffRun(model, images, masks, EqDiffParams(class_word="box", steps=1, prior_preservation=False),
+                    seed=0)
+    control = CallControl()
+    run.step(control)
+    assert control.vae_evaluations == 2  # the instance batch and the RRA reference batch
+
+
+@pytest.mark.parametrize("change", ["no_params", "params_not_an_object", "bad_param_value", "no_height",
+                                    "no_embeddings", "embeddings_1d", "embeddings_width", "no_reference"])
+def test_a_malformed_concept_is_a_failed_precondition(model, change):
+    """Concepts come from ImportConcept too (any file): generation names what is wrong instead of
+    raising KeyError/AttributeError (INTERNAL)."""
+    from atelier.personalization.training import Concept
+
+    params = EqDiffParams(class_word="box", steps=1)
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    metadata = {"method": "eqdiff", "base_model": model.name, "params": params.to_json(), "height": "64",
+                "width": "64"}
+    tensors = {"fdte.embeddings": torch.zeros(2, width), "reference.image": torch.zeros(1, 3, 64, 64)}
+    if change == "no_params":
+        del metadata["params"]
+    elif change == "params_not_an_object":
+        metadata["params"] = "[1, 2]"
+    elif change == "bad_param_value":
+        metadata["params"] = params.to_json().replace('"steps": 1', '"steps": -5')
+    elif change == "no_height":
+        del metadata["height"]
+    elif change == "no_embeddings":
+        del tensors["fdte.embeddings"]
+    elif change == "embeddings_1d":
+        tensors["fdte.embeddings"] = torch.zeros(width)
+    elif change == "embeddings_width":
+        tensors["fdte.embeddings"] = torch.zeros(2, width + 1)
+    elif change == "no_reference":
+        del tensors["reference.image"]
+    with pytest.raises(FailedPrecondition):
+        generate_with_concept(model, Concept(tensors, metadata), PROMPT.replace("<new2>", params.placeholder_token),
+                              num_inference_steps=1)

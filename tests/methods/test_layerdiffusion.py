@@ -238,3 +238,63 @@ def test_lora_mode_trains_only_adapters_resumes_and_generates(model):
     assert all(torch.equal(resumed.finish().tensors[k], v) for k, v in concept.tensors.items())
     again = generate_with_concept(model, concept, seed=2, num_images=1)
     assert torch.allclose(again, concept.tensors["result.images"], atol=1e-6)
+
+
+def test_vae_work_is_checked_and_counted(model, monkeypatch):
+    """Every VAE encode/decode goes through control.vae(): a cancelled control stops before the
+    input's encode, and a sample step cancelled after its UNet calls never decodes."""
+    from atelier.core.errors import Cancelled
+
+    image, mask = scene()
+    ref, ref_mask = reference()
+    p = params(layered_optimization=False, finetune=False, num_images=1, num_inference_steps=2)
+    with pytest.raises(Cancelled):
+        LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask,
+                          control=CallControl(is_cancelled=lambda: True))
+    counted = CallControl()
+    run = LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask, control=counted)
+    assert counted.vae_evaluations == 1
+    decodes = []
+    monkeypatch.setattr(model, "decode_latents", lambda latents: decodes.append(latents))
+    control = CallControl(is_cancelled=lambda: control.forward_evaluations >= 2)
+    with pytest.raises(Cancelled):
+        run.step(control)
+    assert control.forward_evaluations == 2 and decodes == []
+
+
+def test_sampling_at_1000_steps_starts_inside_the_alphas_table(model):
+    from atelier.core.errors import Cancelled
+
+    image, mask = scene()
+    e = model.encode_prompt(["a red triangle"])
+    control = CallControl(is_cancelled=lambda: control.forward_evaluations >= 2)
+    seen = []
+    with pytest.raises(Cancelled):
+        iterative_guidance_sample(model, e, e, torch.zeros(1, 4, 8, 8), 1000, 7.5, True, control,
+                                  record=lambda i, t, name, cond: seen.append(t))
+    assert seen[0] == 999 and control.forward_evaluations == 2
+
+
+@pytest.mark.parametrize("change", ["no_params", "params_not_an_object", "no_width", "no_embedding",
+                                    "embedding_shape"])
+def test_a_malformed_concept_is_a_failed_precondition(model, change):
+    """Concepts come from ImportConcept too (any file): generation names what is wrong instead of
+    raising KeyError/AttributeError (INTERNAL)."""
+    from atelier.personalization.training import Concept
+
+    shape = tuple(model.encode_prompt([""]).shape)
+    metadata = {"method": "layer_edit", "base_model": model.name, "params": params().to_json(), "height": "64",
+                "width": "64"}
+    tensors = {"embedding.object": torch.zeros(shape), "embedding.optimised": torch.zeros(shape)}
+    if change == "no_params":
+        del metadata["params"]
+    elif change == "params_not_an_object":
+        metadata["params"] = "7"
+    elif change == "no_width":
+        del metadata["width"]
+    elif change == "no_embedding":
+        del tensors["embedding.optimised"]
+    elif change == "embedding_shape":
+        tensors["embedding.object"] = torch.zeros(1, 5, shape[-1])
+    with pytest.raises(FailedPrecondition):
+        generate_with_concept(model, Concept(tensors, metadata), num_inference_steps=1)

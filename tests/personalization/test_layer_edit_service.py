@@ -109,6 +109,31 @@ def test_layer_edit_with_a_reference_and_masks(service):
     assert len(result.images) == 2
 
 
+def test_the_asyncio_client_runs_the_same_layer_edit(service):
+    import asyncio
+
+    import atelier.aio
+
+    running, client = service
+    image, mask = toy_scene(3)
+    reference, reference_mask = toy_scene(11, kind="striped", colour="blue", shape="triangle", object_colour="red")
+    kwargs = dict(reference=reference, mask=mask, reference_mask=reference_mask, seed=9, **SHORT)
+    seen = []
+
+    async def main():
+        async with atelier.aio.Client(personalization=running.address, timeout=120) as aio_client:
+            job = await aio_client.personalization.layer_edit(image, "a red circle", "on a striped blue background",
+                                                              **kwargs)
+            return await job.wait(progress=seen.append)
+
+    result = asyncio.run(asyncio.wait_for(main(), 300))
+    expected = client.personalization.layer_edit(image, "a red circle", "on a striped blue background",
+                                                 **kwargs).wait()
+    assert isinstance(result, atelier.sdk.personalization.LayerEditResult) and result.concept.method == "layer_edit"
+    assert [p.stage for p in seen] == ["embedding"] * 2 + ["finetune"] * 2 + ["sample"] * 2
+    assert [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, expected.images)] == [True] * 2
+
+
 def test_cancel_and_resume(tmp_path, segmentation):
     image, mask = toy_scene(3)
     reference, reference_mask = toy_scene(11, kind="striped", colour="blue", shape="triangle")

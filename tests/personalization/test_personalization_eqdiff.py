@@ -67,6 +67,30 @@ def test_eqdiff_job_end_to_end(servers):
     assert np.array_equal(np.asarray(pers.generate(imported, prompt, seed=0, num_inference_steps=4).image),
                           np.asarray(first.image))
 
+    # a file Generate could not use is refused at import, naming the argument (it was stored, and
+    # Generate then failed with KeyError: INTERNAL)
+    from safetensors.torch import load as load_tensors, save as save_tensors
+
+    from atelier.personalization.concepts import read_metadata
+    exported = pers.export(concept)
+    metadata = read_metadata(exported)
+    for broken in ({k: v for k, v in metadata.items() if k != "params"}, {**metadata, "height": "tall"}):
+        with pytest.raises(atelier.InvalidArgumentError) as error:
+            pers.import_(save_tensors(load_tensors(exported), metadata=broken))
+        assert "safetensors" in str(error.value)
+
+    # 1000 steps (the servicer's maximum) start at t=999, inside the alphas table: the call runs
+    # until its deadline (before core.diffusion.set_timesteps its first step indexed t=1000: INTERNAL)
+    import grpc
+
+    from atelier.v1 import personalization_pb2, personalization_pb2_grpc
+    with grpc.insecure_channel(running.address) as channel:
+        stub = personalization_pb2_grpc.PersonalizationStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.Generate(personalization_pb2.GenerateConceptRequest(
+                concept_id=concept.id, prompt=prompt, num_inference_steps=1000), timeout=3))
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error.value
+
 
 def test_eqdiff_ablation_switches_and_bad_parameters(servers):
     _, client = servers

@@ -56,7 +56,7 @@ def encode(model, prompts: list[str]) -> torch.Tensor:
 
 
 class TextualInversionRun:
-    def __init__(self, model, inputs: TrainingInputs, params: TIParams):
+    def __init__(self, model, inputs: TrainingInputs, params: TIParams, control: CallControl):
         self.model = model
         self.params = params
         self.total_steps = params.steps
@@ -68,6 +68,7 @@ class TextualInversionRun:
         self.optimizer = torch.optim.AdamW([self.embedding], lr=params.learning_rate, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(inputs.seed)
         with torch.no_grad():
+            control.vae()
             self.latents = model.encode_image(inputs.images).float()
         size = self.latents.shape[2:]
         self.latent_masks = F.interpolate(inputs.masks.float(), size=size, mode="area").clamp(0, 1)
@@ -129,7 +130,7 @@ class TextualInversionMethod:
         return json.dumps(asdict(params), sort_keys=True)
 
     def create_run(self, model, inputs: TrainingInputs, params: TIParams, control) -> TextualInversionRun:
-        return TextualInversionRun(model, inputs, params)
+        return TextualInversionRun(model, inputs, params, control)
 
     @torch.no_grad()
     def generate(self, model, concept: Concept, options: GenerateOptions, control) -> torch.Tensor:
@@ -143,4 +144,5 @@ class TextualInversionMethod:
         z_T = torch.randn((options.num_images, 4, size, size), generator=generator)
         latents = sample(model, z_T, cond, uncond, options.num_inference_steps, options.guidance_scale, control,
                          stage="generate")
+        control.vae()
         return model.decode_latents(latents)

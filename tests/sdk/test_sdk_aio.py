@@ -133,21 +133,26 @@ def test_cancelling_the_task_cancels_the_rpc(servers):
 def test_health_and_ready():
     from concurrent import futures
 
+    from atelier.sdk.client import SERVICES
+
     servicer = health.HealthServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     servicer.set("atelier.v1.Inversion", health_pb2.HealthCheckResponse.SERVING)
+    others = {name: proto for name, (_, _, proto) in SERVICES.items() if name != "inversion"}
 
     async def main():
         async with atelier.aio.Client(f"127.0.0.1:{port}") as client:
             first, ready = await client.health(), await client.ready()
-            servicer.set("atelier.v1.Segmentation", health_pb2.HealthCheckResponse.SERVING)
+            for proto_service in others.values():
+                servicer.set(proto_service, health_pb2.HealthCheckResponse.SERVING)
             return first, ready, await client.ready()
 
     try:
-        assert run(main()) == ({"inversion": "SERVING", "segmentation": "SERVICE_UNKNOWN"}, False, True)
+        expected = {"inversion": "SERVING", **{name: "SERVICE_UNKNOWN" for name in others}}
+        assert run(main()) == (expected, False, True)
     finally:
         server.stop(grace=None)
 

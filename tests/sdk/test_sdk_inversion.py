@@ -207,3 +207,56 @@ def test_results_have_short_readable_reprs(fake_and_client):
     edited = client.inversion.edit(inversion, "a dog")
     assert repr(edited) == ("EditResult(image=<PIL RGB 24x16>, source_image=None, usage=Usage(unet_forward_evaluations=3, "
                             "unet_backward_evaluations=0, wall_seconds=0.000, queue_seconds=0.000))")
+
+
+def test_every_inversion_option_lands_in_its_request_field():
+    from atelier.sdk.inversion import invert_request
+
+    fixed = invert_request(scene(), "a cat", method="fixed_point", max_rounds=4, loss_threshold=1e-4, anderson_memory=0)
+    assert fixed.method == inversion_pb2.FIXED_POINT and not fixed.HasField("spdinv")
+    assert (fixed.fixed_point.max_rounds, fixed.fixed_point.loss_threshold) == (4, 1e-4)
+    assert fixed.fixed_point.HasField("anderson_memory") and fixed.fixed_point.anderson_memory == 0
+    spd = invert_request(scene(), "a cat", max_rounds=4, check_first=False)
+    assert spd.spdinv.max_rounds == 4 and spd.spdinv.HasField("check_first") and not spd.spdinv.check_first
+    assert not spd.HasField("fixed_point") and not spd.HasField("null_text")
+    nti = invert_request(scene(), "a cat", method="Null_Text", null_text_guidance_scale=5.0)
+    assert nti.method == inversion_pb2.NULL_TEXT and nti.null_text.guidance_scale == 5.0
+    for name, value in [("npi", inversion_pb2.NPI), ("proxnpi", inversion_pb2.PROXNPI),
+                        ("direct_inversion", inversion_pb2.DIRECT_INVERSION), ("ddim", inversion_pb2.DDIM)]:
+        assert invert_request(scene(), "a cat", method=name).method == value
+
+
+def test_every_edit_option_lands_in_its_request_field():
+    from atelier.sdk.inversion import edit_request
+
+    p2p = edit_request(scene(), "a dog", source_prompt="a cat", method="fixed_point", anderson_memory=2,
+                       preset="SPDInv", proximal_guidance=False, quantile=0.5, inversion_guidance=True,
+                       inversion_guidance_timestep=300)
+    assert p2p.invert.method == inversion_pb2.FIXED_POINT and p2p.invert.fixed_point.anderson_memory == 2
+    assert p2p.preset == inversion_pb2.SPDINV_PIPELINE
+    prox = p2p.prox_edit
+    assert (prox.HasField("proximal_guidance"), prox.proximal_guidance, prox.quantile) == (True, False, 0.5)
+    assert (prox.inversion_guidance, prox.inversion_guidance_timestep) == (True, 300)
+    assert not p2p.HasField("masactrl")
+    masa = edit_request(scene(), "a dog", "masactrl", source_prompt="a cat", end_step=30,
+                        mask_source_words=("cat",), mask_target_words=["dog"], mask_threshold=0.2)
+    assert (masa.masactrl.end_step, list(masa.masactrl.mask_source_words), list(masa.masactrl.mask_target_words)) == \
+        (30, ["cat"], ["dog"])
+    assert masa.masactrl.mask_threshold == pytest.approx(0.2)
+    assert masa.preset == inversion_pb2.EDIT_PRESET_UNSPECIFIED and not masa.HasField("prox_edit")
+
+
+def test_null_text_embeddings_are_decoded_and_sent_back(fake_and_client):
+    from atelier.sdk.codec import tensor_from_numpy
+
+    fake, client = fake_and_client
+    inversion = client.inversion.invert(scene(), "a cat", num_inference_steps=3)
+    assert inversion.null_embeddings is None and "null_embeddings=None" in repr(inversion)
+    result = inversion_pb2.InversionResult()
+    result.CopyFrom(inversion.proto)
+    embeddings = np.arange(3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7)
+    result.null_embeddings.CopyFrom(tensor_from_numpy(embeddings))
+    restored = atelier.Inversion.from_bytes(atelier.Inversion.from_proto(result).to_bytes())
+    assert np.array_equal(restored.null_embeddings, embeddings) and "null_embeddings=float32[3, 5, 7]" in repr(restored)
+    client.inversion.edit(restored, "a dog")
+    assert fake.requests[-1].inversion.null_embeddings == result.null_embeddings

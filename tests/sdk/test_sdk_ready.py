@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import atelier
+from atelier.sdk.client import SERVICES
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -35,12 +36,15 @@ def _closed_port() -> str:
 def test_ready_needs_every_configured_service_serving(health_server):
     servicer, address = health_server
     servicer.set("atelier.v1.Inversion", SERVING)
+    others = {name: proto for name, (_, _, proto) in SERVICES.items() if name != "inversion"}
+    assert others  # every service the SDK has a client for is checked
     with atelier.Client(address) as client:
-        assert client.health() == {"inversion": "SERVING", "segmentation": "SERVICE_UNKNOWN"}
+        assert client.health() == {"inversion": "SERVING", **{name: "SERVICE_UNKNOWN" for name in others}}
         assert not client.ready()
-        servicer.set("atelier.v1.Segmentation", NOT_SERVING)
-        assert client.health()["segmentation"] == "NOT_SERVING" and not client.ready()
-        servicer.set("atelier.v1.Segmentation", SERVING)
+        for name, proto_service in others.items():
+            servicer.set(proto_service, NOT_SERVING)
+            assert client.health()[name] == "NOT_SERVING" and not client.ready()
+            servicer.set(proto_service, SERVING)
         assert client.ready()
 
 

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.timeout(300)
 
 USER_CODE = '''
 import asyncio
+import numpy as np
 import atelier
 import atelier.aio
 
@@ -22,9 +23,15 @@ def sync_use(client: atelier.Client) -> None:
     masks: list[atelier.Segmentation] = client.segmentation.segment_many(b"...", [{"points": [(1, 2)]}])
     ready: bool = client.ready()
     wrong: int = client.segmentation.segment(edited.image, points=[(1, 2)])  # the error mypy must report
+    nti = client.inversion.invert("scene.png", "a cat", method="null_text", null_text_guidance_scale=7.5)
+    embeddings: "np.ndarray | None" = nti.null_embeddings
+    client.inversion.edit(nti, "a dog", engine="masactrl", end_step=40, mask_source_words=["cat"],
+                          mask_target_words=["dog"], mask_threshold=0.1, preset="spdinv", quantile=0.6)
+    client.inversion.edit(nti, "a dog", proximal_guidance="off")  # the error mypy must report
 
 async def async_use(client: atelier.aio.Client) -> None:
-    inversion: atelier.Inversion = await client.inversion.invert("scene.png", "a cat")
+    inversion: atelier.Inversion = await client.inversion.invert("scene.png", "a cat", method="fixed_point",
+                                                                 anderson_memory=3, max_rounds=5)
     wrong: str = await client.inversion.edit(inversion, "a dog")  # the error mypy must report
 '''
 
@@ -44,6 +51,7 @@ def test_user_code_gets_the_sdk_types(tmp_path):
     (tmp_path / "use.py").write_text(USER_CODE)
     done = _mypy(str(tmp_path / "use.py"), cwd=SDK)
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
-    assert len(errors) == 2, done.stdout
+    assert len(errors) == 3, done.stdout
     assert 'type "Segmentation", variable has type "int"' in errors[0]
-    assert 'type "EditResult", variable has type "str"' in errors[1]
+    assert '"proximal_guidance"' in errors[1] and 'type "str"; expected "bool | None"' in errors[1]
+    assert 'type "EditResult", variable has type "str"' in errors[2]

@@ -9,6 +9,7 @@ from atelier.core.config import ServerConfig
 from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
 from atelier.core.models import SD, ModelRegistry
+from atelier.inversion.concept_source import DEFAULT_CACHE_BYTES, ConceptSource
 from atelier.inversion.servicer import SERVICE_NAME, InversionServicer, Limits
 from atelier.v1 import inversion_pb2_grpc
 
@@ -20,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--default-model", default=env("ATELIER_INVERSION_MODEL", "toy"),
                         help="Stable Diffusion model for requests without one [ATELIER_INVERSION_MODEL]")
+    parser.add_argument("--personalization-address", default=env("ATELIER_PERSONALIZATION_ADDRESS", ""),
+                        help="the personalization service, for edits with a concept "
+                             "[ATELIER_PERSONALIZATION_ADDRESS]")
+    parser.add_argument("--concept-cache-bytes", type=int,
+                        default=int(env("ATELIER_CONCEPT_CACHE_BYTES", DEFAULT_CACHE_BYTES)),
+                        help="most bytes of fetched concepts kept in memory [ATELIER_CONCEPT_CACHE_BYTES]")
     parser.add_argument("--max-steps", type=int, default=int(env("ATELIER_MAX_STEPS", Limits.max_steps)),
                         help="most DDIM steps one call may ask for [ATELIER_MAX_STEPS]")
 
@@ -40,9 +47,11 @@ class InversionApp:
         self.executor = ComputeExecutor(config.max_queue, "inversion", metrics=self.metrics)
         self.limits = Limits(max_pixels=config.max_image_pixels,
                              max_steps=config.extras.get("max_steps", Limits.max_steps))
+        self.concepts = ConceptSource(config.extras.get("personalization_address") or None, config.auth.peer,
+                                      cache_bytes=config.extras.get("concept_cache_bytes", DEFAULT_CACHE_BYTES))
 
     def add_to_server(self, server) -> None:
-        servicer = InversionServicer(self.registry, self.executor, self.default_model, self.limits)
+        servicer = InversionServicer(self.registry, self.executor, self.default_model, self.limits, self.concepts)
         inversion_pb2_grpc.add_InversionServicer_to_server(servicer, server)
 
     def load(self) -> None:
@@ -52,4 +61,5 @@ class InversionApp:
 
     def close(self) -> None:
         self.executor.shutdown()
+        self.concepts.close()
         self.registry.close()

@@ -24,6 +24,7 @@ from atelier.core.control import CallControl
 from atelier.core.diffusion import ddim_step, set_timesteps, step_alphas, unet_eps
 from atelier.core.errors import InvalidArgument
 from atelier.inversion import presets, proxedit
+from atelier.inversion.concept_edit import ConceptAttention
 from atelier.inversion.proxedit import ProxEditParams, ResolvedProxEdit
 from atelier.inversion.recipes import RECIPES, EditRecipe
 from atelier.inversion.masactrl import (REFERENCE_LAYER_COUNT, MasaCtrlParams, MutualSelfAttention,
@@ -202,13 +203,15 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
          guidance: float = 7.5, p2p: P2PParams | None = None, masactrl: MasaCtrlParams | None = None,
          control: CallControl | None = None, prox_edit: ProxEditParams | None = None, method: str = "spdinv",
          chain: torch.Tensor | None = None, null_embeddings: torch.Tensor | None = None,
-         preset: str = "") -> EditOutput:
+         preset: str = "", concept=None) -> EditOutput:
     """Edit the image inverted to `z_T` from `source_prompt` towards `target_prompt`.
 
     ``method`` names the inversion that produced ``z_T`` and selects its editing recipe;
     ``chain`` (z_0..z_T, (steps+1, C, h, w)) enables inversion guidance and DirectInversion;
     ``null_embeddings`` ((steps, L, D)) are NTI's per-step unconditional embeddings.
     ``preset`` "spdinv" fills unset P2P options as SPDInv's script does (``presets``).
+    ``concept`` (``concept_edit.EditConcept``) applies a personalization concept to the target
+    branch only: its placeholder's embedding and its Custom Diffusion K/V.
     """
     p2p = p2p or P2PParams()
     if preset not in presets.PRESETS:
@@ -226,11 +229,16 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     check_method_inputs(recipe, steps, z_T, chain, null_embeddings)
     prox = resolve_prox_edit(prox_edit or ProxEditParams(), recipe, engine, chain is not None)
 
-    plan = plan_p2p(model.tokenizer, source_prompt, target_prompt, p2p, model.tokenizer.model_max_length) \
+    # With a concept, word alignment sees its placeholder as the one token the embedding replaces.
+    target_words = target_prompt if concept is None else concept.plan_text(target_prompt)
+    plan = plan_p2p(model.tokenizer, source_prompt, target_words, p2p, model.tokenizer.model_max_length) \
         if engine == "p2p" else None
-    mask_weights = _mask_auto_weights(model.tokenizer, source_prompt, target_prompt, masactrl) \
+    mask_weights = _mask_auto_weights(model.tokenizer, source_prompt, target_words, masactrl) \
         if engine == "masactrl" and masactrl.mask_source_words else None
-    embeddings = model.encode_prompt([source_prompt, target_prompt])  # (2, L, D), L = model_max_length
+    if concept is None:
+        embeddings = model.encode_prompt([source_prompt, target_prompt])  # (2, L, D), L = model_max_length
+    else:
+        embeddings = torch.cat([model.encode_prompt([source_prompt]), concept.encode(model, target_prompt)])
     unconditional = _unconditional(model, recipe, engine, embeddings, null_embeddings)
     # Per-branch guidance: MasaCtrl's source branch runs unguided (SPDInv's [1, scale]).
     scales = torch.tensor([1.0 if engine == "masactrl" else guidance, guidance], device=model.device,
@@ -245,6 +253,9 @@ def edit(model, z_T: torch.Tensor, source_prompt: str, target_prompt: str, steps
     set_timesteps(scheduler, steps, device=model.device)
     with torch.no_grad(), controlled_attention(model.unet) as sites:
         controller = make_controller(sites, steps, plan, p2p, masactrl, latent_size, _native_side(model), mask_weights)
+        if concept is not None:
+            target_rows = torch.tensor([layout.row(1, group) for group in layout.groups])
+            controller = ConceptAttention(controller, concept.layers, target_rows)
         for i, t in enumerate(scheduler.timesteps):
             kwargs = attention_kwargs(controller, i, layout, latent_size)
             mask = None

@@ -10,9 +10,12 @@ import torch
 from atelier.core import codecs
 from atelier.core.admission import charge_response
 from atelier.core.catalog import ListModelsRpc
+from atelier.core.dependencies import request_id_of
 from atelier.core.errors import InvalidArgument, Violations
 from atelier.core.models import SD, ModelRegistry, fit_to_vae
 from atelier.core.streaming import stream_call
+from atelier.inversion.concept_edit import prepare_concept
+from atelier.inversion.concept_source import ConceptSource
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
 from atelier.inversion.inversion import invert
 from atelier.inversion.proxedit import DEFAULT_INVERSION_GUIDANCE_TIMESTEP, ProxEditParams
@@ -97,6 +100,7 @@ class EditJob:
     null_embeddings: torch.Tensor | None = None
     prox_edit: ProxEditParams = dataclasses.field(default_factory=ProxEditParams)
     preset: str = ""
+    concept_id: str = ""
 
 
 # How long a call waits for its model to load (on the registry's loader thread) before
@@ -105,8 +109,10 @@ MODEL_LOAD_WAIT_SECONDS = 10.0
 
 
 class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
-    def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits()):
+    def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits(),
+                 concepts: ConceptSource | None = None):
         self._registry = registry
+        self._concepts = concepts or ConceptSource(None)
         self._executor = executor
         self._default_model = default_model
         self._limits = limits
@@ -132,11 +138,18 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
     def Edit(self, request, context):
         job = self._parse_edit(request)
         charge_response(_edit_answer_bytes(job), "return_source", "a smaller image")
+        concept = None
+        if job.concept_id:
+            # Fetched on the RPC thread (another server's work, no executor slot), before queueing.
+            concept = self._concepts.fetch(job.concept_id, job.model, context, request_id_of(context))
+            token = concept.metadata.get("placeholder_token", "")
+            if token not in job.target_prompt:
+                raise InvalidArgument("target_prompt", f"must contain the concept's placeholder {token!r}")
         model = self._model(job.model, context)
         yield from stream_call(
             context,
             self._executor,
-            lambda control: self._run_edit(job, control, model),
+            lambda control: self._run_edit(job, control, model, concept),
             lambda event: inversion_pb2.EditEvent(progress=_progress(event)),
             lambda result, control: inversion_pb2.EditEvent(result=_edit_result(job, result, control)),
         )
@@ -155,8 +168,10 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             steps=job.steps, control=control, guidance_scale=nti_guidance, **job.spdinv
         )
 
-    def _run_edit(self, job: EditJob, control, model):
+    def _run_edit(self, job: EditJob, control, model, concept=None):
         chain, null_embeddings = job.chain, job.null_embeddings
+        # The concept's layers are built for this call only (never on the shared model).
+        concept = prepare_concept(model, concept, job.target_prompt) if concept is not None else None
         if job.invert_job is not None:
             inverted = self._run_invert(job.invert_job, control, model, guidance=job.guidance)
             chain, null_embeddings = inverted.chain, inverted.extras.get("null_embeddings")
@@ -179,6 +194,7 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             chain=chain,
             null_embeddings=null_embeddings,
             preset=job.preset,
+            concept=concept,
         )
 
     # ---- request parsing (cheap, before the call is queued) -------------
@@ -346,7 +362,14 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             null_embeddings=null_embeddings,
             prox_edit=prox_edit,
             preset=_PRESETS[request.preset],
+            concept_id=_concept_id(request.concept_id),
         )
+
+
+def _concept_id(value: str) -> str:
+    if len(value) > 256 or any(ord(c) < 32 for c in value):
+        raise InvalidArgument("concept", "not a concept id")
+    return value
 
 
 def _invert_answer_bytes(job: InvertJob, facts) -> int:

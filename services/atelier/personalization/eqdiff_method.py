@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from atelier.personalization.eqdiff import EqDiffParams, EqDiffRun, generate_with_concept
+from atelier.personalization.eqdiff.generate import check_concept
 from atelier.personalization.eqdiff.run import CLASS_IMAGES_PER_STEP
 from atelier.personalization.methods import GenerateOptions, TrainingInputs
 
@@ -38,6 +39,10 @@ class EqDiffMethod:
     def create_run(self, model, inputs: TrainingInputs, params: EqDiffParams, control) -> EqDiffRun:
         return EqDiffRun(model, inputs.images, inputs.masks, params, class_images=inputs.class_images,
                          seed=inputs.seed)
+
+    def check_concept(self, concept) -> None:
+        """FailedPrecondition when an imported file is not a well-formed EqDiff concept."""
+        check_concept(concept)
 
     def generate(self, model, concept, options: GenerateOptions, control):
         return generate_with_concept(model, concept, options.prompt, options.negative_prompt,

@@ -278,6 +278,12 @@ class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.Personaliz
         if metadata["method"] not in self._methods:
             raise FailedPrecondition(f"the concept was made by {metadata['method']!r}, which this server does not "
                                      f"offer ({', '.join(sorted(self._methods)) or 'none'})")
+        check_concept = getattr(self._methods[metadata["method"]], "check_concept", None)
+        if check_concept is not None:  # Generate reads it: refuse a file it could not use
+            try:
+                check_concept(concept)
+            except FailedPrecondition as error:
+                raise InvalidArgument("safetensors", error.message) from None
         digest = self._artifacts.put(data)
         row = ConceptRow(id=new_id("concept"), job_id="", placeholder_token=metadata["placeholder_token"],
                          class_word=metadata.get("class_word", ""), base_model=metadata["base_model"],

@@ -140,7 +140,7 @@ class SegmentationApp:
 
     def _load_segmenter(self, entry, device, dtype) -> Segmenter:
         predictor = SamPredictor.load(entry.folder, name=entry.name, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                                      variant=entry.variant)
+                                      variant=entry.variant, with_encoder=self._triton is None)
         backend = self.settings.backend
         encode = triton_encoder(self._triton) if self._triton is not None else local_encoder(predictor)
         return Segmenter(

@@ -131,13 +131,50 @@ def validate_prompts(prompts: Sequence[Prompt], width: int, height: int, mask_si
         raise InvalidArgument.many(violations)
 
 
+def _sam_decoder_class():
+    """SamModel without its ViT image encoder, for servers whose encoder runs elsewhere (Triton).
+
+    Built by transformers' own from_pretrained (variants, shards, dtype, tied weights all
+    handled there); the checkpoint's ``vision_encoder.*`` tensors are expected-unused and are
+    never materialised (safetensors are read per tensor). Keeps SamModel's methods, so the
+    decode path is SamModel's own code on SamModel's own submodules.
+    """
+    from transformers import SamModel
+    from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
+
+    class SamPromptDecoderModel(SamModel):
+        _keys_to_ignore_on_load_unexpected = [r"^vision_encoder\."]
+
+        def __init__(self, config):
+            # SamModel.__init__ minus ``self.vision_encoder`` (keep the two in step).
+            super(SamModel, self).__init__(config)
+            self.shared_image_embedding = SamPositionalEmbedding(config.vision_config)
+            self.prompt_encoder = SamPromptEncoder(config)
+            config.mask_decoder_config._attn_implementation = config._attn_implementation
+            self.mask_decoder = SamMaskDecoder(config.mask_decoder_config)
+            self.post_init()
+
+        def get_input_embeddings(self):
+            return None  # the patch embedding belongs to the encoder, which is not here
+
+        def get_image_embeddings(self, pixel_values, **kwargs):
+            raise RuntimeError("this SAM was loaded without its image encoder (encoder on Triton)")
+
+    return SamPromptDecoderModel
+
+
 class SamPredictor:
-    """A loaded SamModel + SamProcessor, stateless per call (safe across threads)."""
+    """A loaded SamModel + SamProcessor, stateless per call (safe across threads).
+
+    ``SamPredictor.load(..., with_encoder=False)`` holds only what ``decode`` needs (prompt
+    encoder, mask decoder, positional embedding): for servers whose image encoder is Triton.
+    """
 
     def __init__(self, model, processor, name: str = "sam"):
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.name = name
+        self.has_encoder = getattr(model, "vision_encoder", None) is not None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.input_size = int(processor.image_processor.size["longest_edge"])
@@ -149,14 +186,18 @@ class SamPredictor:
 
     @classmethod
     def load(cls, source: str, name: str = "", device: Optional[str] = None, dtype: Optional[str] = None,
-             local_files_only: bool = True, variant: Optional[str] = None) -> "SamPredictor":
+             local_files_only: bool = True, variant: Optional[str] = None,
+             with_encoder: bool = True) -> "SamPredictor":
+        """``with_encoder=False``: skip the ViT image encoder (most of SAM's weights); ``encode``
+        then raises, and embeddings must come from elsewhere (Triton)."""
         from transformers import SamModel, SamProcessor
 
         from atelier.core.device import pick_device
 
         device, dtype = pick_device(device, dtype)
         local_files_only = local_files_only or os.environ.get("ATELIER_ALLOW_DOWNLOADS") != "1"
-        model = SamModel.from_pretrained(source, local_files_only=local_files_only, variant=variant) \
+        model_class = SamModel if with_encoder else _sam_decoder_class()
+        model = model_class.from_pretrained(source, local_files_only=local_files_only, variant=variant) \
             .to(device=device, dtype=dtype)
         processor = SamProcessor.from_pretrained(source, local_files_only=local_files_only)
         return cls(model, processor, name=name or str(source))
@@ -189,6 +230,8 @@ class SamPredictor:
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> image embeddings (B, C, s, s) on the model's device."""
+        if not self.has_encoder:
+            raise RuntimeError(f"SAM {self.name!r} was loaded without its image encoder (encoder on Triton)")
         return self.model.get_image_embeddings(pixel_values.to(device=self.device, dtype=self.dtype))
 
     # ------------------------------------------------------------------ decoder side

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atelier.core import codecs
 from atelier.core.attention import controlled_attention
+from atelier.core.dependencies import REQUEST_ID_KEY, dependency_timeout, request_id_of
 from atelier.core.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from atelier.core.streaming import stream_call
 from atelier.sdk import channel_options
@@ -28,10 +28,6 @@ from atelier.synthesis.variations import RIVAL_NEGATIVE, T_ALIGN, DCAContext, Va
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc, synthesis_pb2
 
 _LOG = logging.getLogger(__name__)
-REQUEST_ID_KEY = "x-request-id"
-# What the inversion call leaves of the caller's deadline for our own generation.
-DEADLINE_MARGIN_FRACTION = 0.25
-DEADLINE_MARGIN_MAX_SECONDS = 5.0
 HEALTH_POLL_SECONDS = 5.0
 
 _INVERSIONS = {
@@ -55,13 +51,6 @@ class VariationsJob:
     dca_text: str
     inversion: int
     params: VariationParams
-
-
-def request_id_of(context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and value:
-            return value[:128]
-    return uuid.uuid4().hex
 
 
 class VariationsHandler:
@@ -119,12 +108,7 @@ class VariationsHandler:
 
     def _invert(self, job: VariationsJob, context, request_id: str):
         """Yield the inversion's progress (as ours) and then its InversionResult."""
-        remaining = context.time_remaining()
-        timeout = None
-        if remaining is not None and remaining < 10 * 365 * 24 * 3600:
-            timeout = remaining - min(DEADLINE_MARGIN_MAX_SECONDS, DEADLINE_MARGIN_FRACTION * remaining)
-            if timeout <= 0:
-                raise DeadlineExceeded("the deadline leaves no time for the inversion")
+        timeout = dependency_timeout(context, "the inversion")
         request = inversion_pb2.InvertRequest(
             model=common_pb2.ModelRef(name=job.model), image=codecs.image_from_torch(job.image),
             prompt=job.prompt, method=job.inversion, num_inference_steps=job.params.steps, return_chain=True)

@@ -15,7 +15,9 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from atelier.aio.inversion import AsyncInversionClient
+from atelier.aio.personalization import AsyncPersonalizationClient
 from atelier.aio.segmentation import AsyncSegmentationClient
+from atelier.aio.synthesis import AsyncSynthesisClient
 from atelier.aio.transport import AsyncTransport
 from atelier.sdk import channel_options
 from atelier.sdk.client import (
@@ -34,8 +36,10 @@ from atelier.sdk.transport import DEFAULT_TIMEOUT, RetryPolicy
 
 __all__ = ["Client"]
 
-# service -> the asyncio sub-client class (personalization and synthesis come later).
-ASYNC_SERVICES: dict[str, type] = {"inversion": AsyncInversionClient, "segmentation": AsyncSegmentationClient}
+# service -> the asyncio sub-client class (the sync client's SERVICES, awaited).
+ASYNC_SERVICES: dict[str, type] = {"inversion": AsyncInversionClient, "segmentation": AsyncSegmentationClient,
+                                   "personalization": AsyncPersonalizationClient,
+                                   "synthesis": AsyncSynthesisClient}
 
 
 class Client:
@@ -85,6 +89,16 @@ class Client:
         sub_client: AsyncSegmentationClient = self.service("segmentation")
         return sub_client
 
+    @property
+    def personalization(self) -> AsyncPersonalizationClient:
+        sub_client: AsyncPersonalizationClient = self.service("personalization")
+        return sub_client
+
+    @property
+    def synthesis(self) -> AsyncSynthesisClient:
+        sub_client: AsyncSynthesisClient = self.service("synthesis")
+        return sub_client
+
     def service(self, name: str) -> Any:
         """The asyncio sub-client for a service, created on first use."""
         existing = self._services.get(name)
@@ -114,6 +128,12 @@ class Client:
 
         statuses = await asyncio.gather(*(check(address, service) for address, service in targets.values()))
         return dict(zip(targets, statuses))
+
+    async def edit_with_concept(self, image: Any, source_prompt: str, target_prompt: str, concept: Any,
+                                inversion: str = "spdinv", **options: Any) -> Any:
+        """As ``atelier.Client.edit_with_concept``."""
+        return await self.inversion.edit(image, target_prompt, source_prompt=source_prompt, method=inversion,
+                                         concept=concept, **options)
 
     async def models(self, timeout: Optional[float] = None) -> list[ModelInfo]:
         """As ``atelier.Client.models``; the services are asked concurrently."""

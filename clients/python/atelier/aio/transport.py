@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping, Optional, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -22,6 +22,7 @@ from atelier.sdk.transport import (
     call_deadline,
     caller_cancelled,
     failure,
+    map_rpc_error,
     retry_progress,
     time_left,
 )
@@ -85,14 +86,16 @@ class AsyncTransport:
         retry: bool = True,
         progress_field: str = "progress",
         result_field: str = "result",
+        handlers: Optional[Mapping[str, Callable[[Any], object]]] = None,
     ) -> Any:
-        """Await a server-streaming method of ``progress``/``result`` events; returns the result."""
+        """Await a server-streaming method of ``progress``/``result`` events (other kinds to
+        ``handlers``, as the sync transport); returns the result."""
         deadline = call_deadline(timeout, self.default_timeout)
         sink = make_sink(progress)
         try:
             return await self._run(
                 lambda remaining: self._stream_once(
-                    method, request, remaining, cancel, StreamCollector(sink, progress_field, result_field)
+                    method, request, remaining, cancel, StreamCollector(sink, progress_field, result_field, handlers)
                 ),
                 deadline,
                 cancel,
@@ -101,6 +104,35 @@ class AsyncTransport:
             )
         finally:
             sink.close()
+
+    async def iterate(self, method: Any, request: Message, timeout: Optional[float] = None, *,
+                      cancel: Optional[CancelToken] = None) -> AsyncGenerator[Any, None]:
+        """Yield the raw messages of a server-streaming call (no retries: the caller knows how
+        to resume), as the sync transport's ``iterate``. Closing the generator cancels the RPC."""
+        deadline = call_deadline(timeout, self.default_timeout)
+        self._channel_getter()  # raises RuntimeError once the client is closed
+        if cancel is not None and cancel.cancelled:
+            raise caller_cancelled()
+        call = method(request, timeout=time_left(deadline), metadata=self.metadata)
+        canceller = _OnLoop(call.cancel)
+        if cancel is not None:
+            cancel._attach(canceller)
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, cancel) from exc
+        except asyncio.CancelledError:
+            call.cancel()
+            if cancel is not None and cancel.cancelled:
+                raise caller_cancelled() from None
+            raise
+        except BaseException:  # GeneratorExit included: the caller stopped reading
+            call.cancel()
+            raise
+        finally:
+            if cancel is not None:
+                cancel._detach(canceller)
 
     async def _run(self, attempt: Callable[[Optional[float]], Awaitable[T]], deadline: Optional[float],
                    cancel: Optional[CancelToken], sink: Optional[_ProgressSink], retry: bool) -> T:

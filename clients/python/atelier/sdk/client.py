@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from atelier.sdk.inversion import InversionClient
     from atelier.sdk.personalization import PersonalizationClient
     from atelier.sdk.segmentation import SegmentationClient
+    from atelier.sdk.synthesis import SynthesisClient
 
 __all__ = ["Client", "TLSConfig", "DEFAULT_TIMEOUT", "ModelInfo"]
 
@@ -109,7 +110,7 @@ def _read_pem(source: PemSource) -> Optional[bytes]:
 
 
 def available_services() -> list[str]:
-    """The services this SDK has a sub-client for (synthesis comes later)."""
+    """The services this SDK has a sub-client for."""
     return [name for name, (module, _, _) in SERVICES.items() if importlib.util.find_spec(module) is not None]
 
 
@@ -278,8 +279,10 @@ class Client:
         return sub_client
 
     @property
-    def synthesis(self) -> Any:
-        return self.service("synthesis")
+    def synthesis(self) -> "SynthesisClient":
+        """The Synthesis service: ``gradop``, ``sdedit``, ``variations`` (see ``SynthesisClient``)."""
+        sub_client: SynthesisClient = self.service("synthesis")
+        return sub_client
 
     def health(self, timeout: float = 5.0) -> dict[str, str]:
         """grpc.health.v1 status of every configured service this SDK knows: ``{"inversion":
@@ -347,6 +350,14 @@ class Client:
                 continue
             found += model_infos(name, response)
         return found
+
+    def edit_with_concept(self, image: Any, source_prompt: str, target_prompt: str, concept: Any,
+                          inversion: str = "spdinv", **options: Any) -> Any:
+        """Invert ``image`` (with ``inversion``) and edit it towards ``target_prompt`` with a
+        personalization ``concept`` (a ``Concept`` or its id; ``target_prompt`` contains its
+        token), in one Edit call. ``options``: those of ``client.inversion.edit``."""
+        return self.inversion.edit(image, target_prompt, source_prompt=source_prompt, method=inversion,
+                                   concept=concept, **options)
 
     # ------------------------------------------------------------------ channels
 

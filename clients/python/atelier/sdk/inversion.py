@@ -1,4 +1,5 @@
-"""Client of the Inversion service: DDIM / SPDInv inversion and P2P / MasaCtrl editing."""
+"""Client of the Inversion service: DDIM, SPDInv, NPI, ProxNPI, DirectInversion, null-text and
+fixed-point inversion; P2P / MasaCtrl editing with ProxEdit and the SPDInv pipeline preset."""
 from __future__ import annotations
 
 import os
@@ -9,26 +10,14 @@ import numpy as np
 from PIL import Image as PILImage
 
 from atelier.sdk import codec
-from atelier.sdk.common import ImageLike, Usage, choice, describe_array, describe_image, to_image_proto
+from atelier.sdk.common import ImageLike, Usage, describe_array, describe_image
+from atelier.sdk.inversion_requests import METHOD_NAMES, edit_request, invert_request
 from atelier.sdk.progress import CancelToken, ProgressArg
 from atelier.sdk.transport import _Transport
-from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
+from atelier.v1 import inversion_pb2, inversion_pb2_grpc
 
 __all__ = ["InversionClient", "Inversion", "StepDiagnostics", "EditResult", "EditSource", "invert_request",
-           "edit_request"]
-
-_METHODS: dict[str, inversion_pb2.InversionMethod] = {"ddim": inversion_pb2.DDIM,
-                                                                   "spdinv": inversion_pb2.SPDINV}
-_METHOD_NAMES: dict[int, str] = {value: name for name, value in _METHODS.items()}
-_METHOD_NAMES[inversion_pb2.INVERSION_METHOD_UNSPECIFIED] = "spdinv"
-_ENGINES: dict[str, inversion_pb2.EditEngine] = {"p2p": inversion_pb2.P2P,
-                                                             "masactrl": inversion_pb2.MASACTRL}
-_P2P_MODES: dict[Optional[str], inversion_pb2.P2POptions.Mode] = {
-    None: inversion_pb2.P2POptions.MODE_UNSPECIFIED,
-    "replace": inversion_pb2.P2POptions.REPLACE,
-    "refine": inversion_pb2.P2POptions.REFINE,
-    "reweight": inversion_pb2.P2POptions.REWEIGHT,
-}
+           "edit_request", "INVERT_DOC", "EDIT_DOC"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +34,10 @@ class StepDiagnostics:
 @dataclass(frozen=True, eq=False)
 class Inversion:
     """An inverted image. ``z_T``: (1, 4, H/8, W/8) float32; ``chain``: z_0..z_T,
-    (num_inference_steps+1, 4, H/8, W/8), when requested. ``proto`` is the server's result,
-    sent back as is by ``edit``; ``to_bytes``/``from_bytes`` persist it."""
+    (num_inference_steps+1, 4, H/8, W/8), when requested; ``null_embeddings``: null-text
+    inversion's optimised unconditional embeddings, (num_inference_steps, L, D) float32 (else
+    None). ``proto`` is the server's result, sent back as is by ``edit`` (chain and embeddings
+    included); ``to_bytes``/``from_bytes`` persist it."""
 
     z_T: np.ndarray
     chain: Optional[np.ndarray]
@@ -59,6 +50,7 @@ class Inversion:
     height: int
     model: str
     proto: inversion_pb2.InversionResult = field(repr=False)
+    null_embeddings: Optional[np.ndarray] = None
 
     @classmethod
     def from_proto(cls, msg: inversion_pb2.InversionResult) -> "Inversion":
@@ -68,12 +60,14 @@ class Inversion:
             diagnostics=[StepDiagnostics(d.index, d.timestep, d.residual, d.rounds) for d in msg.diagnostics],
             usage=Usage.from_proto(msg.usage),
             prompt=msg.prompt,
-            method=_METHOD_NAMES.get(msg.method, str(msg.method)),
+            method=METHOD_NAMES.get(msg.method, str(msg.method)),
             num_inference_steps=msg.num_inference_steps,
             width=msg.width,
             height=msg.height,
             model=msg.model.name,
             proto=msg,
+            null_embeddings=(codec.tensor_to_numpy(msg.null_embeddings, "result.null_embeddings")
+                             if msg.HasField("null_embeddings") else None),
         )
 
     def to_bytes(self) -> bytes:
@@ -82,7 +76,8 @@ class Inversion:
     def __repr__(self) -> str:
         return (f"Inversion(model={self.model!r}, method={self.method!r}, prompt={self.prompt!r}, "
                 f"num_inference_steps={self.num_inference_steps}, size={self.width}x{self.height}, "
-                f"z_T={describe_array(self.z_T)}, chain={describe_array(self.chain)}, usage={self.usage!r})")
+                f"z_T={describe_array(self.z_T)}, chain={describe_array(self.chain)}, "
+                f"null_embeddings={describe_array(self.null_embeddings)}, usage={self.usage!r})")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Inversion":
@@ -117,131 +112,67 @@ class EditResult:
 # to invert in the same call.
 EditSource = Union[Inversion, inversion_pb2.InversionResult, ImageLike]
 
+INVERT_DOC = """Invert ``image`` under its source ``prompt``; returns an ``Inversion``.
 
-def invert_request(
-    image: ImageLike,
-    prompt: str,
-    method: str = "spdinv",
-    num_inference_steps: int = 50,
-    return_chain: bool = False,
-    max_rounds: Optional[int] = None,
-    learning_rate: Optional[float] = None,
-    loss_threshold: Optional[float] = None,
-    weight_decay: Optional[float] = None,
-    model: Optional[str] = None,
-    image_argument: str = "image",
-) -> inversion_pb2.InvertRequest:
-    """The InvertRequest for ``invert``'s arguments (shared by the sync and asyncio clients)."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    request = inversion_pb2.InvertRequest(
-        model=common_pb2.ModelRef(name=model or ""),
-        image=to_image_proto(image, image_argument),
-        prompt=prompt,
-        method=choice(method, _METHODS, "inversion method"),
-        num_inference_steps=num_inference_steps,
-        return_chain=return_chain,
-    )
-    if max_rounds is not None:
-        request.spdinv.max_rounds = max_rounds
-    if learning_rate is not None:
-        request.spdinv.learning_rate = learning_rate
-    if loss_threshold is not None:
-        request.spdinv.loss_threshold = loss_threshold
-    if weight_decay is not None:
-        request.spdinv.weight_decay = weight_decay
+``method``: "spdinv" (default; Source-Prompt-Disentangled Inversion), "ddim", "npi"
+(negative-prompt inversion), "proxnpi" (ProxEdit), "direct_inversion", "null_text" or
+"fixed_point" (AIDI-style, Anderson-accelerated). The method also picks how ``edit`` samples
+from the result. ``return_chain=True`` also returns z_0..z_T (needed by ``edit`` for
+"direct_inversion" and for inversion guidance). Options left None take the server's
+(the reference implementations') defaults:
+
+- "spdinv": ``max_rounds`` (K, 25), ``learning_rate`` (1e-3), ``loss_threshold`` (delta,
+  5e-6), ``weight_decay`` (1e-2), ``check_first`` (False: the reference's Adam-step-then-check
+  order; True checks delta before stepping, cheaper and measurably worse).
+- "fixed_point": ``max_rounds`` (25), ``loss_threshold`` (5e-6), ``anderson_memory`` (3;
+  0 is plain iteration).
+- "null_text": ``null_text_guidance_scale``, the guidance the embeddings are optimised for
+  (default: the model's default guidance); the embeddings come back as
+  ``Inversion.null_embeddings`` and ``edit`` sends them back.
+
+An option of another method raises ValueError; bad values raise ``InvalidArgumentError`` naming
+the argument.
+"""
+
+EDIT_DOC = """Edit towards ``target_prompt``; returns an ``EditResult`` (``.image``, ``.usage``, and
+with ``return_source=True`` the source branch's reconstruction ``.source_image``).
+
+``source`` is an ``Inversion`` (from ``invert``, sent back with its chain and null-text
+embeddings) or an image; an image needs ``source_prompt`` and is inverted in the same call
+with ``method`` (default "spdinv"), ``num_inference_steps`` (default 50) and the inversion
+options of ``invert`` (``max_rounds``, ``learning_rate``, ``loss_threshold``,
+``weight_decay``, ``check_first``, ``anderson_memory``, ``null_text_guidance_scale``).
+``guidance_scale=None`` uses the model's default (``client.models()``:
+``default_guidance_scale``, e.g. 2.5 for the embedded toy).
+
+``preset="spdinv"`` fills unset options with SPDInv's scripts' pipeline (P2P: refine mode,
+local blend on the changed words, their attention x2). ProxEdit, defaulting per the
+inversion method (on for "spdinv" and "proxnpi"): ``proximal_guidance`` (bool),
+``quantile`` (in (0, 1); 0.7 for P2P, 0.6 for MasaCtrl), ``inversion_guidance`` (P2P only;
+needs the chain) and ``inversion_guidance_timestep`` (400).
+
+``engine="p2p"`` takes ``mode`` ("replace", "refine", "reweight"; default: chosen by the
+server), ``cross_replace_fraction``/``self_replace_fraction``, ``reweight`` {word: scale},
+``blend_words`` and ``blend_threshold``. ``engine="masactrl"`` takes ``start_step`` (4),
+``start_layer`` (10), ``end_step`` (50: control over steps [start_step, end_step)) and
+MaskAuto: ``mask_source_words`` and ``mask_target_words`` (both set: foreground follows
+foreground, background background) with ``mask_threshold`` (0.1). Options of the other engine
+raise ValueError; bad values raise ``InvalidArgumentError`` naming the argument.
+
+``concept`` (a personalization ``Concept`` or its id) applies a trained EqDiff concept to the
+edit's target: ``target_prompt`` must contain its token (``concept.token``).
+"""
+
+
+def with_concept(request: inversion_pb2.EditRequest, concept: Any) -> inversion_pb2.EditRequest:
+    """Name ``concept`` (a personalization ``Concept``, anything with an ``id``, or an id) in ``request``."""
+    if concept is None:
+        return request
+    concept_id = getattr(concept, "id", concept)
+    if not isinstance(concept_id, str) or not concept_id:
+        raise TypeError(f"concept must be a Concept or a non-empty concept id, got {type(concept).__name__}")
+    request.concept_id = concept_id
     return request
-
-
-def edit_request(
-    source: EditSource,
-    target_prompt: str,
-    engine: str = "p2p",
-    guidance_scale: Optional[float] = None,
-    *,
-    return_source: bool = False,
-    source_prompt: Optional[str] = None,
-    method: Optional[str] = None,
-    num_inference_steps: Optional[int] = None,
-    mode: Optional[str] = None,
-    cross_replace_fraction: Optional[float] = None,
-    self_replace_fraction: Optional[float] = None,
-    reweight: Optional[dict[str, float]] = None,
-    blend_words: Optional[Sequence[str]] = None,
-    blend_threshold: Optional[float] = None,
-    start_step: Optional[int] = None,
-    start_layer: Optional[int] = None,
-    model: Optional[str] = None,
-) -> inversion_pb2.EditRequest:
-    """The EditRequest for ``edit``'s arguments (shared by the sync and asyncio clients)."""
-    if not isinstance(target_prompt, str):
-        raise TypeError(f"target_prompt must be a str, got {type(target_prompt).__name__}")
-    engine_value = choice(engine, _ENGINES, "editing engine")
-    request = inversion_pb2.EditRequest(
-        model=common_pb2.ModelRef(name=model or ""),
-        target_prompt=target_prompt,
-        engine=engine_value,
-        return_source=return_source,
-    )
-    if guidance_scale is not None:
-        request.guidance_scale = guidance_scale
-
-    if isinstance(source, Inversion):
-        source = source.proto
-    if isinstance(source, inversion_pb2.InversionResult):
-        _check_matches_inversion(source, source_prompt, method, num_inference_steps)
-        request.inversion.CopyFrom(source)
-    else:
-        if source_prompt is None:
-            raise ValueError("source_prompt is required when editing an image (it is inverted in the same call)")
-        request.invert.CopyFrom(
-            invert_request(source, source_prompt, method or "spdinv",
-                           50 if num_inference_steps is None else num_inference_steps, model=model,
-                           image_argument="source")
-        )
-
-    p2p = {
-        "mode": mode,
-        "cross_replace_fraction": cross_replace_fraction,
-        "self_replace_fraction": self_replace_fraction,
-        "reweight": reweight,
-        "blend_words": blend_words,
-        "blend_threshold": blend_threshold,
-    }
-    masactrl = {"start_step": start_step, "start_layer": start_layer}
-    other_engine = masactrl if engine_value == inversion_pb2.P2P else p2p
-    foreign = [name for name, value in other_engine.items() if value is not None]
-    if foreign:
-        raise ValueError(f"{', '.join(foreign)} do not apply to engine={engine!r}")
-    request.p2p.mode = choice(mode, _P2P_MODES, "p2p mode")
-    if cross_replace_fraction is not None:
-        request.p2p.cross_replace_fraction = cross_replace_fraction
-    if self_replace_fraction is not None:
-        request.p2p.self_replace_fraction = self_replace_fraction
-    if blend_threshold is not None:
-        request.p2p.blend_threshold = blend_threshold
-    request.p2p.reweight.update(reweight or {})
-    request.p2p.blend_words.extend(blend_words or [])
-    if start_step is not None:
-        request.masactrl.start_step = start_step
-    if start_layer is not None:
-        request.masactrl.start_layer = start_layer
-    return request
-
-
-def _check_matches_inversion(inversion: inversion_pb2.InversionResult, source_prompt: Optional[str],
-                             method: Optional[str], num_inference_steps: Optional[int]) -> None:
-    """Options that only apply to an image must not contradict a given inversion."""
-    mismatches = []
-    if source_prompt is not None and source_prompt != inversion.prompt:
-        mismatches.append(f"source_prompt {source_prompt!r} (inverted with {inversion.prompt!r})")
-    inverted_with = _METHOD_NAMES.get(inversion.method, "")
-    if method is not None and choice(method, _METHODS, "inversion method") != _METHODS.get(inverted_with):
-        mismatches.append(f"method {method!r} (inverted with {inverted_with!r})")
-    if num_inference_steps is not None and num_inference_steps != inversion.num_inference_steps:
-        mismatches.append(f"num_inference_steps {num_inference_steps} (inverted with {inversion.num_inference_steps})")
-    if mismatches:
-        raise ValueError("the inversion given does not match: " + "; ".join(mismatches))
 
 
 class InversionClient:
@@ -271,15 +202,17 @@ class InversionClient:
         progress: ProgressArg = None,
         timeout: Optional[float] = None,
         cancel: Optional[CancelToken] = None,
+        *,
+        check_first: Optional[bool] = None,
+        anderson_memory: Optional[int] = None,
+        null_text_guidance_scale: Optional[float] = None,
     ) -> Inversion:
-        """Invert ``image`` under its source ``prompt`` with ``"spdinv"`` or ``"ddim"``.
-
-        SPDInv options left None take the server's defaults (K=25 rounds, lr 1e-3,
-        loss threshold 5e-6, weight decay 1e-2).
-        """
         request = invert_request(image, prompt, method, num_inference_steps, return_chain, max_rounds,
-                                 learning_rate, loss_threshold, weight_decay, model)
+                                 learning_rate, loss_threshold, weight_decay, model, check_first=check_first,
+                                 anderson_memory=anderson_memory, null_text_guidance_scale=null_text_guidance_scale)
         return Inversion.from_proto(self._transport.stream(self._stub.Invert, request, timeout, progress, cancel=cancel))
+
+    invert.__doc__ = INVERT_DOC
 
     def edit(
         self,
@@ -292,6 +225,18 @@ class InversionClient:
         source_prompt: Optional[str] = None,
         method: Optional[str] = None,
         num_inference_steps: Optional[int] = None,
+        max_rounds: Optional[int] = None,
+        learning_rate: Optional[float] = None,
+        loss_threshold: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        check_first: Optional[bool] = None,
+        anderson_memory: Optional[int] = None,
+        null_text_guidance_scale: Optional[float] = None,
+        preset: Optional[str] = None,
+        proximal_guidance: Optional[bool] = None,
+        quantile: Optional[float] = None,
+        inversion_guidance: Optional[bool] = None,
+        inversion_guidance_timestep: Optional[int] = None,
         mode: Optional[str] = None,
         cross_replace_fraction: Optional[float] = None,
         self_replace_fraction: Optional[float] = None,
@@ -300,28 +245,30 @@ class InversionClient:
         blend_threshold: Optional[float] = None,
         start_step: Optional[int] = None,
         start_layer: Optional[int] = None,
+        end_step: Optional[int] = None,
+        mask_source_words: Optional[Sequence[str]] = None,
+        mask_target_words: Optional[Sequence[str]] = None,
+        mask_threshold: Optional[float] = None,
         model: Optional[str] = None,
         progress: ProgressArg = None,
         timeout: Optional[float] = None,
         cancel: Optional[CancelToken] = None,
+        concept: Any = None,
     ) -> EditResult:
-        """Edit towards ``target_prompt``; returns an ``EditResult`` (``.image``, ``.usage``,
-        and with ``return_source=True`` the source branch's reconstruction ``.source_image``).
-
-        ``source`` is an ``Inversion`` (from ``invert``) or an image; an image needs
-        ``source_prompt`` and is inverted in the same call with ``method`` (default
-        "spdinv") and ``num_inference_steps`` (default 50). ``engine="p2p"`` takes ``mode``
-        ("replace", "refine", "reweight"; default: chosen by the server),
-        ``cross_replace_fraction``/``self_replace_fraction``, ``reweight`` {word: scale},
-        ``blend_words`` and ``blend_threshold``; ``engine="masactrl"`` takes
-        ``start_step`` and ``start_layer``. ``guidance_scale=None`` uses the model's default
-        (``client.models()``: ``default_guidance_scale``, e.g. 2.5 for the embedded toy).
-        """
         request = edit_request(
             source, target_prompt, engine, guidance_scale, return_source=return_source, source_prompt=source_prompt,
-            method=method, num_inference_steps=num_inference_steps, mode=mode,
+            method=method, num_inference_steps=num_inference_steps, max_rounds=max_rounds,
+            learning_rate=learning_rate, loss_threshold=loss_threshold, weight_decay=weight_decay,
+            check_first=check_first, anderson_memory=anderson_memory,
+            null_text_guidance_scale=null_text_guidance_scale, preset=preset, proximal_guidance=proximal_guidance,
+            quantile=quantile, inversion_guidance=inversion_guidance,
+            inversion_guidance_timestep=inversion_guidance_timestep, mode=mode,
             cross_replace_fraction=cross_replace_fraction, self_replace_fraction=self_replace_fraction,
             reweight=reweight, blend_words=blend_words, blend_threshold=blend_threshold, start_step=start_step,
-            start_layer=start_layer, model=model,
+            start_layer=start_layer, end_step=end_step, mask_source_words=mask_source_words,
+            mask_target_words=mask_target_words, mask_threshold=mask_threshold, model=model,
         )
+        with_concept(request, concept)
         return EditResult.from_proto(self._transport.stream(self._stub.Edit, request, timeout, progress, cancel=cancel))
+
+    edit.__doc__ = EDIT_DOC

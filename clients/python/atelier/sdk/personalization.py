@@ -21,12 +21,13 @@ from PIL import Image as PILImage
 from atelier.sdk import codec
 from atelier.sdk.common import ImageLike, Usage, to_image_proto
 from atelier.sdk.errors import AtelierError, CancelledError, UnavailableError
-from atelier.sdk.progress import CancelToken, ProgressArg, make_sink
+from atelier.sdk.progress import CancelToken, Progress, ProgressArg, _ProgressSink, make_sink
 from atelier.sdk.transport import _Transport
 from atelier.v1 import common_pb2, personalization_pb2, personalization_pb2_grpc, segmentation_pb2, tensor_pb2
 
 __all__ = ["PersonalizationClient", "Job", "JobEvent", "Concept", "GenerateConceptResult", "LayerEditResult",
-           "JobFailedError", "JobCancelledError", "STATES"]
+           "JobFailedError", "JobCancelledError", "STATES", "create_job_request", "layer_edit_request",
+           "list_jobs_request", "generate_concept_request"]
 
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 _TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -40,7 +41,7 @@ MaskLike = Union[np.ndarray, PILImage.Image, tensor_pb2.Mask]
 class JobFailedError(AtelierError):
     """The job ended FAILED; ``job`` is its final record, ``message`` the reason."""
 
-    def __init__(self, job: "Job"):
+    def __init__(self, job: "JobSnapshot"):
         self.job = job
         super().__init__(f"job {job.id} failed: {job.reason}")
 
@@ -48,7 +49,7 @@ class JobFailedError(AtelierError):
 class JobCancelledError(CancelledError):
     """The job ended CANCELLED."""
 
-    def __init__(self, job: "Job"):
+    def __init__(self, job: "JobSnapshot"):
         self.job = job
         super().__init__(f"job {job.id} was cancelled: {job.reason}")
 
@@ -120,13 +121,14 @@ class GenerateConceptResult:
     def image(self) -> PILImage.Image:
         return self.images[0]
 
+    @classmethod
+    def from_proto(cls, msg: personalization_pb2.GenerateConceptResult) -> "GenerateConceptResult":
+        images = [codec.image_to_pil(image, f"result.images[{i}]") for i, image in enumerate(msg.images)]
+        return cls(images, msg.concept_id, msg.model.name, msg.seed, Usage.from_proto(msg.usage))
 
-class Job:
-    """A training job (a snapshot plus methods that ask the server). ``refresh()`` updates it."""
 
-    def __init__(self, client: "PersonalizationClient", msg: personalization_pb2.Job):
-        self._client = client
-        self._set(msg)
+class JobSnapshot:
+    """A job's fields as last read from the server (shared by the sync and asyncio ``Job``)."""
 
     def _set(self, msg: personalization_pb2.Job) -> None:
         self.proto = msg
@@ -145,6 +147,80 @@ class Job:
     def done(self) -> bool:
         return self.state in _TERMINAL
 
+    def outcome_error(self) -> AtelierError:
+        """What ``wait`` raises for a job that ended without a concept."""
+        if self.state == "CANCELLED":
+            return JobCancelledError(self)
+        return JobFailedError(self)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, state={self.state}, step={self.step}/{self.total_steps})"
+
+
+class WatchFollower:
+    """The rules of following a job's events across reconnects (sync and asyncio ``events``):
+    resume from the event after the last one seen; back off on UNAVAILABLE up to
+    ``max_reconnects`` times in a row, within the deadline."""
+
+    def __init__(self, from_index: int, timeout: Optional[float], max_reconnects: int):
+        self.next_index = from_index
+        self._failures = 0
+        self._max_reconnects = max_reconnects
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> Optional[float]:
+        return None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
+
+    def take(self, msg: personalization_pb2.JobEvent) -> JobEvent:
+        event = JobEvent.from_proto(msg)
+        self.next_index = event.index + 1
+        self._failures = 0
+        return event
+
+    def finished(self, job: JobSnapshot) -> bool:
+        """After the stream ended: the job ended and every event of it was seen."""
+        return job.done and self.next_index >= job.proto.next_event_index
+
+    def reconnect_delay(self) -> Optional[float]:
+        """The wait before watching again after UNAVAILABLE; None: give up (re-raise)."""
+        self._failures += 1
+        if self._failures > self._max_reconnects:
+            return None
+        delay = min(5.0, 0.2 * 2 ** (self._failures - 1)) * (0.5 + 0.5 * random.random())
+        if self._deadline is not None and time.monotonic() + delay >= self._deadline:
+            return None
+        return delay
+
+
+class WaitCollector:
+    """What ``wait`` (sync and asyncio) makes of a job's events: progress for the sink, and a
+    layer_edit job's result images (the "sample" phase's previews)."""
+
+    def __init__(self, sink: _ProgressSink):
+        self._sink = sink
+        self._results: dict[int, PILImage.Image] = {}
+
+    def take(self, event: JobEvent) -> None:
+        if event.phase == "sample" and event.preview is not None:
+            self._results[event.step] = event.preview
+        if event.phase != "state" and event.total_steps:
+            message = " ".join(f"{k}={v:.4g}" for k, v in sorted(event.losses.items()))
+            self._sink(Progress(event.phase or "train", event.step, event.total_steps, message))
+
+    def result(self, job: JobSnapshot, concept: Concept) -> Union[Concept, LayerEditResult]:
+        """A succeeded job's result: its concept, or for a layer_edit job the images plus the concept."""
+        if job.proto.method == "layer_edit":
+            return LayerEditResult([self._results[step] for step in sorted(self._results)], concept)
+        return concept
+
+
+class Job(JobSnapshot):
+    """A training job (a snapshot plus methods that ask the server). ``refresh()`` updates it."""
+
+    def __init__(self, client: "PersonalizationClient", msg: personalization_pb2.Job):
+        self._client = client
+        self._set(msg)
+
     def refresh(self) -> "Job":
         self._set(self._client._get_job(self.id))
         return self
@@ -152,34 +228,25 @@ class Job:
     def cancel(self, reason: str = "") -> "Job":
         """Ask the server to cancel; a running job stops within one step (``wait`` then raises
         ``JobCancelledError``)."""
-        self._set(self._client._unary("CancelJob", personalization_pb2.CancelJobRequest(job_id=self.id,
-                                                                                         reason=reason)))
+        self._set(self._client._unary("CancelJob", cancel_job_request(self.id, reason)))
         return self
 
     def events(self, from_index: int = 0, timeout: Optional[float] = None,
                cancel: Optional[CancelToken] = None) -> Iterator[JobEvent]:
         """The job's events from ``from_index`` until it ends, reconnecting on UNAVAILABLE."""
-        next_index = from_index
-        failures = 0
-        deadline = None if timeout is None else time.monotonic() + timeout
+        follower = WatchFollower(from_index, timeout, self._client.max_watch_reconnects)
         while True:
-            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
-                for msg in self._client._watch(self.id, next_index, remaining, cancel):
-                    event = JobEvent.from_proto(msg)
-                    next_index = event.index + 1
-                    failures = 0
+                for msg in self._client._watch(self.id, follower.next_index, follower.remaining(), cancel):
+                    event = follower.take(msg)
                     yield event
                     if event.state in _TERMINAL:
                         return
-                if self.refresh().done and next_index >= self.proto.next_event_index:
+                if follower.finished(self.refresh()):
                     return
             except UnavailableError:
-                failures += 1
-                if failures > self._client.max_watch_reconnects:
-                    raise
-                delay = min(5.0, 0.2 * 2 ** (failures - 1)) * (0.5 + 0.5 * random.random())
-                if deadline is not None and time.monotonic() + delay >= deadline:
+                delay = follower.reconnect_delay()
+                if delay is None:
                     raise
                 if cancel is not None:
                     if cancel._sleep(delay):
@@ -188,36 +255,22 @@ class Job:
                     time.sleep(delay)
 
     def wait(self, progress: ProgressArg = None, timeout: Optional[float] = None,
-             cancel: Optional[CancelToken] = None) -> Union[Concept, "LayerEditResult"]:
+             cancel: Optional[CancelToken] = None) -> Union[Concept, LayerEditResult]:
         """Follow the job to its end; returns its Concept (a layer_edit job: a LayerEditResult,
         the edited images plus the concept). ``progress=True``: a tqdm bar over the
         steps (one per phase, e.g. "class_images" then "train") with the losses in the postfix;
         a callable receives ``atelier.Progress`` events. Raises JobFailedError / JobCancelledError."""
         sink = make_sink(progress)
-        from atelier.sdk.progress import Progress
-
-        results: dict[int, PILImage.Image] = {}
+        collector = WaitCollector(sink)
         try:
             for event in self.events(0, timeout=timeout, cancel=cancel):
-                if event.phase == "sample" and event.preview is not None:
-                    results[event.step] = event.preview
-                if event.phase != "state" and event.total_steps:
-                    message = " ".join(f"{k}={v:.4g}" for k, v in sorted(event.losses.items()))
-                    sink(Progress(event.phase or "train", event.step, event.total_steps, message))
+                collector.take(event)
         finally:
             sink.close()
         self.refresh()
         if self.state == "SUCCEEDED":
-            concept = self._client.concept(self.concept_id)
-            if self.proto.method == "layer_edit":
-                return LayerEditResult([results[step] for step in sorted(results)], concept)
-            return concept
-        if self.state == "CANCELLED":
-            raise JobCancelledError(self)
-        raise JobFailedError(self)
-
-    def __repr__(self) -> str:
-        return f"Job({self.id!r}, state={self.state}, step={self.step}/{self.total_steps})"
+            return collector.result(self, self._client.concept(self.concept_id))
+        raise self.outcome_error()
 
 
 def _mask_proto(mask: MaskLike, argument: str) -> tensor_pb2.Mask:
@@ -258,6 +311,148 @@ def _mask_prompt(prompt: Optional[Mapping[str, Any]], argument: str) -> personal
     return msg
 
 
+def create_job_request(
+    images: Sequence[Union[ImageLike, str, bytes]],
+    class_word: str,
+    masks: Optional[Sequence[MaskLike]] = None,
+    steps: int = 600,
+    *,
+    mask_prompts: Optional[Sequence[Optional[Mapping[str, Any]]]] = None,
+    placeholder_token: Optional[str] = None,
+    initializer_token: Optional[str] = None,
+    seed: Optional[int] = None,
+    class_images: Optional[Sequence[Union[ImageLike, str, bytes]]] = None,
+    model: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+) -> personalization_pb2.CreateJobRequest:
+    """The CreateJobRequest for ``train_eqdiff``'s arguments (shared by the sync and asyncio clients)."""
+    options = dict(options or {})
+    unknown = set(options) - _EQDIFF_FIELDS
+    if unknown:
+        raise TypeError(f"train_eqdiff: unknown EqDiff options {sorted(unknown)}; known: {sorted(_EQDIFF_FIELDS)}")
+    eqdiff = personalization_pb2.EqDiffOptions(steps=int(steps))
+    for name, value in options.items():
+        if value is not None:
+            setattr(eqdiff, name, value)
+    request = personalization_pb2.CreateJobRequest(
+        model=common_pb2.ModelRef(name=model or ""),
+        images=[_image_arg(image, f"images[{i}]") for i, image in enumerate(images)],
+        masks=[_mask_proto(mask, f"masks[{i}]") for i, mask in enumerate(masks or [])],
+        mask_prompts=[_mask_prompt(p, f"mask_prompts[{i}]") for i, p in enumerate(mask_prompts or [])],
+        class_word=class_word, initializer_token=initializer_token or "",
+        placeholder_token=placeholder_token or "",
+        class_images=[_image_arg(image, f"class_images[{i}]") for i, image in enumerate(class_images or [])],
+        idempotency_key=idempotency_key or "", eqdiff=eqdiff)
+    if seed is not None:
+        request.seed = int(seed)
+    return request
+
+
+def layer_edit_request(
+    image: Union[ImageLike, str, bytes],
+    object_text: str,
+    background_text: str,
+    reference: Optional[Union[ImageLike, str, bytes]] = None,
+    embedding_steps: int = 500,
+    finetune_steps: int = 250,
+    num_inference_steps: int = 50,
+    *,
+    mask: Optional[MaskLike] = None,
+    mask_prompt: Optional[Mapping[str, Any]] = None,
+    reference_mask: Optional[MaskLike] = None,
+    reference_mask_prompt: Optional[Mapping[str, Any]] = None,
+    seed: Optional[int] = None,
+    model: Optional[str] = None,
+    idempotency_key: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+) -> personalization_pb2.CreateJobRequest:
+    """The CreateJobRequest for ``layer_edit``'s arguments (shared by the sync and asyncio clients)."""
+    options = dict(options or {})
+    unknown = set(options) - _LAYER_EDIT_FIELDS
+    if unknown:
+        raise TypeError(f"layer_edit: unknown options {sorted(unknown)}; known: {sorted(_LAYER_EDIT_FIELDS)}")
+    body = personalization_pb2.LayerEditOptions(
+        object_text=object_text, background_text=background_text, embedding_steps=int(embedding_steps),
+        finetune_steps=int(finetune_steps), num_inference_steps=int(num_inference_steps))
+    for name, value in options.items():
+        if value is not None:
+            setattr(body, name, value)
+    if reference is not None:
+        body.reference.CopyFrom(_image_arg(reference, "reference"))
+    if reference_mask is not None:
+        body.reference_mask.CopyFrom(_mask_proto(reference_mask, "reference_mask"))
+    if reference_mask_prompt is not None:
+        body.reference_mask_prompt.CopyFrom(_mask_prompt(reference_mask_prompt, "reference_mask_prompt"))
+    request = personalization_pb2.CreateJobRequest(
+        model=common_pb2.ModelRef(name=model or ""), images=[_image_arg(image, "image")],
+        masks=[_mask_proto(mask, "mask")] if mask is not None else [],
+        mask_prompts=[_mask_prompt(mask_prompt, "mask_prompt")] if mask_prompt is not None else [],
+        idempotency_key=idempotency_key or "", layer_edit=body)
+    if seed is not None:
+        request.seed = int(seed)
+    return request
+
+
+def watch_job_request(job_id: str, from_index: int) -> personalization_pb2.WatchJobRequest:
+    return personalization_pb2.WatchJobRequest(job_id=job_id, from_index=from_index)
+
+
+def cancel_job_request(job_id: str, reason: str = "") -> personalization_pb2.CancelJobRequest:
+    return personalization_pb2.CancelJobRequest(job_id=job_id, reason=reason)
+
+
+def list_jobs_request(states: Optional[Sequence[str]], page_size: int,
+                      page_token: str) -> personalization_pb2.ListJobsRequest:
+    """One page of ``jobs(states)``; an unknown state raises ValueError before anything is sent."""
+    wanted: list[str] = []  # enum value names; protobuf accepts them for enum fields
+    for state in states or ():
+        if state.upper() not in STATES:
+            raise ValueError(f"states: unknown state {state!r}; expected one of {STATES}")
+        wanted.append(state.upper())
+    return personalization_pb2.ListJobsRequest(page_size=page_size, page_token=page_token,
+                                               states=wanted)
+
+
+def concept_id_of(concept: Union[Concept, str]) -> str:
+    return concept.id if isinstance(concept, Concept) else concept
+
+
+def read_concept_file(data: Union[bytes, str, "os.PathLike[str]"]) -> bytes:
+    """``import_``'s argument: exported bytes, or the path of a file holding them."""
+    if isinstance(data, bytes):
+        return data
+    with open(data, "rb") as handle:
+        return handle.read()
+
+
+def save_export(data: bytes, path: Union[str, "os.PathLike[str]", None]) -> bytes:
+    if path is not None:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    return data
+
+
+def generate_concept_request(
+    concept: Union[Concept, str],
+    prompt: str,
+    negative_prompt: str = "",
+    num_inference_steps: int = 50,
+    guidance_scale: Optional[float] = None,
+    seed: int = 0,
+    num_images: int = 1,
+    model: Optional[str] = None,
+) -> personalization_pb2.GenerateConceptRequest:
+    """The GenerateConceptRequest for ``generate``'s arguments (shared by the sync and asyncio clients)."""
+    request = personalization_pb2.GenerateConceptRequest(
+        concept_id=concept_id_of(concept), model=common_pb2.ModelRef(name=model or ""), prompt=prompt,
+        negative_prompt=negative_prompt, num_inference_steps=int(num_inference_steps),
+        seed=int(seed), num_images=int(num_images))
+    if guidance_scale is not None:
+        request.guidance_scale = float(guidance_scale)
+    return request
+
+
 class PersonalizationClient:
     """``client.personalization``: training jobs, concepts and generation."""
 
@@ -277,8 +472,8 @@ class PersonalizationClient:
 
     def _watch(self, job_id: str, from_index: int, timeout: Optional[float],
                cancel: Optional[CancelToken]) -> Iterator[personalization_pb2.JobEvent]:
-        request = personalization_pb2.WatchJobRequest(job_id=job_id, from_index=from_index)
-        return self._transport.iterate(self._stub.WatchJob, request, timeout, cancel=cancel)
+        return self._transport.iterate(self._stub.WatchJob, watch_job_request(job_id, from_index), timeout,
+                                       cancel=cancel)
 
     # ------------------------------------------------------------------ jobs
 
@@ -304,24 +499,10 @@ class PersonalizationClient:
         with ``mask_prompts`` [{"points": [(x, y)], "box": (x0, y0, x1, y1)}, ...] if given).
         ``options``: any other EqDiff parameter by name (learning_rate, rra=False, ...).
         ``idempotency_key``: a retry with the same key returns the same job."""
-        unknown = set(options) - _EQDIFF_FIELDS
-        if unknown:
-            raise TypeError(f"train_eqdiff: unknown EqDiff options {sorted(unknown)}; known: {sorted(_EQDIFF_FIELDS)}")
-        eqdiff = personalization_pb2.EqDiffOptions(steps=int(steps))
-        for name, value in options.items():
-            if value is not None:
-                setattr(eqdiff, name, value)
-        request = personalization_pb2.CreateJobRequest(
-            model=common_pb2.ModelRef(name=model or ""),
-            images=[_image_arg(image, f"images[{i}]") for i, image in enumerate(images)],
-            masks=[_mask_proto(mask, f"masks[{i}]") for i, mask in enumerate(masks or [])],
-            mask_prompts=[_mask_prompt(p, f"mask_prompts[{i}]") for i, p in enumerate(mask_prompts or [])],
-            class_word=class_word, initializer_token=initializer_token or "",
-            placeholder_token=placeholder_token or "",
-            class_images=[_image_arg(image, f"class_images[{i}]") for i, image in enumerate(class_images or [])],
-            idempotency_key=idempotency_key or "", eqdiff=eqdiff)
-        if seed is not None:
-            request.seed = int(seed)
+        request = create_job_request(
+            images, class_word, masks, steps, mask_prompts=mask_prompts, placeholder_token=placeholder_token,
+            initializer_token=initializer_token, seed=seed, class_images=class_images, model=model,
+            idempotency_key=idempotency_key, options=options)
         # Retrying CreateJob is safe only with a key (the same key returns the same job).
         return Job(self, self._unary("CreateJob", request, timeout, retry=bool(idempotency_key)))
 
@@ -353,28 +534,11 @@ class PersonalizationClient:
         ``options``: any other LayerDiffusion parameter by name (alpha=0.7, num_images=4,
         guidance_scale=7.5, finetune_mode="lora", iterative_guidance=False, ...).
         ``job.wait()`` returns a LayerEditResult (images + concept)."""
-        unknown = set(options) - _LAYER_EDIT_FIELDS
-        if unknown:
-            raise TypeError(f"layer_edit: unknown options {sorted(unknown)}; known: {sorted(_LAYER_EDIT_FIELDS)}")
-        body = personalization_pb2.LayerEditOptions(
-            object_text=object_text, background_text=background_text, embedding_steps=int(embedding_steps),
-            finetune_steps=int(finetune_steps), num_inference_steps=int(num_inference_steps))
-        for name, value in options.items():
-            if value is not None:
-                setattr(body, name, value)
-        if reference is not None:
-            body.reference.CopyFrom(_image_arg(reference, "reference"))
-        if reference_mask is not None:
-            body.reference_mask.CopyFrom(_mask_proto(reference_mask, "reference_mask"))
-        if reference_mask_prompt is not None:
-            body.reference_mask_prompt.CopyFrom(_mask_prompt(reference_mask_prompt, "reference_mask_prompt"))
-        request = personalization_pb2.CreateJobRequest(
-            model=common_pb2.ModelRef(name=model or ""), images=[_image_arg(image, "image")],
-            masks=[_mask_proto(mask, "mask")] if mask is not None else [],
-            mask_prompts=[_mask_prompt(mask_prompt, "mask_prompt")] if mask_prompt is not None else [],
-            idempotency_key=idempotency_key or "", layer_edit=body)
-        if seed is not None:
-            request.seed = int(seed)
+        request = layer_edit_request(
+            image, object_text, background_text, reference, embedding_steps, finetune_steps, num_inference_steps,
+            mask=mask, mask_prompt=mask_prompt, reference_mask=reference_mask,
+            reference_mask_prompt=reference_mask_prompt, seed=seed, model=model, idempotency_key=idempotency_key,
+            options=options)
         return Job(self, self._unary("CreateJob", request, timeout, retry=bool(idempotency_key)))
 
     def job(self, job_id: str) -> Job:
@@ -382,15 +546,9 @@ class PersonalizationClient:
 
     def jobs(self, states: Optional[Sequence[str]] = None, page_size: int = 50) -> Iterator[Job]:
         """All jobs, newest first (paged transparently), optionally only those in ``states``."""
-        wanted: list[str] = []  # enum value names; protobuf accepts them for enum fields
-        for state in states or ():
-            if state.upper() not in STATES:
-                raise ValueError(f"states: unknown state {state!r}; expected one of {STATES}")
-            wanted.append(state.upper())
         token = ""
         while True:
-            response = self._unary("ListJobs", personalization_pb2.ListJobsRequest(
-                page_size=page_size, page_token=token, states=wanted))
+            response = self._unary("ListJobs", list_jobs_request(states, page_size, token))
             for msg in response.jobs:
                 yield Job(self, msg)
             token = response.next_page_token
@@ -415,25 +573,18 @@ class PersonalizationClient:
                 return found
 
     def delete_concept(self, concept: Union[Concept, str]) -> None:
-        concept_id = concept.id if isinstance(concept, Concept) else concept
-        self._unary("DeleteConcept", personalization_pb2.DeleteConceptRequest(concept_id=concept_id))
+        self._unary("DeleteConcept", personalization_pb2.DeleteConceptRequest(concept_id=concept_id_of(concept)))
 
     def export(self, concept: Union[Concept, str], path: Union[str, "os.PathLike[str]", None] = None) -> bytes:
         """The concept as safetensors bytes (tensors + metadata); also written to ``path`` if given."""
-        concept_id = concept.id if isinstance(concept, Concept) else concept
-        response = self._unary("ExportConcept", personalization_pb2.ExportConceptRequest(concept_id=concept_id))
-        if path is not None:
-            with open(path, "wb") as handle:
-                handle.write(response.safetensors)
-        return response.safetensors
+        response = self._unary("ExportConcept", personalization_pb2.ExportConceptRequest(
+            concept_id=concept_id_of(concept)))
+        return save_export(response.safetensors, path)
 
     def import_(self, data: Union[bytes, str, "os.PathLike[str]"]) -> Concept:
         """Import an exported concept (bytes or a file path)."""
-        if not isinstance(data, bytes):
-            with open(data, "rb") as handle:
-                data = handle.read()
         return Concept.from_proto(self._unary("ImportConcept", personalization_pb2.ImportConceptRequest(
-            safetensors=data)))
+            safetensors=read_concept_file(data))))
 
     # ------------------------------------------------------------------ generation
 
@@ -453,14 +604,7 @@ class PersonalizationClient:
     ) -> GenerateConceptResult:
         """Images of ``concept``: ``prompt`` must contain ``concept.token``. ``guidance_scale``
         None: the base model's default (``client.models()``)."""
-        concept_id = concept.id if isinstance(concept, Concept) else concept
-        request = personalization_pb2.GenerateConceptRequest(
-            concept_id=concept_id, model=common_pb2.ModelRef(name=model or ""), prompt=prompt,
-            negative_prompt=negative_prompt, num_inference_steps=int(num_inference_steps),
-            seed=int(seed), num_images=int(num_images))
-        if guidance_scale is not None:
-            request.guidance_scale = float(guidance_scale)
-        result = self._transport.stream(self._stub.Generate, request, timeout, progress, cancel=cancel)
-        images = [codec.image_to_pil(image, f"result.images[{i}]") for i, image in enumerate(result.images)]
-        return GenerateConceptResult(images, result.concept_id, result.model.name, result.seed,
-                              Usage.from_proto(result.usage))
+        request = generate_concept_request(concept, prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                           seed, num_images, model)
+        return GenerateConceptResult.from_proto(
+            self._transport.stream(self._stub.Generate, request, timeout, progress, cancel=cancel))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -143,10 +143,13 @@ def retry_progress(error: AtelierError, attempt_number: int, policy: RetryPolicy
 
 class StreamCollector:
     """Consumes the events of a ``oneof {Progress progress; Result result}`` stream: progress
-    goes to the sink, the single result is kept (a second one is a protocol error)."""
+    goes to the sink, the single result is kept (a second one is a protocol error); the event
+    kinds named in ``handlers`` go to their handler."""
 
-    def __init__(self, sink: _ProgressSink, progress_field: str = "progress", result_field: str = "result"):
+    def __init__(self, sink: _ProgressSink, progress_field: str = "progress", result_field: str = "result",
+                 handlers: Optional[Mapping[str, Callable[[Any], object]]] = None):
         self._sink = sink
+        self._handlers = dict(handlers or {})
         self._progress_field = progress_field
         self._result_field = result_field
         self.result: Optional[Any] = None
@@ -158,6 +161,10 @@ class StreamCollector:
             self.result = getattr(event, self._result_field)
         elif event.HasField(self._progress_field):
             self._sink(Progress.from_proto(getattr(event, self._progress_field)))
+        else:
+            for field_name, handler in self._handlers.items():
+                if event.HasField(field_name):
+                    handler(getattr(event, field_name))
         # other event kinds are newer than this SDK: skipped
 
     def finish(self) -> Any:
@@ -250,10 +257,12 @@ class _Transport:
         retry: bool = True,
         progress_field: str = "progress",
         result_field: str = "result",
+        handlers: Optional[Mapping[str, Callable[[Any], object]]] = None,
     ) -> Any:
         """Call a server-streaming method whose events are ``progress`` or ``result``.
 
-        Delivers progress events, returns the single result message. Raises
+        Delivers progress events, returns the single result message; ``handlers`` maps other
+        event kinds (oneof field names, e.g. "preview") to callables taking their message. Raises
         ``StreamProtocolError`` when the stream ends without a result (or sends two).
         """
         deadline = call_deadline(timeout, self.default_timeout)
@@ -261,7 +270,7 @@ class _Transport:
         try:
             return self._run(
                 lambda remaining: self._stream_once(
-                    method, request, remaining, cancel, StreamCollector(sink, progress_field, result_field)
+                    method, request, remaining, cancel, StreamCollector(sink, progress_field, result_field, handlers)
                 ),
                 deadline,
                 cancel,

@@ -204,7 +204,7 @@ class ProxEditOptions(_message.Message):
     def __init__(self, proximal_guidance: _Optional[bool] = ..., quantile: _Optional[float] = ..., inversion_guidance: _Optional[bool] = ..., inversion_guidance_timestep: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("model", "inversion", "invert", "target_prompt", "engine", "guidance_scale", "p2p", "masactrl", "return_source", "prox_edit", "preset")
+    __slots__ = ("model", "inversion", "invert", "target_prompt", "engine", "guidance_scale", "p2p", "masactrl", "return_source", "prox_edit", "preset", "concept_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INVERSION_FIELD_NUMBER: _ClassVar[int]
     INVERT_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class EditRequest(_message.Message):
     RETURN_SOURCE_FIELD_NUMBER: _ClassVar[int]
     PROX_EDIT_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     inversion: InversionResult
     invert: InvertRequest
@@ -227,7 +228,8 @@ class EditRequest(_message.Message):
     return_source: bool
     prox_edit: ProxEditOptions
     preset: EditPreset
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., inversion: _Optional[_Union[InversionResult, _Mapping]] = ..., invert: _Optional[_Union[InvertRequest, _Mapping]] = ..., target_prompt: _Optional[str] = ..., engine: _Optional[_Union[EditEngine, str]] = ..., guidance_scale: _Optional[float] = ..., p2p: _Optional[_Union[P2POptions, _Mapping]] = ..., masactrl: _Optional[_Union[MasaCtrlOptions, _Mapping]] = ..., return_source: _Optional[bool] = ..., prox_edit: _Optional[_Union[ProxEditOptions, _Mapping]] = ..., preset: _Optional[_Union[EditPreset, str]] = ...) -> None: ...
+    concept_id: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., inversion: _Optional[_Union[InversionResult, _Mapping]] = ..., invert: _Optional[_Union[InvertRequest, _Mapping]] = ..., target_prompt: _Optional[str] = ..., engine: _Optional[_Union[EditEngine, str]] = ..., guidance_scale: _Optional[float] = ..., p2p: _Optional[_Union[P2POptions, _Mapping]] = ..., masactrl: _Optional[_Union[MasaCtrlOptions, _Mapping]] = ..., return_source: _Optional[bool] = ..., prox_edit: _Optional[_Union[ProxEditOptions, _Mapping]] = ..., preset: _Optional[_Union[EditPreset, str]] = ..., concept_id: _Optional[str] = ...) -> None: ...
 
 class EditResult(_message.Message):
     __slots__ = ("image", "source_image", "usage")

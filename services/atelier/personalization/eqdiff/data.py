@@ -83,5 +83,6 @@ def generate_class_images(model, class_prompt: str, count: int, height: int, wid
                                      generator=torch.Generator().manual_seed(seed + i)) for i in range(count)])
     latents = sample(model, noise.to(model.device), cond, uncond, steps, guidance_scale, control,
                      stage="class_images")
+    control.vae()
     images = model.decode_latents(latents)
     return (images * 255).round() / 255 * 2 - 1

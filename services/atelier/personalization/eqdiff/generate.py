@@ -13,7 +13,7 @@ import torch
 
 from atelier.core.attention import BatchLayout, attention_kwargs, controlled_attention
 from atelier.core.control import CallControl
-from atelier.core.diffusion import ddim_step, step_alphas, unet_eps
+from atelier.core.diffusion import ddim_step, set_timesteps, step_alphas, unet_eps
 from atelier.core.errors import FailedPrecondition, InvalidArgument
 from atelier.personalization.training import Concept
 
@@ -24,17 +24,42 @@ from .rra import EqDiffAttention, EqDiffLayers, ReferenceBank
 MAX_IMAGES = 8
 
 
-def load_concept(model, concept: Concept) -> tuple[EqDiffParams, fdte.FrequencyEmbeddings, EqDiffLayers]:
-    """Rebuild a concept's parameters, embeddings and layers for ``model`` (FailedPrecondition when
-    it is not an EqDiff concept of this base model)."""
-    metadata = concept.metadata
+def check_concept(concept: Concept) -> EqDiffParams:
+    """The concept's parameters, after checking the file holds what generation reads (an imported
+    file may be anything): FailedPrecondition naming what is wrong."""
+    metadata, tensors = concept.metadata, concept.tensors
     if metadata.get("method") != "eqdiff":
         raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not eqdiff")
+    try:
+        params = EqDiffParams.from_json(metadata["params"]).validate()
+        height, width = int(metadata["height"]), int(metadata["width"])
+    except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as error:
+        raise FailedPrecondition(f"the concept's metadata is malformed: {type(error).__name__}: {error}") from None
+    if not (0 < height <= 8192 and 0 < width <= 8192):
+        raise FailedPrecondition(f"the concept's size {height}x{width} is out of range")
+    weights = tensors.get("fdte.embeddings")
+    if weights is None or weights.ndim != 2 or weights.shape[0] != 2 or not weights.is_floating_point():
+        raise FailedPrecondition("the concept has no (2, D) float tensor 'fdte.embeddings'")
+    if params.rra:
+        reference = tensors.get("reference.image")
+        if reference is None or tuple(reference.shape) != (1, 3, height, width) or not reference.is_floating_point():
+            raise FailedPrecondition(f"the concept has no (1, 3, {height}, {width}) float tensor 'reference.image'")
+    return params
+
+
+def load_concept(model, concept: Concept) -> tuple[EqDiffParams, fdte.FrequencyEmbeddings, EqDiffLayers]:
+    """Rebuild a concept's parameters, embeddings and layers for ``model`` (FailedPrecondition when
+    it is not a well-formed EqDiff concept of this base model)."""
+    params = check_concept(concept)
+    metadata = concept.metadata
     if metadata.get("base_model") != model.name:
         raise FailedPrecondition(f"concept was trained on base model {metadata.get('base_model')!r}, "
                                  f"not {model.name!r}")
-    params = EqDiffParams.from_json(metadata["params"])
     weights = concept.tensors["fdte.embeddings"]
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    if weights.shape[1] != width:
+        raise FailedPrecondition(f"the concept's embeddings have width {weights.shape[1]}, model {model.name!r} "
+                                 f"uses {width}")
     embeddings = fdte.FrequencyEmbeddings(weights[0])
     with torch.no_grad():
         embeddings.weight.copy_(weights)
@@ -89,6 +114,7 @@ def generate_with_concept(model, concept: Concept, prompt: str, negative_prompt:
     if params.rra:
         bank = ReferenceBank(set(layers.rra_site_names()))
         reference = concept.tensors["reference.image"].to(model.device, model.dtype)
+        control.vae()
         ref_latent = model.encode_image(reference)  # clean: the posterior mean, never noised
         ref_cond = model.encode_prompt(["", params.reference_prompt()] if guided else [params.reference_prompt()])
         # target row -> bank row: uncond rows read [ref + ""], cond rows read [ref + caption]
@@ -98,7 +124,7 @@ def generate_with_concept(model, concept: Concept, prompt: str, negative_prompt:
     layout = BatchLayout(branches=num_images, groups=("uncond", "cond") if guided else ("cond",))
 
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(int(num_inference_steps), device=model.device)
+    set_timesteps(scheduler, int(num_inference_steps), device=model.device)
     latents = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
     with controlled_attention(model.unet):
@@ -120,4 +146,5 @@ def generate_with_concept(model, concept: Concept, prompt: str, negative_prompt:
             alpha_t, alpha_prev = step_alphas(scheduler, t)
             latents = ddim_step(latents, eps, alpha_t, alpha_prev)
             control.progress("generate", i + 1, total)
+    control.vae()
     return model.decode_latents(latents)

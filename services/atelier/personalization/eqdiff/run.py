@@ -161,9 +161,10 @@ class EqDiffRun:
             self.class_images = torch.cat(self._class_chunks)
         return {}
 
-    def _encode(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, gen: torch.Generator, control: CallControl) -> torch.Tensor:
         """VAE posterior sample (the reference's latent_dist.sample()) drawn from ``gen``."""
         model = self.model
+        control.vae()
         with torch.no_grad():
             posterior = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
         eps = torch.randn(posterior.mean.shape, generator=gen).to(model.device, posterior.mean.dtype)
@@ -223,7 +224,7 @@ class EqDiffRun:
             choices = torch.full((rows,), fdte.ORIGINAL)
         pixels = fdte.apply_choices(pixels, choices, params.low_pass_half_width, params.high_pass_half_width)
 
-        latents = self._encode(pixels, gen)
+        latents = self._encode(pixels, gen, control)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (rows,), generator=gen)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps.to(device))
@@ -244,7 +245,7 @@ class EqDiffRun:
             if params.rra:
                 bank = ReferenceBank(set(self.layers.rra_site_names()))
                 with torch.no_grad():
-                    ref_latents = self._encode(ref_pixels, gen)
+                    ref_latents = self._encode(ref_pixels, gen, control)
                     ref_t = (timesteps - params.time_gap).clamp_min(0)
                     ref_noisy = self.noise_scheduler.add_noise(ref_latents, noise, ref_t.to(device))
                     # the reference prompt: the same caption, the placeholder left at its initializer row

@@ -14,8 +14,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from atelier.core.control import CallControl
-from atelier.core.diffusion import guided_eps, step_alphas
-from atelier.core.diffusion import ddim_step
+from atelier.core.diffusion import ddim_step, guided_eps, set_timesteps, step_alphas
 from atelier.core.errors import FailedPrecondition, InvalidArgument
 from atelier.personalization.training import Concept
 
@@ -86,7 +85,7 @@ def iterative_guidance_sample(model, e_object: torch.Tensor, e_optimised: torch.
     embeddings = {OBJECT: e_object, "optimised": e_optimised}
     uncond = model.encode_prompt([""])
     scheduler = model.new_scheduler()
-    scheduler.set_timesteps(int(num_inference_steps), device=model.device)
+    set_timesteps(scheduler, int(num_inference_steps), device=model.device)
     schedule = guidance_schedule(len(scheduler.timesteps), iterative)
     latents = noise.to(model.device, model.dtype) * scheduler.init_noise_sigma
     total = len(scheduler.timesteps)
@@ -107,17 +106,43 @@ def initial_noise(model, height: int, width: int, seed: int) -> torch.Tensor:
                        generator=torch.Generator().manual_seed(int(seed)))
 
 
+EMBEDDINGS = ("embedding.object", "embedding.optimised")
+
+
+def check_concept(concept: Concept) -> LayerDiffusionParams:
+    """The concept's parameters, after checking the file holds what generation reads (an imported
+    file may be anything): FailedPrecondition naming what is wrong."""
+    metadata = concept.metadata
+    if metadata.get("method") != METHOD:
+        raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not {METHOD}")
+    try:
+        params = LayerDiffusionParams.from_json(metadata["params"]).validate()
+        height, width = int(metadata["height"]), int(metadata["width"])
+    except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as error:
+        raise FailedPrecondition(f"the concept's metadata is malformed: {type(error).__name__}: {error}") from None
+    if not (0 < height <= 8192 and 0 < width <= 8192):
+        raise FailedPrecondition(f"the concept's size {height}x{width} is out of range")
+    for name in EMBEDDINGS:
+        tensor = concept.tensors.get(name)
+        if tensor is None or tensor.ndim != 3 or not tensor.is_floating_point():
+            raise FailedPrecondition(f"the concept has no (1, L, D) float tensor {name!r}")
+    return params
+
+
 def load_concept(model, concept: Concept):
     """(params, e^_a, e_opt, model view with the concept's UNet) for ``model``.
 
     FailedPrecondition for a concept of another method or base model, or weights that do not fit."""
+    params = check_concept(concept)
     metadata = concept.metadata
-    if metadata.get("method") != METHOD:
-        raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not {METHOD}")
     if metadata.get("base_model") != model.name:
         raise FailedPrecondition(f"concept was trained on base model {metadata.get('base_model')!r}, "
                                  f"not {model.name!r}")
-    params = LayerDiffusionParams.from_json(metadata["params"])
+    expected = tuple(model.encode_prompt([""]).shape)
+    for name in EMBEDDINGS:
+        if tuple(concept.tensors[name].shape) != expected:
+            raise FailedPrecondition(f"the concept's {name!r} has shape {tuple(concept.tensors[name].shape)}, "
+                                     f"model {model.name!r} uses {expected}")
     state = {name[len(UNET_PREFIX):]: tensor for name, tensor in concept.tensors.items()
              if name.startswith(UNET_PREFIX)}
     lora = {name[len(LORA_PREFIX):]: tensor for name, tensor in concept.tensors.items()
@@ -168,5 +193,6 @@ def generate_with_concept(model, concept: Concept, seed: int = 0, num_images: in
     for k in range(int(num_images)):
         latents = iterative_guidance_sample(view, e_object, e_optimised, initial_noise(model, height, width, seed + k),
                                             steps, guidance, iterative, control, stage="generate")
+        control.vae()
         images.append(model.decode_latents(latents))
     return torch.cat(images)

@@ -21,7 +21,7 @@ from atelier.core.control import CallControl
 from atelier.core.errors import InvalidArgument
 from atelier.v1 import personalization_pb2
 
-from .generate import METHOD, generate_with_concept
+from .generate import METHOD, check_concept, generate_with_concept
 from .params import LayerDiffusionParams
 from .run import LayerDiffusionRun
 
@@ -132,7 +132,7 @@ class LayerEditMethod:
             raise InvalidArgument("masks[0]", "the object mask is full (no background pixel)")
         return LayerDiffusionRun(model, inputs.images[:1], object_mask, job.params, reference=reference,
                                  reference_mask=reference_mask, segment=self._segmenter(size, control),
-                                 seed=inputs.seed)
+                                 seed=inputs.seed, control=control)
 
     def _segmenter(self, size: tuple[int, int], control: CallControl):
         def segment(image: torch.Tensor) -> torch.Tensor:
@@ -146,6 +146,10 @@ class LayerEditMethod:
                                             f"layer_edit-reference-{id(control):x}")
             return codecs.mask_to_torch(mask, field="reference mask (segmented)", size=size)[None, None]
         return segment
+
+    def check_concept(self, concept) -> None:
+        """FailedPrecondition when an imported file is not a well-formed LayerDiffusion concept."""
+        check_concept(concept)
 
     def generate(self, model, concept, options, control: CallControl) -> torch.Tensor:
         """More edited images; the prompt is not used (the concept holds its own embeddings)."""

@@ -77,7 +77,7 @@ class LayerDiffusionRun:
 
     def __init__(self, model, image: torch.Tensor, object_mask: torch.Tensor, params: LayerDiffusionParams,
                  reference: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
-                 segment: Segmenter | None = None, seed: int = 0):
+                 segment: Segmenter | None = None, seed: int = 0, control: CallControl | None = None):
         """``image``: (1,3,H,W) in [-1,1], the subject; ``object_mask``: its object mask M_t;
         ``reference`` / ``reference_mask``: O_r and its object mask M_r (both or neither); without
         them O_r is generated and ``segment`` masks it. Raises InvalidArgument naming the field."""
@@ -128,6 +128,7 @@ class LayerDiffusionRun:
         latent_hw = (self.height // model.vae_scale_factor, self.width // model.vae_scale_factor)
         self.latent_hw = latent_hw
         # the posterior mean, encoded once (Imagic encodes its input once before training too)
+        (control or CallControl()).vae()
         self.image_latent = model.encode_image(self.image).float()
         self.object_weight = latent_mask(self.object_mask, latent_hw).to(model.device)
         self._reference_latent = None
@@ -236,6 +237,7 @@ class LayerDiffusionRun:
         noise = initial_noise(model, self.height, self.width, self.seed * 1_000_003 + 7919)
         latents = sample(model, noise, model.encode_prompt([params.target_text]), model.encode_prompt([""]),
                          params.reference_steps, params.reference_guidance_scale, control, stage="reference")
+        control.vae()
         reference = model.decode_latents(latents).float().cpu() * 2 - 1
         control.check()
         mask = self.segment(reference)
@@ -268,8 +270,9 @@ class LayerDiffusionRun:
         self.embedding_optimizer.step()
         return {"embedding": float(loss.detach())}
 
-    def reference_latent(self) -> torch.Tensor:
+    def reference_latent(self, control: CallControl | None = None) -> torch.Tensor:
         if self._reference_latent is None:
+            (control or CallControl()).vae()
             self._reference_latent = self.model.encode_image(self.reference).float()
         return self._reference_latent
 
@@ -282,7 +285,7 @@ class LayerDiffusionRun:
             names.append("object")
             lambdas.append(params.object_loss_weight)
         if params.background_loss:  # Eq. 5: the background layer of O_r, mask 1 - M_r
-            latents.append(self.reference_latent())
+            latents.append(self.reference_latent(control))
             weights.append(1 - latent_mask(self.reference_mask, self.latent_hw).to(model.device))
             names.append("background")
             lambdas.append(params.background_loss_weight)
@@ -306,5 +309,6 @@ class LayerDiffusionRun:
         latents = iterative_guidance_sample(view, self.e_a.detach(), self.optimised_embedding(), noise,
                                             params.num_inference_steps, params.guidance_scale,
                                             params.iterative_guidance, control)
+        control.vae()
         self.images.append(self.model.decode_latents(latents).float().cpu())
         return {}
