@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
-from atelier.core.control import CallControl
+from atelier.core.control import CallControl, active
 from atelier.core.errors import ResourceExhausted
 from atelier.core.metrics import Metrics, default_metrics
 
@@ -153,7 +153,8 @@ class ComputeExecutor:
             # A call cancelled or expired while waiting never runs.
             control.check()
             control.mark_started()
-            result = fn()
+            with active(control):  # the model blocks' stop points check this call (sd_model)
+                result = fn()
         except BaseException as error:  # noqa: BLE001 - the caller maps it; the worker must survive
             future.set_exception(error)
         else:
