@@ -17,7 +17,7 @@ from atelier.core.config import ServerConfig
 from atelier.core.metrics import Metrics
 from atelier.core.server import start
 from atelier.inversion.app import InversionApp
-from atelier.v1 import inversion_pb2
+from atelier.v1 import inversion_pb2, inversion_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = "a red circle on a blue background"
@@ -298,3 +298,60 @@ def test_edit_of_an_image_names_the_edit_arguments(service):
     with pytest.raises(atelier.InvalidArgumentError) as info:
         client.inversion.edit(scene(), "a green circle on a blue background", source_prompt="x" * 5000)
     assert [f for f, _ in info.value.field_violations] == ["source_prompt"]
+
+
+def _edit_violations(address: str, request: inversion_pb2.EditRequest) -> set[str]:
+    """The BadRequest field names of a raw Edit call (which must fail with INVALID_ARGUMENT)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with grpc.insecure_channel(address) as channel:
+        stub = inversion_pb2_grpc.InversionStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Edit(request, timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    fields = set()
+    for detail in rpc_status.from_call(info.value).details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields |= {v.field for v in bad.field_violations}
+    return fields
+
+
+def test_every_bad_edit_field_is_reported_at_once_without_a_source(service):
+    # Values the SDK refuses itself (unknown enums) reach the server through the raw API.
+    running, metrics, _ = service
+    wait_idle(running)
+    before = unet_evaluations(metrics)
+    request = inversion_pb2.EditRequest(
+        target_prompt="t" * 5000, engine=99, guidance_scale=100.0, preset=99, concept_id="\x01",
+        p2p=inversion_pb2.P2POptions(mode=99),
+        prox_edit=inversion_pb2.ProxEditOptions(quantile=2.0, inversion_guidance_timestep=-1))
+    fields = _edit_violations(running.address, request)
+    assert fields == {"source", "target_prompt", "engine", "guidance_scale", "preset", "concept", "mode",
+                      "quantile", "inversion_guidance_timestep"}, fields
+    assert unet_evaluations(metrics) == before
+
+
+def test_every_bad_edit_field_is_reported_beside_a_bad_source(service):
+    running, metrics, client = service
+    wait_idle(running)
+    before = unet_evaluations(metrics)
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(scene(), "a green circle on a blue background", source_prompt=PROMPT,
+                              num_inference_steps=0, guidance_scale=100.0, quantile=2.0,
+                              inversion_guidance_timestep=-1, cross_replace_fraction=1.5)
+    fields = {f for f, _ in info.value.field_violations}
+    assert fields == {"num_inference_steps", "guidance_scale", "quantile", "inversion_guidance_timestep",
+                      "cross_replace_fraction"}, fields
+    assert unet_evaluations(metrics) == before  # the inversion in the same call never ran
+
+
+def test_every_bad_masactrl_edit_field_is_reported_at_once(service):
+    _, _, client = service
+    inv = client.inversion.invert(scene(), PROMPT, method="ddim", num_inference_steps=2)
+    with pytest.raises(atelier.InvalidArgumentError) as info:
+        client.inversion.edit(inv, "a red square on a blue background", engine="masactrl", guidance_scale=-1.0,
+                              start_layer=999, mask_threshold=2.0, quantile=0.0)
+    fields = {f for f, _ in info.value.field_violations}
+    assert fields == {"guidance_scale", "start_layer", "mask_threshold", "quantile"}, fields

@@ -16,40 +16,15 @@ from atelier.core.models import SD, ModelRegistry, fit_to_vae
 from atelier.core.streaming import stream_call
 from atelier.inversion.concept_edit import prepare_concept
 from atelier.inversion.concept_source import ConceptSource
-from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options, edit
+from atelier.inversion.edit_request import INVERT_ARGS, METHODS as _METHODS, EditJob, parse_edit
+from atelier.inversion.editing import edit
 from atelier.inversion.inversion import invert
-from atelier.inversion.proxedit import DEFAULT_INVERSION_GUIDANCE_TIMESTEP, ProxEditParams
 from atelier.sdk import codec
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
 SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
 
-_METHODS = {
-    inversion_pb2.INVERSION_METHOD_UNSPECIFIED: "spdinv",
-    inversion_pb2.DDIM: "ddim",
-    inversion_pb2.SPDINV: "spdinv",
-    inversion_pb2.NPI: "npi",
-    inversion_pb2.PROXNPI: "proxnpi",
-    inversion_pb2.DIRECT_INVERSION: "directinv",
-    inversion_pb2.NULL_TEXT: "nti",
-    inversion_pb2.FIXED_POINT: "fixed_point",
-}
 _METHOD_ENUMS = {name: enum for enum, name in _METHODS.items() if enum != inversion_pb2.INVERSION_METHOD_UNSPECIFIED}
-_PRESETS = {inversion_pb2.EDIT_PRESET_UNSPECIFIED: "", inversion_pb2.SPDINV_PIPELINE: "spdinv"}
-_ENGINES = {
-    inversion_pb2.EDIT_ENGINE_UNSPECIFIED: "p2p",
-    inversion_pb2.P2P: "p2p",
-    inversion_pb2.MASACTRL: "masactrl",
-}
-# InvertRequest field -> the SDK argument that sets it, in invert() and in edit() of an image.
-INVERT_ARGS = {name: name for name in ("image", "prompt", "method", "num_inference_steps", "model")}
-EDIT_INVERT_ARGS = {**INVERT_ARGS, "image": "source", "prompt": "source_prompt"}
-_P2P_MODES = {
-    inversion_pb2.P2POptions.MODE_UNSPECIFIED: "auto",
-    inversion_pb2.P2POptions.REPLACE: "replace",
-    inversion_pb2.P2POptions.REFINE: "refine",
-    inversion_pb2.P2POptions.REWEIGHT: "reweight",
-}
 
 
 # The optimiser runs in float32 (AdamW turns lr and decay into float32 scalars: 1e308 raised
@@ -78,29 +53,6 @@ class InvertJob:
     return_chain: bool
     spdinv: dict
     null_text_guidance: float | None = None  # None: the model's default, or the edit's guidance inside Edit
-
-
-@dataclasses.dataclass
-class EditJob:
-    model: str
-    invert_job: InvertJob | None  # invert first, in the same call
-    z_t: torch.Tensor | None  # (1, 4, h, w) float32
-    source_prompt: str
-    steps: int
-    width: int
-    height: int
-    target_prompt: str
-    engine: str
-    guidance: float
-    p2p: P2PParams
-    masactrl: MasaCtrlParams
-    return_source: bool
-    method: str = "spdinv"
-    chain: torch.Tensor | None = None  # (steps+1, 4, h, w) float32, when the client sent it back
-    null_embeddings: torch.Tensor | None = None
-    prox_edit: ProxEditParams = dataclasses.field(default_factory=ProxEditParams)
-    preset: str = ""
-    concept_id: str = ""
 
 
 # How long a call waits for its model to load (on the registry's loader thread) before
@@ -136,7 +88,7 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
         )
 
     def Edit(self, request, context):
-        job = self._parse_edit(request)
+        job = parse_edit(request, self)
         charge_response(_edit_answer_bytes(job), "return_source", "a smaller image")
         concept = None
         if job.concept_id:
@@ -275,103 +227,6 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             null_text_guidance=null_text_guidance,
         )
 
-    def _parse_edit(self, request: inversion_pb2.EditRequest) -> EditJob:
-        source = request.WhichOneof("source")
-        if source is None:
-            raise InvalidArgument("source", "set either inversion (a result of Invert) or invert (a request)")
-        invert_job, z_t, chain, null_embeddings = None, None, None, None
-        if source == "invert":
-            invert_job = self._parse_invert(request.invert, EDIT_INVERT_ARGS)
-            model, prompt, steps = invert_job.model, invert_job.prompt, invert_job.steps
-            method = invert_job.method
-            height, width = invert_job.image.shape[2:]
-        else:
-            # An Inversion sent back as is: whatever is wrong with it, the SDK argument is ``source``.
-            inv = request.inversion
-            model = self._model_name(inv.model if inv.model.name else request.model, "source")
-            prompt = self._prompt(inv.prompt, "source")
-            steps = inv.num_inference_steps
-            if not 1 <= steps <= self._limits.max_steps:
-                raise InvalidArgument("source", f"num_inference_steps must be between 1 and {self._limits.max_steps}")
-            facts = self._registry.info(model).facts
-            z_t = codecs.tensor_to_torch(inv.z_t, field="source.z_t",
-                                         shape=(1, facts.latent_channels, None, None)).float()
-            height, width = inv.height, inv.width
-            factor = facts.vae_scale_factor
-            if (height, width) != (z_t.shape[2] * factor, z_t.shape[3] * factor):
-                raise InvalidArgument("source", f"width/height do not match z_t's spatial size x {factor} "
-                                                "(the model's VAE factor)")
-            if height * width > self._limits.max_pixels:
-                raise InvalidArgument("source.z_t", f"larger than {self._limits.max_pixels} pixels")
-            if not torch.isfinite(z_t).all():
-                raise InvalidArgument("source.z_t", "contains NaN or infinite values")
-            if inv.method not in _METHODS:
-                raise InvalidArgument("source", f"unknown inversion method {inv.method}")
-            method = _METHODS[inv.method]
-            if inv.HasField("chain"):
-                chain = codecs.tensor_to_torch(inv.chain, field="source.chain",
-                                               shape=(steps + 1, *z_t.shape[1:])).float()
-                if not torch.isfinite(chain).all():
-                    raise InvalidArgument("source.chain", "contains NaN or infinite values")
-            if inv.HasField("null_embeddings"):
-                null_embeddings = codecs.tensor_to_torch(inv.null_embeddings, field="source.null_embeddings",
-                                                         shape=(steps, None, None)).float()
-                if not torch.isfinite(null_embeddings).all():
-                    raise InvalidArgument("source.null_embeddings", "contains NaN or infinite values")
-        if request.model.name and request.model.name != model:
-            raise InvalidArgument("model", f"differs from the inversion's model {model!r}")
-        engine = _ENGINES.get(request.engine)
-        if engine is None:
-            raise InvalidArgument("engine", f"unknown editing engine {request.engine}")
-        target = self._prompt(request.target_prompt, "target_prompt")
-        guidance = request.guidance_scale if request.HasField("guidance_scale") else \
-            self._registry.info(model).default_guidance_scale
-        if not np.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
-            raise InvalidArgument("guidance_scale", f"must be between 0 and 50, got {guidance}")
-        p2p, masactrl = _p2p_params(request.p2p), _masactrl_params(request.masactrl)
-        if request.preset not in _PRESETS:
-            raise InvalidArgument("preset", f"unknown preset {request.preset}")
-        prox_edit = _prox_edit_params(request.prox_edit)
-        if method == "directinv" and chain is None and invert_job is None:
-            raise InvalidArgument("source", "DirectInversion edits along the inverted chain: invert with "
-                                  "return_chain and send the result back, or invert in the same call")
-        if method == "nti" and null_embeddings is None and invert_job is None:
-            raise InvalidArgument("source", "null-text inversion's embeddings are required "
-                                  "(send the Invert result back as returned)")
-        if prox_edit.inversion_guidance and chain is None and invert_job is None:
-            raise InvalidArgument("source", "inversion guidance needs the inverted chain: invert with "
-                                  "return_chain and send the result back, or invert in the same call")
-        # The method's own checks, before the call is queued (and before any inversion in it).
-        check_edit_options(target, steps, engine, guidance, p2p, masactrl)
-        return EditJob(
-            model=model,
-            invert_job=invert_job,
-            z_t=z_t,
-            source_prompt=prompt,
-            steps=steps,
-            width=width,
-            height=height,
-            target_prompt=target,
-            engine=engine,
-            guidance=guidance,
-            p2p=p2p,
-            masactrl=masactrl,
-            return_source=request.return_source,
-            method=method,
-            chain=chain,
-            null_embeddings=null_embeddings,
-            prox_edit=prox_edit,
-            preset=_PRESETS[request.preset],
-            concept_id=_concept_id(request.concept_id),
-        )
-
-
-def _concept_id(value: str) -> str:
-    if len(value) > 256 or any(ord(c) < 32 for c in value):
-        raise InvalidArgument("concept", "not a concept id")
-    return value
-
-
 def _invert_answer_bytes(job: InvertJob, facts) -> int:
     """Upper estimate of the InvertEvent stream: latents in FP32, diagnostics, progress."""
     height, width = job.image.shape[2:]
@@ -385,46 +240,6 @@ def _edit_answer_bytes(job: EditJob) -> int:
     """Upper estimate of the EditEvent stream: PNG images are at most raw RGB plus headers."""
     image = 3 * job.width * job.height + 4096
     return image * (2 if job.return_source else 1) + 64 * job.steps + 4096
-
-
-def _optional(opts, name: str, default):
-    return getattr(opts, name) if opts.HasField(name) else default
-
-
-def _p2p_params(opts: inversion_pb2.P2POptions) -> P2PParams:
-    if opts.mode not in _P2P_MODES:
-        raise InvalidArgument("mode", f"unknown mode {opts.mode}")
-    defaults = P2PParams()
-    return P2PParams(
-        mode=_P2P_MODES[opts.mode],
-        cross_replace_fraction=_optional(opts, "cross_replace_fraction", defaults.cross_replace_fraction),
-        self_replace_fraction=_optional(opts, "self_replace_fraction", defaults.self_replace_fraction),
-        reweight=dict(opts.reweight),
-        blend_words=list(opts.blend_words),
-        blend_threshold=_optional(opts, "blend_threshold", defaults.blend_threshold),
-    )
-
-
-def _masactrl_params(opts: inversion_pb2.MasaCtrlOptions) -> MasaCtrlParams:
-    defaults = MasaCtrlParams()  # the reference's step 4, layer 10, total_steps 50
-    return MasaCtrlParams(start_step=_optional(opts, "start_step", defaults.start_step),
-                          start_layer=_optional(opts, "start_layer", defaults.start_layer),
-                          end_step=_optional(opts, "end_step", defaults.end_step),
-                          mask_source_words=list(opts.mask_source_words),
-                          mask_target_words=list(opts.mask_target_words),
-                          mask_threshold=_optional(opts, "mask_threshold", defaults.mask_threshold))
-
-
-def _prox_edit_params(opts: inversion_pb2.ProxEditOptions) -> ProxEditParams:
-    quantile = _optional(opts, "quantile", None)
-    if quantile is not None and not (np.isfinite(quantile) and 0.0 < quantile < 1.0):
-        raise InvalidArgument("quantile", f"must be in (0, 1), got {quantile}")
-    timestep = _optional(opts, "inversion_guidance_timestep", DEFAULT_INVERSION_GUIDANCE_TIMESTEP)
-    if timestep < 0:
-        raise InvalidArgument("inversion_guidance_timestep", f"must not be negative, got {timestep}")
-    return ProxEditParams(proximal_guidance=_optional(opts, "proximal_guidance", None), quantile=quantile,
-                          inversion_guidance=_optional(opts, "inversion_guidance", None),
-                          inversion_guidance_timestep=timestep)
 
 
 def _progress(event) -> common_pb2.Progress:
