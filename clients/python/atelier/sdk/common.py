@@ -106,6 +106,13 @@ def choice(value: Any, table: Mapping[Any, V], what: str) -> V:
     return table[key]
 
 
+def set_present(message: Any, fields: Mapping[str, Any]) -> None:
+    """Set each of ``fields`` on ``message`` whose value is not None (None means "server default")."""
+    for name, value in fields.items():
+        if value is not None:
+            setattr(message, name, value)
+
+
 def describe_array(array: Optional[np.ndarray]) -> str:
     """``float32[1, 4, 8, 8]``: an array's dtype and shape, for reprs (never its values)."""
     return "None" if array is None else f"{array.dtype}[{', '.join(str(n) for n in array.shape)}]"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Protocol, Sequence, Union, cast
 
-from atelier.sdk.common import ImageLike, choice, to_image_proto
+from atelier.sdk.common import ImageLike, choice, set_present, to_image_proto
 from atelier.v1 import common_pb2, inversion_pb2
 
 __all__ = ["METHODS", "METHOD_NAMES", "PRESETS", "EditSourceProto", "HasInversionProto", "invert_request", "edit_request"]
@@ -207,36 +207,21 @@ def edit_request(
         raise ValueError(f"{', '.join(foreign)} do not apply to engine={engine!r}")
 
     request.p2p.mode = choice(mode, _P2P_MODES, "p2p mode")
-    if cross_replace_fraction is not None:
-        request.p2p.cross_replace_fraction = cross_replace_fraction
-    if self_replace_fraction is not None:
-        request.p2p.self_replace_fraction = self_replace_fraction
-    if blend_threshold is not None:
-        request.p2p.blend_threshold = blend_threshold
+    set_present(request.p2p, {"cross_replace_fraction": cross_replace_fraction,
+                              "self_replace_fraction": self_replace_fraction, "blend_threshold": blend_threshold})
     request.p2p.reweight.update(reweight or {})
     request.p2p.blend_words.extend(blend_words or [])
 
-    if start_step is not None:
-        request.masactrl.start_step = start_step
-    if start_layer is not None:
-        request.masactrl.start_layer = start_layer
-    if end_step is not None:
-        request.masactrl.end_step = end_step
-    if mask_threshold is not None:
-        request.masactrl.mask_threshold = mask_threshold
+    set_present(request.masactrl, {"start_step": start_step, "start_layer": start_layer, "end_step": end_step,
+                                   "mask_threshold": mask_threshold})
     for argument, words, into in (("mask_source_words", mask_source_words, request.masactrl.mask_source_words),
                                   ("mask_target_words", mask_target_words, request.masactrl.mask_target_words)):
         if words is not None:  # extend() even by nothing would mark masactrl as set
             into.extend(_words(words, argument))
 
-    if proximal_guidance is not None:
-        request.prox_edit.proximal_guidance = proximal_guidance
-    if quantile is not None:
-        request.prox_edit.quantile = quantile
-    if inversion_guidance is not None:
-        request.prox_edit.inversion_guidance = inversion_guidance
-    if inversion_guidance_timestep is not None:
-        request.prox_edit.inversion_guidance_timestep = inversion_guidance_timestep
+    set_present(request.prox_edit, {"proximal_guidance": proximal_guidance, "quantile": quantile,
+                                    "inversion_guidance": inversion_guidance,
+                                    "inversion_guidance_timestep": inversion_guidance_timestep})
     return request
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from atelier.sdk import codec
-from atelier.sdk.common import ImageLike, Usage, to_image_proto
+from atelier.sdk.common import ImageLike, Usage, set_present, to_image_proto
 from atelier.sdk.errors import AtelierError, CancelledError, UnavailableError
 from atelier.sdk.progress import CancelToken, Progress, ProgressArg, _ProgressSink, make_sink
 from atelier.sdk.transport import _Transport
@@ -332,9 +332,7 @@ def create_job_request(
     if unknown:
         raise TypeError(f"train_eqdiff: unknown EqDiff options {sorted(unknown)}; known: {sorted(_EQDIFF_FIELDS)}")
     eqdiff = personalization_pb2.EqDiffOptions(steps=int(steps))
-    for name, value in options.items():
-        if value is not None:
-            setattr(eqdiff, name, value)
+    set_present(eqdiff, options)
     request = personalization_pb2.CreateJobRequest(
         model=common_pb2.ModelRef(name=model or ""),
         images=[_image_arg(image, f"images[{i}]") for i, image in enumerate(images)],
@@ -375,9 +373,7 @@ def layer_edit_request(
     body = personalization_pb2.LayerEditOptions(
         object_text=object_text, background_text=background_text, embedding_steps=int(embedding_steps),
         finetune_steps=int(finetune_steps), num_inference_steps=int(num_inference_steps))
-    for name, value in options.items():
-        if value is not None:
-            setattr(body, name, value)
+    set_present(body, options)
     if reference is not None:
         body.reference.CopyFrom(_image_arg(reference, "reference"))
     if reference_mask is not None:
