@@ -7,7 +7,6 @@ Cancelling the task that awaits a call cancels the RPC (asyncio.CancelledError p
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any, AsyncGenerator, Awaitable, Callable, Mapping, Optional, TypeVar
 
 import grpc
@@ -15,10 +14,9 @@ from google.protobuf.message import Message
 
 from atelier.sdk.progress import CancelToken, ProgressArg, _ProgressSink, make_sink
 from atelier.sdk.transport import (
-    Metadata,
     RetryableFailure,
-    RetryPolicy,
     StreamCollector,
+    TransportSettings,
     call_deadline,
     caller_cancelled,
     failure,
@@ -45,28 +43,8 @@ class _OnLoop:
         return True
 
 
-class AsyncTransport:
+class AsyncTransport(TransportSettings[grpc.aio.Channel]):
     """Runs RPCs on one grpc.aio channel with the client's metadata, deadline and retry settings."""
-
-    def __init__(
-        self,
-        channel_getter: Callable[[], grpc.aio.Channel],
-        *,
-        metadata: Metadata = (),
-        default_timeout: Optional[float] = None,
-        retry_policy: RetryPolicy = RetryPolicy(),
-        rng: Optional[random.Random] = None,
-    ):
-        self._channel_getter = channel_getter
-        self.metadata = tuple(metadata)
-        self.default_timeout = default_timeout
-        self.retry_policy = retry_policy
-        self._rng = rng or random.Random()
-
-    @property
-    def channel(self) -> grpc.aio.Channel:
-        """The (lazily created, shared) channel to this service's address."""
-        return self._channel_getter()
 
     async def unary(self, method: Any, request: Message, timeout: Optional[float] = None, *,
                     cancel: Optional[CancelToken] = None, retry: bool = True) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterator, Mapping, Optional, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -39,6 +39,7 @@ DEFAULT_TIMEOUT = 600.0
 
 Metadata = tuple[tuple[str, str], ...]
 T = TypeVar("T")
+ChannelT = TypeVar("ChannelT")
 
 
 @dataclass(frozen=True)
@@ -200,16 +201,13 @@ def failure(exc: grpc.RpcError, cancel: Optional[CancelToken], result_arrived: b
     return error
 
 
-class _Transport:
-    """Runs RPCs on one channel with the client's metadata, deadline and retry settings.
-
-    Sub-clients get one from the ``Client`` and use ``.channel`` to build their stub,
-    then ``unary(...)``, ``stream(...)`` or ``iterate(...)`` to call it.
-    """
+class TransportSettings(Generic[ChannelT]):
+    """What the sync and asyncio transports hold alike: the channel getter and the client's
+    metadata, default deadline and retry policy."""
 
     def __init__(
         self,
-        channel_getter: Callable[[], grpc.Channel],
+        channel_getter: Callable[[], ChannelT],
         *,
         metadata: Metadata = (),
         default_timeout: Optional[float] = None,
@@ -223,9 +221,17 @@ class _Transport:
         self._rng = rng or random.Random()
 
     @property
-    def channel(self) -> grpc.Channel:
+    def channel(self) -> ChannelT:
         """The (lazily created, shared) channel to this service's address."""
         return self._channel_getter()
+
+
+class _Transport(TransportSettings[grpc.Channel]):
+    """Runs RPCs on one channel with the client's metadata, deadline and retry settings.
+
+    Sub-clients get one from the ``Client`` and use ``.channel`` to build their stub,
+    then ``unary(...)``, ``stream(...)`` or ``iterate(...)`` to call it.
+    """
 
     # ------------------------------------------------------------------ public helpers
 
