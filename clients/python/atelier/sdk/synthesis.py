@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from atelier.sdk import codec
-from atelier.sdk.common import ImageLike, Usage, choice, to_image_proto
+from atelier.sdk.common import ImageLike, Usage, choice, set_present, to_image_proto
 from atelier.sdk.progress import CancelToken, ProgressArg
 from atelier.sdk.transport import _Transport
 from atelier.v1 import common_pb2, synthesis_pb2, synthesis_pb2_grpc
@@ -236,9 +236,6 @@ def _text(value: object, argument: str) -> str:
 
 
 def _set_optional(request: Any, options: dict[str, Any], names: Sequence[str]) -> None:
-    for name in names:
-        value = options.pop(name, None)
-        if value is not None:
-            setattr(request, name, value)
+    set_present(request, {name: options.pop(name, None) for name in names})
     if options:
         raise TypeError(f"unexpected arguments: {', '.join(sorted(options))}")
