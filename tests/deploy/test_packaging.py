@@ -2,6 +2,7 @@
 the two share the ``atelier`` namespace without both shipping ``atelier/__init__.py``."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -90,7 +91,9 @@ def test_only_the_sdk_owns_the_package_init_and_survives_uninstalling_the_server
         subprocess.run([sys.executable, "-m", "pip", "--python", python, *args], check=True, capture_output=True)
 
     def run(code: str) -> subprocess.CompletedProcess:
-        return subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+        # without PYTHONPATH: a source folder on it would stand in for the uninstalled server
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        return subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
 
     pip("install", "-q", "--no-deps", sdk.filename, server.filename)
     both = run("import atelier, atelier.core.errors, atelier.inversion.servicer; print(atelier.Client.__name__)")
