@@ -98,8 +98,11 @@ def null_text_embeddings(model, chain: torch.Tensor, cond: torch.Tensor, steps: 
         uncond = uncond.detach()
         found.append(uncond)
         losses.append(loss_value)
-        with torch.no_grad():
-            eps = diffusion.guided_eps(model, latent, t, cond, uncond, guidance, control).float()
+        with torch.no_grad():  # eps_cond is this step's: only the unconditional half is new
+            eps = eps_cond
+            if guidance != 1.0:
+                eps_uncond = diffusion.unet_eps(model, latent, t, uncond, control).float()
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             latent = diffusion.ddim_step(latent.float(), eps, alpha_t, alpha_prev).to(chain.dtype)
         control.progress("null-text", i + 1, steps, f"t={int(t)} loss={loss_value:.3g}")
     return torch.cat(found).float(), losses

@@ -50,7 +50,7 @@ class SynthesisApp:
 
         servicer = SynthesisServicer(self.registry, self.executor, self.default_model, self.limits)
         self.variations = VariationsHandler(servicer, self.registry, self.executor, self.limits,
-                                            self.inversion_address, self.metrics)
+                                            self.inversion_address, self.metrics, self.config.auth.peer)
         servicer._variations = self.variations
         synthesis_pb2_grpc.add_SynthesisServicer_to_server(servicer, server)
 

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from atelier.core import codecs
+from atelier.core import auth, codecs
 from atelier.core.attention import controlled_attention
 from atelier.core.dependencies import REQUEST_ID_KEY, dependency_timeout, request_id_of
 from atelier.core.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from atelier.core.streaming import stream_call
-from atelier.sdk import channel_options
 from atelier.synthesis.ip_adapter import adapter_for
 from atelier.synthesis.servicer import _event_message, check_seed, decode_rgb, preview_sink
 from atelier.synthesis.variations import RIVAL_NEGATIVE, T_ALIGN, DCAContext, VariationParams, isa_dca_variations
@@ -54,13 +53,15 @@ class VariationsJob:
 
 
 class VariationsHandler:
-    def __init__(self, servicer, registry, executor, limits, inversion_address: str, metrics):
+    def __init__(self, servicer, registry, executor, limits, inversion_address: str, metrics,
+                 peer: auth.PeerCredentials = auth.PeerCredentials()):
         self._servicer = servicer
         self._registry = registry
         self._executor = executor
         self._limits = limits
         self.inversion_address = inversion_address
-        self._channel = grpc.insecure_channel(inversion_address, options=channel_options.client_options())
+        # This service's peer credentials (TLS, token), as every service-to-service call carries.
+        self._channel = auth.dial(inversion_address, peer)
         self._stub = inversion_pb2_grpc.InversionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._up = metrics.dependency_up.labels(dependency="inversion", address=inversion_address)
