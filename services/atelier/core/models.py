@@ -217,6 +217,11 @@ class ModelRegistry:
             raise ValueError("bad model entries: " + "; ".join(problems))
         return problems
 
+    def _ensure_validated(self) -> None:
+        """``validate`` once; per call only a flag test (no lock, no problem list)."""
+        if not self._validated:
+            self.validate()
+
     def _is_ours(self, entry: ModelEntry) -> bool:
         kind = entry.detected_kind
         return self.kinds is None or kind is None or kind in self.kinds
@@ -224,13 +229,13 @@ class ModelRegistry:
     # ------------------------------------------------------------------ lookup
     def names(self) -> list[str]:
         """This service's model names (unavailable ones included)."""
-        self.validate()
+        self._ensure_validated()
         return sorted(name for name, entry in self.entries.items() if self._is_ours(entry))
 
     def check(self, name: str, kind: Optional[str] = None) -> ModelEntry:
         """The entry for ``name`` if it can be served here: NotFound when unknown,
         FailedPrecondition when of another kind or unavailable."""
-        self.validate()
+        self._ensure_validated()
         entry = self.entries.get(name)
         if entry is None:
             raise NotFound(f"unknown model {quoted(name)}; ListModels lists this service's models")
