@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import tiny_models
+from .config import parse_model_entries as _parse_entries
 from .device import parse_dtype, pick_device
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .model_folders import KIND_NAMES, SAM, SD, BadModelFolder, FolderFacts, inspect_folder
@@ -51,13 +52,7 @@ def downloads_allowed() -> bool:
 
 def parse_model_entries(text: str) -> dict[str, str]:
     """``"a=/p;b=/q"`` -> ``{"a": "/p", "b": "/q"}`` (the ATELIER_MODELS format)."""
-    entries = {}
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        name, sep, source = item.partition("=")
-        if not sep or not name.strip() or not source.strip():
-            raise ValueError(f"bad model entry {item!r}: expected NAME=SOURCE")
-        entries[name.strip()] = source.strip()
-    return entries
+    return _parse_entries(text.split(";"), "ATELIER_MODELS")
 
 
 def quoted(name: str, limit: int = 64) -> str:
