@@ -217,18 +217,28 @@ def server_credentials(config: AuthConfig) -> Optional[grpc.ServerCredentials]:
     )
 
 
+_peer_tokens: dict[str, tuple[tuple[int, int], str]] = {}
+
+
 def _peer_token(token_file: str) -> str:
-    """This service's own token: the first token in a file (re-read per call: rotation)."""
+    """This service's own token: the first token in a file, re-read when the file's
+    modification time changes (rotation) - one stat per call, not a read."""
+    status = Path(token_file).stat()
+    stamp = (status.st_mtime_ns, status.st_size)
+    cached = _peer_tokens.get(token_file)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     tokens = [line.strip() for line in Path(token_file).read_text().splitlines()
               if line.strip() and not line.strip().startswith("#")]
     if not tokens:
         raise ValueError(f"no token in {token_file}")
+    _peer_tokens[token_file] = (stamp, tokens[0])
     return tokens[0]
 
 
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds ``authorization`` to every call on a plaintext channel (read per call: rotation)."""
+    """Adds ``authorization`` to every call on a plaintext channel (re-read on change: rotation)."""
 
     def __init__(self, token_file: str):
         self._token_file = token_file

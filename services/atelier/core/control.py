@@ -19,7 +19,18 @@ from typing import Callable, Optional
 from atelier.core.errors import Cancelled, DeadlineExceeded
 from atelier.core.metrics import Metrics, default_metrics
 
-__all__ = ["CallControl", "ProgressEvent", "active", "check_active"]
+__all__ = ["CallControl", "ProgressEvent", "active", "check_active", "remaining_seconds"]
+
+# gRPC reports "no deadline" as a far-future instant.
+_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
+
+
+def remaining_seconds(context) -> Optional[float]:
+    """Seconds left before the RPC's deadline, or None when it has none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining >= _NO_DEADLINE_SECONDS:
+        return None
+    return remaining
 
 
 @dataclass(frozen=True)

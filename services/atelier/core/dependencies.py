@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Optional
 
+from atelier.core.control import remaining_seconds
 from atelier.core.errors import DeadlineExceeded
 
 REQUEST_ID_KEY = "x-request-id"
 # What a dependency call leaves of the caller's deadline for our own work.
 DEADLINE_MARGIN_FRACTION = 0.25
 DEADLINE_MARGIN_MAX_SECONDS = 5.0
-_NO_DEADLINE = 10 * 365 * 24 * 3600  # grpc reports "no deadline" as a huge time_remaining
 
 
 def request_id_of(context) -> str:
@@ -25,9 +25,9 @@ def request_id_of(context) -> str:
 def dependency_timeout(context, what: str, cap: Optional[float] = None) -> Optional[float]:
     """Seconds a dependency call may take: the caller's remaining time minus the margin (at most
     ``cap``; None without either). DeadlineExceeded when nothing is left for ``what``."""
-    remaining = context.time_remaining()
+    remaining = remaining_seconds(context)
     timeout = None
-    if remaining is not None and remaining < _NO_DEADLINE:
+    if remaining is not None:
         timeout = remaining - min(DEADLINE_MARGIN_MAX_SECONDS, DEADLINE_MARGIN_FRACTION * remaining)
         if timeout <= 0:
             raise DeadlineExceeded(f"the deadline leaves no time for {what}")

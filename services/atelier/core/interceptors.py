@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import grpc
 
+from atelier.core.control import remaining_seconds
 from atelier.core.errors import AtelierError, InvalidArgument, Unavailable, from_codec_error, to_grpc_status
 from atelier.core.metrics import Metrics, grpc_code_name
 from atelier.sdk.codec import CodecError
@@ -166,8 +167,6 @@ class Readiness:
             return self._condition.wait_for(lambda: self._in_flight == 0, timeout)
 
 
-# gRPC reports "no deadline" as a far-future instant.
-_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
 # A client ends its call at its own deadline, which the server receives a little later than
 # the client set it (grpc-timeout counts from the send): the client's cancel arrives while the
 # server still sees some time left. A call ended this close to its deadline ran out of time.
@@ -177,10 +176,7 @@ _DEADLINE_TOLERANCE_FRACTION = 0.1
 
 def _deadline_budget(context) -> Optional[float]:
     """Seconds the call had when it started, or None without a deadline."""
-    remaining = context.time_remaining()
-    if remaining is None or remaining >= _NO_DEADLINE_SECONDS:
-        return None
-    return remaining
+    return remaining_seconds(context)
 
 
 def _ended_by_deadline(context, budget: Optional[float]) -> bool:

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import tiny_models
+from .config import parse_model_entries as _parse_entries
 from .device import parse_dtype, pick_device
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .model_folders import KIND_NAMES, SAM, SD, BadModelFolder, FolderFacts, inspect_folder
@@ -51,13 +52,7 @@ def downloads_allowed() -> bool:
 
 def parse_model_entries(text: str) -> dict[str, str]:
     """``"a=/p;b=/q"`` -> ``{"a": "/p", "b": "/q"}`` (the ATELIER_MODELS format)."""
-    entries = {}
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        name, sep, source = item.partition("=")
-        if not sep or not name.strip() or not source.strip():
-            raise ValueError(f"bad model entry {item!r}: expected NAME=SOURCE")
-        entries[name.strip()] = source.strip()
-    return entries
+    return _parse_entries(text.split(";"), "ATELIER_MODELS")
 
 
 def quoted(name: str, limit: int = 64) -> str:
@@ -217,6 +212,11 @@ class ModelRegistry:
             raise ValueError("bad model entries: " + "; ".join(problems))
         return problems
 
+    def _ensure_validated(self) -> None:
+        """``validate`` once; per call only a flag test (no lock, no problem list)."""
+        if not self._validated:
+            self.validate()
+
     def _is_ours(self, entry: ModelEntry) -> bool:
         kind = entry.detected_kind
         return self.kinds is None or kind is None or kind in self.kinds
@@ -224,13 +224,13 @@ class ModelRegistry:
     # ------------------------------------------------------------------ lookup
     def names(self) -> list[str]:
         """This service's model names (unavailable ones included)."""
-        self.validate()
+        self._ensure_validated()
         return sorted(name for name, entry in self.entries.items() if self._is_ours(entry))
 
     def check(self, name: str, kind: Optional[str] = None) -> ModelEntry:
         """The entry for ``name`` if it can be served here: NotFound when unknown,
         FailedPrecondition when of another kind or unavailable."""
-        self.validate()
+        self._ensure_validated()
         entry = self.entries.get(name)
         if entry is None:
             raise NotFound(f"unknown model {quoted(name)}; ListModels lists this service's models")

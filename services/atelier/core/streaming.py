@@ -14,14 +14,12 @@ from typing import Any, Callable, Iterator, Optional
 
 import grpc
 
-from atelier.core.control import CallControl, ProgressEvent
+from atelier.core.control import CallControl, ProgressEvent, remaining_seconds
 from atelier.core.errors import Cancelled
 from atelier.core.executor import ComputeExecutor
 
 __all__ = ["stream_call", "unary_call", "control_for_context"]
 
-# gRPC reports "no deadline" as a far-future instant.
-_NO_DEADLINE_SECONDS = 10 * 365 * 24 * 3600
 _WORK_DONE = object()
 
 
@@ -32,10 +30,8 @@ def control_for_context(
 ) -> CallControl:
     """A CallControl bound to the RPC: its deadline, and a cancel flag set when the
     client cancels (or the RPC otherwise terminates before the work ends)."""
-    remaining = context.time_remaining()
-    deadline = None
-    if remaining is not None and remaining < _NO_DEADLINE_SECONDS:
-        deadline = time.monotonic() + remaining
+    remaining = remaining_seconds(context)
+    deadline = None if remaining is None else time.monotonic() + remaining
     terminated = threading.Event()
     if not context.add_callback(terminated.set):
         terminated.set()  # the RPC already ended
