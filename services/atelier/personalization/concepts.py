@@ -13,10 +13,11 @@ import struct
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from atelier.core.errors import InvalidArgument
+from atelier.core.errors import FailedPrecondition, InvalidArgument
 from atelier.personalization.training import Concept
 
-__all__ = ["serialize", "deserialize", "read_metadata", "metadata_json", "REQUIRED_KEYS", "FORMAT"]
+__all__ = ["serialize", "deserialize", "read_metadata", "metadata_json", "check_header", "check_base_model",
+           "REQUIRED_KEYS", "FORMAT"]
 
 FORMAT = "atelier-concept/1"
 REQUIRED_KEYS = ("base_model", "method", "placeholder_token")
@@ -63,3 +64,27 @@ def metadata_json(metadata: dict[str, str]) -> str:
     return json.dumps(metadata, sort_keys=True)
 
 
+
+
+def check_header(concept: Concept, method: str, params_type):
+    """(params, height, width) of a concept trained with ``method``, its ``params`` metadata read
+    with ``params_type.from_json(...).validate()``: FailedPrecondition naming what is wrong (an
+    imported file may hold anything). Each method then checks its own tensors."""
+    metadata = concept.metadata
+    if metadata.get("method") != method:
+        raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not {method}")
+    try:
+        params = params_type.from_json(metadata["params"]).validate()
+        height, width = int(metadata["height"]), int(metadata["width"])
+    except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as error:
+        raise FailedPrecondition(f"the concept's metadata is malformed: {type(error).__name__}: {error}") from None
+    if not (0 < height <= 8192 and 0 < width <= 8192):
+        raise FailedPrecondition(f"the concept's size {height}x{width} is out of range")
+    return params, height, width
+
+
+def check_base_model(concept: Concept, model) -> None:
+    """FailedPrecondition unless ``concept`` was trained on ``model``."""
+    if concept.metadata.get("base_model") != model.name:
+        raise FailedPrecondition(f"concept was trained on base model {concept.metadata.get('base_model')!r}, "
+                                 f"not {model.name!r}")

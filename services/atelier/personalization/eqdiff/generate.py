@@ -15,6 +15,7 @@ from atelier.core.attention import BatchLayout, attention_kwargs, controlled_att
 from atelier.core.control import CallControl
 from atelier.core.diffusion import ddim_step, set_timesteps, step_alphas, unet_eps
 from atelier.core.errors import FailedPrecondition, InvalidArgument
+from atelier.personalization.concepts import check_base_model, check_header
 from atelier.personalization.training import Concept
 
 from . import fdte
@@ -27,16 +28,8 @@ MAX_IMAGES = 8
 def check_concept(concept: Concept) -> EqDiffParams:
     """The concept's parameters, after checking the file holds what generation reads (an imported
     file may be anything): FailedPrecondition naming what is wrong."""
-    metadata, tensors = concept.metadata, concept.tensors
-    if metadata.get("method") != "eqdiff":
-        raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not eqdiff")
-    try:
-        params = EqDiffParams.from_json(metadata["params"]).validate()
-        height, width = int(metadata["height"]), int(metadata["width"])
-    except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as error:
-        raise FailedPrecondition(f"the concept's metadata is malformed: {type(error).__name__}: {error}") from None
-    if not (0 < height <= 8192 and 0 < width <= 8192):
-        raise FailedPrecondition(f"the concept's size {height}x{width} is out of range")
+    tensors = concept.tensors
+    params, height, width = check_header(concept, "eqdiff", EqDiffParams)
     weights = tensors.get("fdte.embeddings")
     if weights is None or weights.ndim != 2 or weights.shape[0] != 2 or not weights.is_floating_point():
         raise FailedPrecondition("the concept has no (2, D) float tensor 'fdte.embeddings'")
@@ -51,10 +44,7 @@ def load_concept(model, concept: Concept) -> tuple[EqDiffParams, fdte.FrequencyE
     """Rebuild a concept's parameters, embeddings and layers for ``model`` (FailedPrecondition when
     it is not a well-formed EqDiff concept of this base model)."""
     params = check_concept(concept)
-    metadata = concept.metadata
-    if metadata.get("base_model") != model.name:
-        raise FailedPrecondition(f"concept was trained on base model {metadata.get('base_model')!r}, "
-                                 f"not {model.name!r}")
+    check_base_model(concept, model)
     weights = concept.tensors["fdte.embeddings"]
     width = model.text_encoder.get_input_embeddings().weight.shape[1]
     if weights.shape[1] != width:

@@ -81,6 +81,7 @@ class EqDiffRun:
             eps=params.adam_epsilon, weight_decay=params.weight_decay)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
+        self._caption_cache = None  # see _captions
 
     # ------------------------------------------------------------------ TrainingRun
     def step(self, control: CallControl) -> StepReport:
@@ -195,6 +196,23 @@ class EqDiffRun:
                     totals[name] = totals.get(name, 0.0) + float(value) / len(seeds)
         return totals
 
+    def _captions(self, class_rows: int, batch: int):
+        """(ids, positions, reference condition) of the batch's captions: the same every step
+        (class word rows, then instance prompt rows), so tokenised and, for RRA, encoded once.
+        The reference condition is the same caption with the placeholder left at its initializer
+        row: the frozen text encoder gives it the same value every step."""
+        if self._caption_cache is None:
+            params, model = self.params, self.model
+            prompts = [params.class_word] * class_rows + [params.instance_prompt()] * batch
+            ids, positions = fdte.tokenize_with_placeholder(model.tokenizer, prompts, params.placeholder_token,
+                                                            self.initializer_id)
+            ref_cond = None
+            if params.rra:
+                with torch.no_grad():
+                    ref_cond = fdte.encode_with_injection(model.text_encoder, ids, positions, None)
+            self._caption_cache = (ids, positions, ref_cond)
+        return self._caption_cache
+
     def _losses(self, gen: torch.Generator, control: CallControl, backward: bool = True) -> dict[str, torch.Tensor]:
         """The weighted loss terms of one batch drawn from ``gen`` (UNet fwd, graph kept for bwd)."""
         params, model = self.params, self.model
@@ -234,9 +252,7 @@ class EqDiffRun:
         if params.mgdp:
             noisy = mgdp.mask_guided_latents(noisy, latents, dilated)
 
-        prompts = [params.class_word] * (rows - batch) + [params.instance_prompt()] * batch
-        ids, positions = fdte.tokenize_with_placeholder(model.tokenizer, prompts, params.placeholder_token,
-                                                        self.initializer_id)
+        ids, positions, ref_cond = self._captions(rows - batch, batch)
         cond = fdte.encode_with_injection(model.text_encoder, ids, positions, self.embeddings.vectors(choices))
 
         layout = BatchLayout(branches=rows, groups=("cond",))
@@ -248,8 +264,6 @@ class EqDiffRun:
                     ref_latents = self._encode(ref_pixels, gen, control)
                     ref_t = (timesteps - params.time_gap).clamp_min(0)
                     ref_noisy = self.noise_scheduler.add_noise(ref_latents, noise, ref_t.to(device))
-                    # the reference prompt: the same caption, the placeholder left at its initializer row
-                    ref_cond = fdte.encode_with_injection(model.text_encoder, ids, positions, None)
                     unet_eps(model, ref_noisy, ref_t.to(device), ref_cond, control,
                              attention_kwargs(bank, 0, layout, latent_hw))
             controller = EqDiffAttention(

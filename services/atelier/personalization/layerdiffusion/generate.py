@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from atelier.core.control import CallControl
 from atelier.core.diffusion import ddim_step, guided_eps, set_timesteps, step_alphas
 from atelier.core.errors import FailedPrecondition, InvalidArgument
+from atelier.personalization.concepts import check_base_model, check_header
 from atelier.personalization.training import Concept
 
 from .conditioning import OBJECT, guidance_schedule
@@ -112,16 +113,7 @@ EMBEDDINGS = ("embedding.object", "embedding.optimised")
 def check_concept(concept: Concept) -> LayerDiffusionParams:
     """The concept's parameters, after checking the file holds what generation reads (an imported
     file may be anything): FailedPrecondition naming what is wrong."""
-    metadata = concept.metadata
-    if metadata.get("method") != METHOD:
-        raise FailedPrecondition(f"concept was trained with method {metadata.get('method')!r}, not {METHOD}")
-    try:
-        params = LayerDiffusionParams.from_json(metadata["params"]).validate()
-        height, width = int(metadata["height"]), int(metadata["width"])
-    except (KeyError, ValueError, TypeError, AttributeError, InvalidArgument) as error:
-        raise FailedPrecondition(f"the concept's metadata is malformed: {type(error).__name__}: {error}") from None
-    if not (0 < height <= 8192 and 0 < width <= 8192):
-        raise FailedPrecondition(f"the concept's size {height}x{width} is out of range")
+    params, _, _ = check_header(concept, METHOD, LayerDiffusionParams)
     for name in EMBEDDINGS:
         tensor = concept.tensors.get(name)
         if tensor is None or tensor.ndim != 3 or not tensor.is_floating_point():
@@ -134,10 +126,7 @@ def load_concept(model, concept: Concept):
 
     FailedPrecondition for a concept of another method or base model, or weights that do not fit."""
     params = check_concept(concept)
-    metadata = concept.metadata
-    if metadata.get("base_model") != model.name:
-        raise FailedPrecondition(f"concept was trained on base model {metadata.get('base_model')!r}, "
-                                 f"not {model.name!r}")
+    check_base_model(concept, model)
     expected = tuple(model.encode_prompt([""]).shape)
     for name in EMBEDDINGS:
         if tuple(concept.tensors[name].shape) != expected:
