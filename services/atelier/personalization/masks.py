@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import grpc
 
 from atelier.core import auth
+from atelier.core.dependencies import REQUEST_ID_KEY
 from atelier.core.errors import InvalidArgument, Unavailable
 from atelier.v1 import personalization_pb2, segmentation_pb2, segmentation_pb2_grpc, tensor_pb2
 
@@ -62,7 +63,7 @@ class SegmentationMasks:
                 if timeout <= 0:
                     raise Unavailable("segmentation: the deadline expired before the masks were computed")
             try:
-                response = stub.Segment(request, timeout=timeout, metadata=(("x-request-id", request_id),))
+                response = stub.Segment(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
             except grpc.RpcError as error:
                 code = error.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:

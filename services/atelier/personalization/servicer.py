@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import time
-import uuid
 from typing import Mapping, Optional
 
 import grpc
@@ -14,6 +13,7 @@ from atelier.core import codecs
 from atelier.core.errors import (AtelierError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted,
                                  Unavailable)
 from atelier.core.catalog import ListModelsRpc
+from atelier.core.dependencies import request_id_of
 from atelier.core.executor import ComputeExecutor
 from atelier.core.models import SD, ModelRegistry
 from atelier.core.streaming import stream_call
@@ -114,11 +114,11 @@ class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.Personaliz
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
         if not masks:
             inputs.masks.extend(self._segmentation.masks(request.images, request.mask_prompts, size, deadline,
-                                                         _request_id(context)))
+                                                         request_id_of(context)))
             check_masks(inputs, size, self._max_pixels, field="segmentation masks")
         complete_request = getattr(method, "complete_request", None)  # e.g. segment the method's other images
         if complete_request is not None:
-            complete_request(inputs, size, deadline, _request_id(context))
+            complete_request(inputs, size, deadline, request_id_of(context))
         inputs_hash = self._artifacts.put(inputs.SerializeToString(deterministic=True))
         try:
             job, _ = self._store.create_job(
@@ -347,13 +347,6 @@ class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.Personaliz
         return GenerateOptions(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                num_inference_steps=steps, guidance_scale=guidance,
                                seed=request.seed if request.HasField("seed") else 0, num_images=count)
-
-
-def _request_id(context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return value
-    return uuid.uuid4().hex
 
 
 def _page_size(size: int) -> int:
