@@ -69,8 +69,11 @@ def test_two_replicas_on_postgres_take_over_a_dead_replicas_job(tmp_path):
             a.wait_serving()
             client_a = atelier.Client(personalization=a.address, timeout=120)
             job = _train(client_a, "replicas")
-            wait_for(lambda: job.refresh().state == "RUNNING", 120, "A to claim the job")
-            # B starts only now, so the job is A's; B then watches it.
+            # Kill A mid-job BEFORE B starts: on an idle machine the whole job takes A a few seconds,
+            # less than B's start-up, so killing only once B serves let A finish first (seen in CI).
+            wait_for(lambda: job.refresh().checkpoint_step >= 10, 300, "a checkpoint at step 10 on A")
+            a.kill()
+            client_a.close()
             b = ServerProcess(tmp_path, free_port(), database=url, lease_seconds=3, checkpoint_every=5,
                               replica_id="B")
             b.wait_serving()
@@ -83,13 +86,11 @@ def test_two_replicas_on_postgres_take_over_a_dead_replicas_job(tmp_path):
                 if event.phase == "train" and event.step >= 12:
                     break
             assert any("started by A" in e.message for e in seen)
-            wait_for(lambda: on_b.refresh().checkpoint_step >= 10, 300, "a checkpoint at step 10")
-            a.kill()
-            client_a.close()
             concept = on_b.wait(timeout=400)
             events = list(on_b.events())
             assert [e.index for e in events] == list(range(len(events)))
-            assert any("resumed by B after the lease of A expired" in e.message for e in events)
+            states = [(e.step, e.message) for e in events if e.phase == "state"]
+            assert any("resumed by B after the lease of A expired" in m for _, m in states), states
             _check_resumed(on_b, events)
             assert concept.job_id == job.id
             assert len(client_b.personalization.concepts()) == 1
