@@ -168,11 +168,14 @@ def test_bad_concepts_and_prompts(servers, inverted):
 
 
 @pytest.mark.parametrize("down", ["refused", "silent"])
-def test_personalization_down_is_unavailable_naming_it_within_the_deadline(down):
+def test_personalization_down_or_hung_names_it_within_the_deadline(down, monkeypatch):
+    """Refused: UNAVAILABLE. Hung (a socket that accepts and never speaks): DEADLINE_EXCEEDED when
+    the caller's deadline (less the margin) bounded the fetch, UNAVAILABLE when our own cap did."""
     import socket
     import time
 
     from atelier.core.config import ServerConfig
+    from atelier.inversion import concept_source
     from atelier.inversion.app import InversionApp
 
     silent = socket.socket()  # accepts connections (backlog) and never speaks: a hung dependency
@@ -182,15 +185,27 @@ def test_personalization_down_is_unavailable_naming_it_within_the_deadline(down)
     config = ServerConfig(service="inversion", host="127.0.0.1", port=0, metrics_port=-1, grace_seconds=1,
                           max_image_pixels=128 * 128, extras=dict(personalization_address=address))
     _, running = _start(InversionApp, config)
+
+    def edit(timeout: float) -> AtelierError:
+        started = time.monotonic()
+        with pytest.raises(AtelierError) as info:
+            client.inversion.edit(inv, "a red <new2> on a blue background", concept="any", timeout=timeout)
+        assert time.monotonic() - started < timeout
+        assert "personalization" in str(info.value), info.value
+        return info.value
+
     try:
         assert running.wait_loaded(240) and running.load_error is None
-        with atelier.Client(inversion=running.address, timeout=30) as client:
+        with atelier.Client(inversion=running.address, timeout=30, retries=0) as client:
             inv = client.inversion.invert(scene(), SOURCE, num_inference_steps=2)
-            started = time.monotonic()
-            with pytest.raises(AtelierError) as info:
-                client.inversion.edit(inv, "a red <new2> on a blue background", concept="any", timeout=4)
-            assert time.monotonic() - started < 4
-            assert info.value.code.name == "UNAVAILABLE" and "personalization" in str(info.value)
+            if down == "refused":
+                assert edit(timeout=4).code.name == "UNAVAILABLE"
+            else:
+                # The fetch's cap (60 s) is past the caller's 4 s: the caller's budget ran out.
+                assert edit(timeout=4).code.name == "DEADLINE_EXCEEDED"
+                # A cap shorter than the caller's deadline: the dependency did not answer in time.
+                monkeypatch.setattr(concept_source, "FETCH_TIMEOUT_SECONDS", 1.0)
+                assert edit(timeout=10).code.name == "UNAVAILABLE"
     finally:
         running.stop(0)
         silent.close()

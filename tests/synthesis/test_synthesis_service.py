@@ -2,6 +2,7 @@
 driven through the SDK."""
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 
@@ -269,6 +270,30 @@ def test_inversion_down_gives_unavailable_naming_it(servers):
         assert 'atelier_dependency_up{address="127.0.0.1:1",dependency="inversion"} 0.0' in page
     finally:
         running.stop(0)
+
+
+def test_inversion_hung_past_the_callers_deadline_is_deadline_exceeded_naming_it():
+    """The inversion call has no cap of ours: the caller's deadline less the margin bounds it, so a
+    dependency that never answers leaves the caller's budget spent (core.dependencies' policy)."""
+    silent = socket.socket()  # accepts connections (backlog) and never speaks: a hung dependency
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    config = ServerConfig(service="synthesis", host="127.0.0.1", port=0, metrics_port=0,
+                          max_image_pixels=128 * 128, extras={"inversion_address": address})
+    metrics = Metrics()
+    running = start(SynthesisApp(config, metrics=metrics), config, metrics)
+    assert running.wait_loaded(120)
+    try:
+        with atelier.Client(synthesis=running.address, retries=0) as client:
+            started = time.monotonic()
+            with pytest.raises(atelier.DeadlineExceededError) as info:
+                client.synthesis.variations(reference_image(), PROMPT, n=1, num_inference_steps=STEPS, timeout=4)
+            assert time.monotonic() - started < 4
+            assert f"the inversion service at {address}" in str(info.value)
+    finally:
+        running.stop(0)
+        silent.close()
 
 
 def test_dependency_health_is_exported(servers):

@@ -9,15 +9,14 @@ bounded in bytes, least recently used out first.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from typing import Optional
 
 import grpc
 
 from atelier.core import auth
-from atelier.core.dependencies import REQUEST_ID_KEY, dependency_timeout
-from atelier.core.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from atelier.core.dependencies import REQUEST_ID_KEY, DependencyTimeout, dependency_failure, dependency_timeout
+from atelier.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from atelier.inversion.concept_edit import check_concept_kind
 from atelier.personalization.concepts import deserialize
 from atelier.personalization.training import Concept
@@ -70,11 +69,10 @@ class ConceptSource:
 
     def _call(self, method, request, concept_id: str, context, request_id: str):
         timeout = dependency_timeout(context, "fetching the concept", cap=FETCH_TIMEOUT_SECONDS)
-        started = time.monotonic()
         try:
-            return method(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
+            return method(request, timeout=timeout.seconds, metadata=((REQUEST_ID_KEY, request_id),))
         except grpc.RpcError as error:
-            raise _dependency_error(error, self.address, concept_id, time.monotonic() - started) from None
+            raise _dependency_error(error, self.address, concept_id, timeout) from None
 
     # ---- the cache ---------------------------------------------------------
     def _get(self, content_hash: str) -> Optional[Concept]:
@@ -108,17 +106,13 @@ class ConceptSource:
                 self._channel = None
 
 
-def _dependency_error(error: grpc.RpcError, address: str, concept_id: str, seconds: float):
-    """The personalization service's failure as ours, naming it."""
+def _dependency_error(error: grpc.RpcError, address: str, concept_id: str, timeout: DependencyTimeout):
+    """The personalization service's failure as ours, naming it: what it says of the concept
+    first, the rest by the shared policy (``core.dependencies.dependency_failure``)."""
     code, details = error.code(), error.details()
     where = f"the personalization service at {address}"
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(f"concept {concept_id!r} not found ({details})")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument("concept", f"{where} refused it: {details}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        # Our timeout leaves a margin of the caller's deadline: a dependency that hangs is down.
-        return Unavailable(f"{where} did not answer within {seconds:.1f} s (the caller's deadline less a margin)")
-    if code == grpc.StatusCode.CANCELLED:
-        return Cancelled(f"the call to {where} was cancelled")
-    return Unavailable(f"{where} is unavailable ({code.name}: {details})")
+    return dependency_failure(error, where, timeout)

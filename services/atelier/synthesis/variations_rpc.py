@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -18,8 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from atelier.core import auth, codecs
 from atelier.core.attention import controlled_attention
-from atelier.core.dependencies import REQUEST_ID_KEY, dependency_timeout, request_id_of
-from atelier.core.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from atelier.core.dependencies import (REQUEST_ID_KEY, DependencyTimeout, dependency_failure, dependency_timeout,
+                                       request_id_of)
+from atelier.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from atelier.core.streaming import stream_call
 from atelier.synthesis.ip_adapter import adapter_for
 from atelier.synthesis.servicer import _event_message, check_seed, decode_rgb, preview_sink
@@ -113,11 +113,10 @@ class VariationsHandler:
         request = inversion_pb2.InvertRequest(
             model=common_pb2.ModelRef(name=job.model), image=codecs.image_from_torch(job.image),
             prompt=job.prompt, method=job.inversion, num_inference_steps=job.params.steps, return_chain=True)
-        call = self._stub.Invert(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id),))
+        call = self._stub.Invert(request, timeout=timeout.seconds, metadata=((REQUEST_ID_KEY, request_id),))
         # Our caller going away (cancel, deadline) cancels the inversion at once.
         if not context.add_callback(call.cancel):
             call.cancel()
-        started = time.monotonic()
         result = None
         try:
             for event in call:
@@ -129,7 +128,7 @@ class VariationsHandler:
                 elif event.HasField("result"):
                     result = event.result
         except grpc.RpcError as error:
-            raise _dependency_error(error, self.inversion_address, time.monotonic() - started) from None
+            raise _dependency_error(error, self.inversion_address, timeout) from None
         if result is None or not result.HasField("chain"):
             raise Unavailable(f"the inversion service at {self.inversion_address} returned no chain")
         self._up.set(1)
@@ -186,18 +185,13 @@ class VariationsHandler:
                              inversion=_INVERSIONS[request.inversion], params=params)
 
 
-def _dependency_error(error: grpc.RpcError, address: str, seconds: float):
-    """The inversion service's failure as ours, naming the dependency."""
+def _dependency_error(error: grpc.RpcError, address: str, timeout: DependencyTimeout):
+    """The inversion service's failure as ours, naming it: its refusals of our request first, the
+    rest by the shared policy (``core.dependencies.dependency_failure``)."""
     code, details = error.code(), error.details()
     where = f"the inversion service at {address}"
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"{where} is unavailable ({details})")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{where} did not finish within the deadline ({seconds:.1f} s)")
-    if code == grpc.StatusCode.CANCELLED:
-        return Cancelled(f"the call to {where} was cancelled")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument("image", f"{where} refused the reference: {details}")
     if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
         return FailedPrecondition(f"{where} cannot invert with this model: {details}")
-    return Unavailable(f"{where} failed with {code.name}: {details}")
+    return dependency_failure(error, where, timeout)
