@@ -2,9 +2,11 @@
 driven through the SDK."""
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image, ImageDraw
 import atelier
 from atelier.core.config import ServerConfig
 from atelier.core.metrics import Metrics
+from atelier.core.models import EMBEDDED_DIR
 from atelier.core.server import start
 from atelier.inversion.app import InversionApp
 from atelier.sdk.common import to_image_proto
@@ -253,9 +256,17 @@ def test_short_deadline_cancels_the_inversion_call(servers):
     assert unet_evaluations(inversion_metrics) == before, "the inversion kept running after the caller's deadline"
 
 
-def test_inversion_down_gives_unavailable_naming_it(servers):
+def _broken_model(folder: Path) -> str:
+    """The embedded toy with UNet weights that do not load: served by name, its load fails."""
+    shutil.copytree(EMBEDDED_DIR / "toy", folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    return str(folder)
+
+
+def test_inversion_down_gives_unavailable_naming_it(servers, tmp_path):
     config = ServerConfig(service="synthesis", host="127.0.0.1", port=0, metrics_port=0,
-                          max_image_pixels=128 * 128, extras={"inversion_address": "127.0.0.1:1"})
+                          max_image_pixels=128 * 128, extras={"inversion_address": "127.0.0.1:1"},
+                          models={"broken": _broken_model(tmp_path / "broken")})
     metrics = Metrics()
     running = start(SynthesisApp(config, metrics=metrics), config, metrics)
     assert running.wait_loaded(120)
@@ -268,6 +279,18 @@ def test_inversion_down_gives_unavailable_naming_it(servers):
             assert "inversion" in str(info.value)
         page = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
         assert 'atelier_dependency_up{address="127.0.0.1:1",dependency="inversion"} 0.0' in page
+        # Our own model is resolved (and loaded) before the inversion service is called: with
+        # nothing listening there, anything but UNAVAILABLE shows the call never went out.
+        with atelier.Client(synthesis=running.address, retries=0) as client:
+            with pytest.raises(atelier.FailedPreconditionError, match="loading failed"):
+                client.synthesis.variations(reference_image(), PROMPT, n=1, num_inference_steps=STEPS,
+                                            model="broken", timeout=20)
+            with pytest.raises(atelier.NotFoundError):
+                client.synthesis.variations(reference_image(), PROMPT, n=1, num_inference_steps=STEPS,
+                                            model="no-such-model", timeout=20)
+            with pytest.raises(atelier.FailedPreconditionError):
+                client.synthesis.variations(reference_image(), PROMPT, n=1, num_inference_steps=STEPS,
+                                            model="toy-sam", timeout=20)
     finally:
         running.stop(0)
 

@@ -1,5 +1,6 @@
-"""The Variations RPC: parse, fetch the reference's inversion chain from the inversion service over
-gRPC (the caller's deadline minus a margin, x-request-id propagated), then ISA-DCA on the executor.
+"""The Variations RPC: parse, resolve (load) our model, fetch the reference's inversion chain from
+the inversion service over gRPC (the caller's deadline minus a margin, x-request-id propagated),
+then ISA-DCA on the executor.
 
 The inversion call runs on the RPC thread (it is another server's compute, not ours), so it holds
 no executor slot; its progress is relayed to our caller as stage "invert".
@@ -88,6 +89,9 @@ class VariationsHandler:
         request_id = request_id_of(context)
         _LOG.info("Variations request_id=%s n=%d steps=%d inversion=%s", request_id, job.params.n,
                   job.params.steps, inversion_pb2.InversionMethod.Name(job.inversion))
+        # Our model first: an unknown name (NOT_FOUND) or one of another kind (FAILED_PRECONDITION)
+        # is refused before any remote work.
+        model = self._servicer.model(job.model, context)
         inversion = None
         for message in self._invert(job, context, request_id):
             if isinstance(message, inversion_pb2.InversionResult):
@@ -95,7 +99,6 @@ class VariationsHandler:
             else:
                 yield synthesis_pb2.VariationsEvent(progress=message)
         chain = codecs.tensor_to_torch(inversion.chain, field="inversion.chain").float()
-        model = self._servicer.model(job.model, context)
         previews: list = []
         yield from stream_call(
             context, self._executor,
