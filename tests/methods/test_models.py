@@ -269,6 +269,27 @@ def test_models_load_on_the_loader_thread_and_calls_wait_bounded(tmp_path):
     assert model is registry.get("toy", wait_seconds=0) and threads == ["model-loader-inversion"]
 
 
+def test_a_calls_remaining_time_bounds_its_wait_for_a_load():
+    from atelier.core.errors import Unavailable
+    from atelier.core.models import SD, load_sd_folder
+
+    gate = threading.Event()
+
+    def slow(entry, device, dtype):
+        gate.wait(30)
+        return load_sd_folder(entry.folder, entry.name, device, dtype)
+
+    registry = ModelRegistry(loaders={SD: slow}, service="inversion")
+    # The load may finish 2 s in, well inside the 60 s wait: only the caller's remaining time makes
+    # these calls answer UNAVAILABLE instead of waiting for it.
+    threading.Timer(2.0, gate.set).start()
+    with pytest.raises(Unavailable, match="'toy' is loading"):
+        registry.get("toy", remaining=0.05, wait_seconds=60)
+    with pytest.raises(Unavailable, match="'toy' is loading"):
+        registry.get("toy", remaining=-1.0, wait_seconds=60)  # a deadline already past: no wait at all
+    assert registry.get("toy", remaining=None, wait_seconds=60) is registry.get("toy", remaining=0)
+
+
 def test_lru_unload_keeps_loaded_models_within_the_memory_budget(tmp_path):
     from atelier.core.metrics import Metrics
     from atelier.core.models import EMBEDDED_DIR

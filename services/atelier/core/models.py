@@ -43,6 +43,9 @@ EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 DEFAULT_ENTRIES = {"toy": "builtin:toy", "toy-sam": "builtin:toy-sam"}
 # Stable Diffusion's own default, for folders that name none in atelier.json.
 DEFAULT_GUIDANCE_SCALE = 7.5
+# How long a call waits for its model to load (on the registry's loader thread) before answering
+# UNAVAILABLE (retryable); never longer than the call's deadline (ModelRegistry.get).
+MODEL_LOAD_WAIT_SECONDS = 10.0
 _ENTRY_KEYS = {"source", "kind", "variant", "dtype"}
 
 
@@ -380,15 +383,19 @@ class ModelRegistry:
                 with self._lock:
                     self._pending.pop(name).set()
 
-    def get(self, name: str, kind: Optional[str] = None, wait_seconds: float = 10.0):
+    def get(self, name: str, kind: Optional[str] = None, remaining: Optional[float] = None,
+            wait_seconds: float = MODEL_LOAD_WAIT_SECONDS):
         """For request handlers: the loaded model, loading it on the loader thread and waiting up
-        to ``wait_seconds``; UNAVAILABLE (retryable) while it is still loading."""
+        to ``wait_seconds`` but never past the caller's ``remaining`` seconds (its
+        ``context.time_remaining()``; None: no deadline); UNAVAILABLE (retryable) while it is
+        still loading."""
         self.check(name, kind)
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-        if not self._schedule(name).wait(max(0.0, wait_seconds)):
+        wait = wait_seconds if remaining is None else min(wait_seconds, remaining)
+        if not self._schedule(name).wait(max(0.0, wait)):
             raise Unavailable(f"model {quoted(name)} is loading; retry shortly", retry_delay=1.0)
         return self.load(name, kind)  # loaded now (or raises why not)
 

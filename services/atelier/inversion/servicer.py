@@ -55,11 +55,6 @@ class InvertJob:
     null_text_guidance: float | None = None  # None: the model's default, or the edit's guidance inside Edit
 
 
-# How long a call waits for its model to load (on the registry's loader thread) before
-# answering UNAVAILABLE; never longer than the call's deadline.
-MODEL_LOAD_WAIT_SECONDS = 10.0
-
-
 class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
     def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits(),
                  concepts: ConceptSource | None = None):
@@ -109,9 +104,7 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
     # ---- work (runs on the compute executor) ------------------------------
     def _model(self, name: str, context):
         """The loaded model, loaded off the compute worker (UNAVAILABLE while still loading)."""
-        remaining = context.time_remaining()
-        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
-        return self._registry.get(name, kind=SD, wait_seconds=wait)
+        return self._registry.get(name, kind=SD, remaining=context.time_remaining())
 
     def _run_invert(self, job: InvertJob, control, model, guidance: float):
         nti_guidance = guidance if job.null_text_guidance is None else job.null_text_guidance

@@ -34,6 +34,9 @@ MAX_PAGE_SIZE = 1000
 MAX_GENERATE_IMAGES = 8
 MAX_INFERENCE_STEPS = 1000
 MAX_PROMPT_CHARS = 2000
+# Longer than core's 10 s (core.models.MODEL_LOAD_WAIT_SECONDS): the job worker loads base models
+# on its own thread through the registry's one-at-a-time load lock, so a call's load can queue
+# behind a training job's.
 MODEL_LOAD_WAIT_SECONDS = 30.0
 
 _STATE_ENUM = {name: personalization_pb2.JobState.Value(name) for name in STATES}
@@ -145,9 +148,8 @@ class PersonalizationServicer(ListModelsRpc, personalization_pb2_grpc.Personaliz
 
     def _model(self, name: str, context):
         """The loaded model, loaded off the compute worker (UNAVAILABLE while still loading)."""
-        remaining = context.time_remaining()
-        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
-        return self._registry.get(name, kind=SD, wait_seconds=wait)
+        return self._registry.get(name, kind=SD, remaining=context.time_remaining(),
+                                  wait_seconds=MODEL_LOAD_WAIT_SECONDS)
 
     @staticmethod
     def _check_words(tokenizer, text: str, field: str) -> None:

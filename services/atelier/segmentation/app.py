@@ -128,15 +128,16 @@ class SegmentationApp:
             self._triton.close()
 
     # ------------------------------------------------------------------ models
-    def segmenter_for(self, name: str, wait_seconds: float = 10.0) -> tuple[str, Segmenter]:
+    def segmenter_for(self, name: str, remaining: Optional[float] = None) -> tuple[str, Segmenter]:
         """The Segmenter for a model name ("" = the default): NotFound if unknown, FAILED_PRECONDITION
-        if not a servable SAM model, UNAVAILABLE while it loads (on the registry's loader thread)."""
+        if not a servable SAM model, UNAVAILABLE while it loads (on the registry's loader thread)
+        longer than the registry's wait or the caller's ``remaining`` seconds."""
         name = name or self.settings.default_model
         self.registry.check(name, kind=SAM)
         if self._triton is not None and name != self.settings.default_model:
             raise FailedPrecondition(f"model {quoted(name)}: this server runs the image encoder on Triton for "
                                      f"{self.settings.default_model!r} only")
-        return name, self.registry.get(name, kind=SAM, wait_seconds=wait_seconds)
+        return name, self.registry.get(name, kind=SAM, remaining=remaining)
 
     def _load_segmenter(self, entry, device, dtype) -> Segmenter:
         predictor = SamPredictor.load(entry.folder, name=entry.name, device=str(device), dtype=str(dtype).replace("torch.", ""),

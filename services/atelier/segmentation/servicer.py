@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -20,16 +20,13 @@ from atelier.v1 import common_pb2, segmentation_pb2, segmentation_pb2_grpc
 SERVICE_NAME = segmentation_pb2.DESCRIPTOR.services_by_name["Segmentation"].full_name
 MAX_PROMPT_SETS = 256
 MAX_POINTS = 64
-# How long a call waits for its model to load (on the registry's loader thread) before
-# answering UNAVAILABLE; never longer than the call's deadline.
-MODEL_LOAD_WAIT_SECONDS = 10.0
 
 
 class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServicer):
-    """``segmenter_for(model_name, wait_seconds) -> (resolved name, Segmenter)`` (NotFound for unknown names);
+    """``segmenter_for(model_name, remaining) -> (resolved name, Segmenter)`` (NotFound for unknown names);
     ``registry`` answers ListModels."""
 
-    def __init__(self, segmenter_for: Callable[[str], tuple[str, Segmenter]], executor: ComputeExecutor,
+    def __init__(self, segmenter_for: Callable[[str, Optional[float]], tuple[str, Segmenter]], executor: ComputeExecutor,
                  max_image_pixels: int, registry=None, default_model: str = ""):
         self._segmenter_for = segmenter_for
         self._executor = executor
@@ -66,9 +63,7 @@ class SegmentationServicer(ListModelsRpc, segmentation_pb2_grpc.SegmentationServ
 
     def _segmenter(self, request, context) -> tuple[str, Segmenter]:
         """The request's model, waiting for a load no longer than the call's deadline allows."""
-        remaining = context.time_remaining()
-        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else max(0.0, min(MODEL_LOAD_WAIT_SECONDS, remaining))
-        return self._segmenter_for(request.model.name, wait)
+        return self._segmenter_for(request.model.name, context.time_remaining())
 
     def _run(self, context, segmenter: Segmenter, image, prompts, options, fields) -> SegmentOutput:
         threshold = options.mask_threshold if options.HasField("mask_threshold") else 0.0

@@ -79,9 +79,6 @@ def decode_rgb(image: tensor_pb2.Image, field: str, max_pixels: int) -> torch.Te
     return (codecs.image_to_torch(image, field=field, max_pixels=max_pixels, multiple_of=8) + 1) / 2
 
 
-MODEL_LOAD_WAIT_SECONDS = 10.0
-
-
 class SynthesisServicer(ListModelsRpc, synthesis_pb2_grpc.SynthesisServicer):
     def __init__(self, registry: ModelRegistry, executor, default_model: str, limits: Limits = Limits(),
                  variations=None):
@@ -113,9 +110,7 @@ class SynthesisServicer(ListModelsRpc, synthesis_pb2_grpc.SynthesisServicer):
     # ---- work (runs on the compute executor) ------------------------------
     def model(self, name: str, context):
         """The loaded model, loaded off the compute worker (UNAVAILABLE while still loading)."""
-        remaining = context.time_remaining()
-        wait = MODEL_LOAD_WAIT_SECONDS if remaining is None else min(MODEL_LOAD_WAIT_SECONDS, remaining)
-        return self._registry.get(name, kind=SD, wait_seconds=wait)
+        return self._registry.get(name, kind=SD, remaining=context.time_remaining())
 
     def _run_generate(self, job: GenerateJob, model, control, previews: list):
         cond, uncond = model.encode_prompt([job.prompt, job.negative_prompt]).chunk(2)
