@@ -37,7 +37,7 @@ def test_resume_is_bit_exact(model):
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     resumed = EqDiffRun(model, images, masks, params, seed=5)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.step_index == 2
     later = run_steps(resumed, 2)
     assert [r.losses for r in later] == [r.losses for r in reports[2:]]

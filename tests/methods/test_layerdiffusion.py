@@ -111,7 +111,7 @@ def test_resume_is_bit_exact_across_phases(model):
         torch.save(first.state_dict(), buffer)
         buffer.seek(0)
         resumed = LayerDiffusionRun(model, image, mask, p, segment=box_segmenter, seed=4)
-        resumed.load_state_dict(torch.load(buffer, weights_only=False))
+        resumed.load_state_dict(torch.load(buffer, weights_only=True))
         later = run_steps(resumed, resumed.total_steps - cut)
         assert [r.losses for r in later] == [r.losses for r in reports[cut:]], cut
         got = resumed.finish()
@@ -233,7 +233,7 @@ def test_lora_mode_trains_only_adapters_resumes_and_generates(model):
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     resumed = LayerDiffusionRun(model, image, mask, p, reference=ref, reference_mask=ref_mask, seed=2)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert [r.losses for r in run_steps(resumed, resumed.total_steps - 2)] == [r.losses for r in reports[2:]]
     assert all(torch.equal(resumed.finish().tensors[k], v) for k, v in concept.tensors.items())
     again = generate_with_concept(model, concept, seed=2, num_images=1)

@@ -246,8 +246,10 @@ class JobWorker:
 
         run: TrainingRun = self._on_executor(build, control)
         if job.checkpoint_hash:
+            # weights_only: a checkpoint is data from the store (shared by replicas), never code;
+            # every run's state_dict is tensors, numbers, strings and optimiser dicts.
             state = torch.load(io.BytesIO(self.artifacts.get(job.checkpoint_hash)), map_location="cpu",
-                               weights_only=False)
+                               weights_only=True)
             run.load_state_dict(state)
             _LOG.info("job %s: resumed from its checkpoint at step %d", job.id, run.step_index)
         if run.total_steps != job.total_steps:
