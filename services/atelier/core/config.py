@@ -93,6 +93,9 @@ class ServerConfig:
     port: int = 0
     # Prometheus HTTP port; 0 picks a free one, a negative value disables it.
     metrics_port: int = -1
+    # A second, plaintext gRPC port serving only grpc.health.v1 (kubelet's gRPC probes speak
+    # plaintext, so with TLS on ``port`` they need it); 0: none.
+    health_port: int = 0
     max_message_bytes: int = channel_options.DEFAULT_MAX_MESSAGE_BYTES
     # Calls that may wait for the compute executor while one runs.
     max_queue: int = 8
@@ -184,6 +187,10 @@ class ServerConfig:
         parser.add_argument("--metrics-port", type=int,
                             default=env_default("ATELIER_METRICS_PORT", default_metrics_port, int),
                             help="Prometheus port, 0 picks a free one, negative disables [ATELIER_METRICS_PORT]")
+        parser.add_argument("--health-port", type=int,
+                            default=env_default("ATELIER_HEALTH_PORT", cls.health_port, int),
+                            help="plaintext port serving only grpc.health.v1, for probes when --port speaks TLS; "
+                                 "0: none [ATELIER_HEALTH_PORT]")
         parser.add_argument("--max-message-bytes", type=int,
                             default=env_default("ATELIER_MAX_MESSAGE_BYTES", cls.max_message_bytes, int),
                             help="gRPC max send/receive message size [ATELIER_MAX_MESSAGE_BYTES]")
@@ -248,6 +255,9 @@ class ServerConfig:
             (args.grace_seconds >= 0, "--grace-seconds must be >= 0"),
             (args.max_image_pixels > 0, "--max-image-pixels must be positive"),
             (0 <= args.port < 65536, "--port must be in 0..65535"),
+            (0 <= args.health_port < 65536, "--health-port must be in 0..65535"),
+            (args.health_port == 0 or args.health_port not in (args.port, args.metrics_port),
+             "--health-port must differ from --port and --metrics-port"),
             (args.model_memory_bytes >= 0, "--model-memory-bytes must be >= 0"),
             (args.max_inflight_bytes > 0, "--max-inflight-bytes must be positive"),
             (args.metrics_port < 65536, "--metrics-port must be below 65536"),
@@ -258,7 +268,7 @@ class ServerConfig:
             if not ok:
                 parser.error(message)
 
-        core = {"host", "port", "metrics_port", "max_message_bytes", "max_queue", "grace_seconds",
+        core = {"host", "port", "metrics_port", "health_port", "max_message_bytes", "max_queue", "grace_seconds",
                 "max_image_pixels", "model", "models_file", "device", "threads", "wedged_after_seconds",
                 "dtype", "model_variant", "model_memory_bytes", "preload_models", "strict_models",
                 "max_inflight_bytes", *auth.AUTH_DESTS}
@@ -268,6 +278,7 @@ class ServerConfig:
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
+            health_port=args.health_port,
             max_message_bytes=args.max_message_bytes,
             max_queue=args.max_queue,
             grace_seconds=args.grace_seconds,

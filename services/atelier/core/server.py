@@ -2,7 +2,9 @@
 
 ``start(app, config)`` brings up a gRPC server with health, reflection, the
 metrics and error interceptors, and a Prometheus endpoint, then loads the
-app's models in the background so health is observable while loading.
+app's models in the background so health is observable while loading. With
+``config.health_port`` a second, plaintext server serves only that health
+(kubelet's gRPC probes cannot speak TLS); it stops after the main server.
 ``serve(app, config)`` blocks and drains on SIGTERM/SIGINT.
 
 Lifecycle of the app's services: loading (health NOT_SERVING, RPCs answer
@@ -42,6 +44,13 @@ EXIT_OK, EXIT_LOAD_FAILED, EXIT_CALLS_CUT_OFF = 0, 1, 2
 # Threads beyond one per queued/running call: health checks, reflection, calls
 # that are refused quickly (queue full, invalid input).
 _SPARE_THREADS = 8
+
+# The health-only port answers probes: tiny requests, few threads, and a bound on concurrent
+# calls (gRPC answers RESOURCE_EXHAUSTED beyond it), since it is plaintext and open to anyone
+# who can reach it (as health on the main port is).
+_HEALTH_PORT_THREADS = 2
+_HEALTH_PORT_MAX_CALLS = 32
+_HEALTH_PORT_MAX_MESSAGE_BYTES = 4096
 
 
 class App(Protocol):
@@ -106,7 +115,7 @@ class RunningServer:
 
     def __init__(self, app: App, config: ServerConfig, server: grpc.Server, port: int,
                  health_servicer: health.HealthServicer, readiness: Readiness, metrics: Metrics,
-                 metrics_http: Optional[tuple]):
+                 metrics_http: Optional[tuple], health_server: Optional[tuple[grpc.Server, int]] = None):
         self.app = app
         self.config = config
         self.port = port
@@ -117,6 +126,7 @@ class RunningServer:
         self.load_seconds: Optional[float] = None
         self._server = server
         self._metrics_http = metrics_http
+        self._health_server = health_server
         self._loaded = threading.Event()  # set when load() returned or failed
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -129,6 +139,11 @@ class RunningServer:
     @property
     def metrics_port(self) -> Optional[int]:
         return self._metrics_http[0].server_port if self._metrics_http else None
+
+    @property
+    def health_port(self) -> Optional[int]:
+        """The plaintext health-only port, or None without ``config.health_port``."""
+        return self._health_server[1] if self._health_server else None
 
     @property
     def address(self) -> str:
@@ -229,6 +244,9 @@ class RunningServer:
             # Calls still running after the grace period are cancelled by gRPC; their
             # work stops at its next UNet evaluation.
             self._server.stop(max(0.0, deadline - time.monotonic())).wait()
+            # Probes on the health port saw NOT_SERVING for the whole drain; it goes last.
+            if self._health_server is not None:
+                self._health_server[0].stop(0).wait()
             if self._metrics_http is not None:
                 httpd, _ = self._metrics_http
                 # shutdown() waits out serve_forever's 0.5 s poll; nobody needs to wait for it.
@@ -248,6 +266,31 @@ class RunningServer:
 def _byte_budget(app: App, config: ServerConfig, metrics: Metrics) -> ByteBudget:
     return ByteBudget(config.max_inflight_bytes, app.name, max_message_bytes=config.max_message_bytes,
                       gauge=metrics.inflight_bytes.labels(service=app.name))
+
+
+def _bind(server: grpc.Server, bind: str, credentials: Optional[grpc.ServerCredentials] = None) -> int:
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError as error:  # grpcio raises when the bind fails (e.g. port in use)
+        raise OSError(f"cannot bind gRPC port {bind}: {error}") from None
+    if port == 0:
+        raise OSError(f"cannot bind gRPC port {bind}")
+    return port
+
+
+def _health_only_server(health_servicer: health.HealthServicer, config: ServerConfig) -> tuple[grpc.Server, int]:
+    """A plaintext server on ``config.health_port`` with only grpc.health.v1, answered by the
+    main server's HealthServicer (same statuses, same drain). No reflection, no auth: health
+    carries no data, and the main port leaves it open to probes too. Not started."""
+    options = [o for o in config.grpc_options() if o[0] != "grpc.max_receive_message_length"]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=_HEALTH_PORT_THREADS,
+                                   thread_name_prefix=f"grpc-health-{config.service}"),
+        options=[*options, ("grpc.max_receive_message_length", _HEALTH_PORT_MAX_MESSAGE_BYTES)],
+        maximum_concurrent_rpcs=_HEALTH_PORT_MAX_CALLS,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, _bind(server, f"{config.host}:{config.health_port}")
 
 
 def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> RunningServer:
@@ -277,15 +320,15 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
     # Reflection (v1 and v1alpha) from descriptors that carry the .proto comments (grpcurl
     # describe shows them).
     enable_reflection((*app.service_names, health.SERVICE_NAME), server)
-    credentials = auth.server_credentials(config.auth)
-    bind = f"{config.host}:{config.port}"
+    port = _bind(server, f"{config.host}:{config.port}", auth.server_credentials(config.auth))
     try:
-        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
-    except RuntimeError as error:  # grpcio raises when the bind fails (e.g. port in use)
-        raise OSError(f"cannot bind gRPC port {bind}: {error}") from None
-    if port == 0:
-        raise OSError(f"cannot bind gRPC port {config.host}:{config.port}")
-    server.start()
+        health_server = _health_only_server(health_servicer, config) if config.health_port else None
+    except OSError:
+        server.stop(0)  # releases the main port it bound
+        raise
+    servers = [server] + ([health_server[0]] if health_server else [])
+    for started in servers:
+        started.start()
 
     metrics_http = None
     if config.metrics_port >= 0:
@@ -294,11 +337,14 @@ def start(app: App, config: ServerConfig, metrics: Optional[Metrics] = None) -> 
                 config.metrics_port, addr=config.host, registry=metrics.registry
             )
         except OSError:
-            server.stop(0)
+            for started in servers:
+                started.stop(0)
             raise
-    running = RunningServer(app, config, server, port, health_servicer, readiness, metrics, metrics_http)
-    _LOG.info("%s: listening on %s:%d, metrics on %s, %d compute threads; loading models", app.name,
-              config.host, port, running.metrics_port if metrics_http else "(disabled)", threads)
+    running = RunningServer(app, config, server, port, health_servicer, readiness, metrics, metrics_http,
+                            health_server)
+    _LOG.info("%s: listening on %s:%d%s, metrics on %s, %d compute threads; loading models", app.name,
+              config.host, port, f", plaintext health on {health_server[1]}" if health_server else "",
+              running.metrics_port if metrics_http else "(disabled)", threads)
     threading.Thread(target=running._load, name=f"load-{app.name}", daemon=True).start()
     threading.Thread(target=running._watch_health, args=(config.health_interval_seconds,),
                      name=f"health-{app.name}", daemon=True).start()
