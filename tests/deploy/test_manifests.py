@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[2]
-OVERLAYS = ["gpu", "cpu-dev", "triton", "multi-replica"]
+OVERLAYS = ["gpu", "cpu-dev", "triton", "multi-replica", "tls"]
 SERVICES = {"inversion": 50051, "segmentation": 50052, "personalization": 50053, "synthesis": 50054}
 STATELESS = {"inversion", "segmentation", "synthesis"}
 # Who calls whom (NetworkPolicy must allow exactly these service-to-service paths).
@@ -149,8 +150,10 @@ def test_policy(overlay: str) -> None:
                 continue
             assert "/var/cache/atelier" in mounts and "/tmp" in mounts  # writable hub caches on a read-only root
             port = SERVICES[short]
+            # With TLS on the gRPC port, kubelet's plaintext gRPC probes go to the health-only port.
+            probed = int(env["ATELIER_HEALTH_PORT"]) if "ATELIER_TLS_CERT" in env else port
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"]["port"] == port, (name, probe)
+                assert container[probe]["grpc"]["port"] == probed, (name, probe)
             startup = container["startupProbe"]
             assert startup["periodSeconds"] * startup["failureThreshold"] >= (300 if overlay == "cpu-dev" else 600)
             assert pod["terminationGracePeriodSeconds"] > float(env["ATELIER_GRACE_SECONDS"])
@@ -164,11 +167,13 @@ def test_policy(overlay: str) -> None:
         service = services[name]
         assert service["spec"]["clusterIP"] == "None" and _selects({"matchLabels": service["spec"]["selector"]}, labels)
         assert {p["name"] for p in service["spec"]["ports"]} >= {"grpc", "metrics"}
+        assert "health" not in {p["name"] for p in service["spec"]["ports"]}  # for kubelet only
         assert [p for p in pdbs if _selects(p["spec"]["selector"], labels)], f"no PodDisruptionBudget for {name}"
         (policy,) = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
         callers = set()
         for rule in policy["spec"]["ingress"]:
             ports = {p["port"] for p in rule["ports"]}
+            assert ports <= {"grpc", "metrics"}, (name, ports)  # never the plaintext health port
             for source in rule["from"]:
                 pod_labels = source.get("podSelector", {}).get("matchLabels", {})
                 if pod_labels:
@@ -229,6 +234,49 @@ def test_triton_overlay_wires_segmentation_to_triton() -> None:
     (config,) = [c for c in segmentation.values() if c["metadata"]["name"].startswith("atelier-models")]
     registry = dict(e.split("=", 1) for e in config["data"]["ATELIER_MODELS"].split(";"))
     assert registry[config["data"]["ATELIER_SEGMENTATION_MODEL"]] == model
+
+
+def _check_tls(deployments: dict[str, dict]) -> None:
+    """Every service serves TLS from the Secret atelier-tls, calls its peers over TLS, and is
+    probed on its plaintext health-only port (kubelet's gRPC probe cannot speak TLS)."""
+    for service, port in SERVICES.items():
+        pod = deployments[f"atelier-{service}"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = _env(container)
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/var/run/atelier/tls"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert mount["readOnly"] is True and volume["secret"]["secretName"] == "atelier-tls"
+        assert {env[k] for k in ("ATELIER_TLS_CERT", "ATELIER_TLS_KEY", "ATELIER_PEER_TLS_CA")} == {
+            "/var/run/atelier/tls/" + key for key in ("tls.crt", "tls.key", "ca.crt")}
+        health = int(env["ATELIER_HEALTH_PORT"])
+        assert health not in (port, int(env["ATELIER_METRICS_PORT"]))
+        assert {p["name"]: p["containerPort"] for p in container["ports"]}["health"] == health
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": health}, (service, probe)
+    for name, deployment in deployments.items():
+        if name.removeprefix("atelier-") not in SERVICES:  # e.g. Triton: untouched
+            assert "ATELIER_TLS_CERT" not in _env(deployment["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_tls_overlay_and_component() -> None:
+    _check_tls(_objects("tls", "Deployment"))
+    for overlay in OVERLAYS:
+        if overlay != "tls":
+            assert "ATELIER_TLS_CERT" not in _env(
+                _objects(overlay, "Deployment")["atelier-inversion"]["spec"]["template"]["spec"]["containers"][0])
+
+
+@pytest.mark.parametrize("overlay", ["cpu-dev", "triton", "multi-replica"])
+def test_tls_component_composes_with_other_overlays(overlay: str, tmp_path: Path) -> None:
+    """What docs/DEPLOY.md tells users: add the component to their overlay."""
+    k8s = os.path.relpath(ROOT / "k8s", tmp_path)  # kustomize refuses absolute paths
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{k8s}/overlays/{overlay}]\ncomponents: [{k8s}/components/tls]\n")
+    out = subprocess.run([_require("kubectl"), "kustomize", str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    _check_tls({d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"})
 
 
 def test_registry_names_folders_on_the_models_volume() -> None:
