@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Optional
 import grpc
 
 from atelier.core.errors import InvalidArgument, ResourceExhausted
+from atelier.core.handler_wrapping import CarriedError, wrap_behavior
 
 __all__ = ["ByteBudget", "AdmissionInterceptor", "admit_request_bytes", "charge_response"]
 
@@ -110,11 +111,10 @@ class _Admitted:
         self.reservation = reservation
 
 
-class _Refused:
-    __slots__ = ("error",)
+class _Refused(CarriedError):
+    """A request refused by the budget before it was parsed; its behaviour wrapper raises it."""
 
-    def __init__(self, error: Exception):
-        self.error = error
+    __slots__ = ()
 
 
 def admit_request_bytes(deserializer: Optional[Callable[[bytes], object]], budget: ByteBudget):
@@ -168,30 +168,32 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         service = handler_call_details.method.lstrip("/").rpartition("/")[0]
         if handler is None or handler.request_streaming or service not in self._services:
             return handler
-        deserializer = admit_request_bytes(handler.request_deserializer, self._budget)
-        if handler.unary_stream:
-            inner = handler.unary_stream
+        if getattr(handler.unary_unary or handler.unary_stream, "experimental_non_blocking", False):
+            return handler  # a callback-style handler takes no wrapped requests
 
-            def stream_behavior(admitted, context):
+        def wrap(behavior, streaming_response):
+            if streaming_response:
+                def stream_behavior(admitted, context):
+                    message, reservation = _enter(admitted, context)
+                    token = _current.set(reservation)
+                    try:
+                        yield from behavior(message, context)
+                    finally:
+                        _reset(token)
+
+                return stream_behavior
+
+            def unary_behavior(admitted, context):
                 message, reservation = _enter(admitted, context)
                 token = _current.set(reservation)
                 try:
-                    yield from inner(message, context)
+                    return behavior(message, context)
                 finally:
-                    _reset(token)
+                    _current.reset(token)
 
-            return grpc.unary_stream_rpc_method_handler(stream_behavior, deserializer, handler.response_serializer)
-        inner = handler.unary_unary
+            return unary_behavior
 
-        def unary_behavior(admitted, context):
-            message, reservation = _enter(admitted, context)
-            token = _current.set(reservation)
-            try:
-                return inner(message, context)
-            finally:
-                _current.reset(token)
-
-        return grpc.unary_unary_rpc_method_handler(unary_behavior, deserializer, handler.response_serializer)
+        return wrap_behavior(handler, wrap, lambda deserializer: admit_request_bytes(deserializer, self._budget))
 
 
 def _reset(token) -> None:

@@ -18,6 +18,7 @@ import grpc
 
 from atelier.core.control import remaining_seconds
 from atelier.core.errors import AtelierError, InvalidArgument, Unavailable, from_codec_error, to_grpc_status
+from atelier.core.handler_wrapping import CarriedError, wrap_behavior
 from atelier.core.metrics import Metrics, grpc_code_name
 from atelier.sdk.codec import CodecError
 
@@ -42,51 +43,17 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
     return "unary"
 
 
-def _wrap_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable, bool], Callable],
-                   wrap_deserializer: Optional[Callable[[Callable], Callable]] = None):
-    """Return ``handler`` with its behaviour replaced by ``wrap(behavior, streaming_response)``
-    (and its request deserializer by ``wrap_deserializer(deserializer)`` when given)."""
-    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    deserializer = handler.request_deserializer
-    if wrap_deserializer is not None and deserializer is not None:
-        deserializer = wrap_deserializer(deserializer)
-    if getattr(behavior, "experimental_non_blocking", False):
-        # Callback-style handlers (health Watch) take a third argument and hold no
-        # thread; wrapping would turn them into thread-holding generators.
-        if deserializer is handler.request_deserializer:
-            return handler
-        return handler._replace(request_deserializer=deserializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap(handler.unary_unary, False), deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream, True), deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary, False), deserializer, handler.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        wrap(handler.stream_stream, True), deserializer, handler.response_serializer
-    )
+class _Undecodable(CarriedError):
+    """Bytes that are not the request message: garbage from a caller is INVALID_ARGUMENT, so
+    the parse error is carried to the handler wrapper and aborted there."""
+
+    __slots__ = ()
 
 
-class _Undecodable:
-    """What a wrapped deserializer returns for bytes that are not the request message.
+def _tolerant(deserializer: Optional[Callable]) -> Optional[Callable]:
+    if deserializer is None:
+        return None
 
-    grpcio answers a deserializer that raises with INTERNAL ("Exception deserializing
-    request"); garbage from a caller is INVALID_ARGUMENT, so the error is carried to the
-    handler wrapper as a value and aborted there."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-
-def _tolerant(deserializer: Callable) -> Callable:
     def deserialize(data: bytes):
         try:
             return deserializer(data)
@@ -255,7 +222,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             return unary_behavior
 
-        return _wrap_behavior(handler, wrap)
+        return wrap_behavior(handler, wrap)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -302,7 +269,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return unary_behavior
 
-        wrapped = _wrap_behavior(handler, wrap, _tolerant)
+        wrapped = wrap_behavior(handler, wrap, _tolerant)
         if wrapped.unary_stream is not None and getattr(wrapped.unary_stream, "experimental_non_blocking", False):
             wrapped = wrapped._replace(unary_stream=_non_blocking_checked(wrapped.unary_stream))
         return wrapped
