@@ -31,7 +31,7 @@ import torch
 from . import tiny_models
 from .config import parse_model_entries as _parse_entries
 from .device import parse_dtype, pick_device
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quoted
 from .model_folders import KIND_NAMES, SAM, SD, BadModelFolder, FolderFacts, inspect_folder
 from .sd_model import SDModel, load_sd_folder
 
@@ -56,11 +56,6 @@ def downloads_allowed() -> bool:
 def parse_model_entries(text: str) -> dict[str, str]:
     """``"a=/p;b=/q"`` -> ``{"a": "/p", "b": "/q"}`` (the ATELIER_MODELS format)."""
     return _parse_entries(text.split(";"), "ATELIER_MODELS")
-
-
-def quoted(name: str, limit: int = 64) -> str:
-    """A caller-supplied name for an error message, cut short (gRPC trailers are small)."""
-    return repr(name if len(name) <= limit else name[:limit] + "...")
 
 
 def module_bytes(model) -> int:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from atelier.core.config import ServerConfig
-from atelier.core.errors import FailedPrecondition
+from atelier.core.errors import FailedPrecondition, quoted
 from atelier.core.executor import ComputeExecutor
 from atelier.core.metrics import Metrics, default_metrics
-from atelier.core.models import SAM, ModelRegistry, quoted
+from atelier.core.models import SAM, ModelRegistry
 from atelier.segmentation.metrics import segmentation_metrics
 from atelier.segmentation.sam import SamPredictor
 from atelier.segmentation.segmenter import BatchingOptions, Segmenter, local_encoder, triton_encoder
