@@ -22,7 +22,7 @@ def list_models(registry: ModelRegistry, default_model: str) -> common_pb2.ListM
         entry = registry.entries[name]
         dtype = None
         if entry.problem is None:
-            _, dtype = registry._device_dtype(entry)
+            _, dtype = registry.device_dtype(entry)
         response.models.add(
             name=name,
             kind=entry.detected_kind or "",

@@ -131,6 +131,7 @@ class ModelRegistry:
         self.entries: dict[str, ModelEntry] = {name: ModelEntry.parse(name, value, variant)
                                                for name, value in merged.items()}
         self.device, self.dtype = device, dtype
+        self._device_dtypes: dict[Optional[str], tuple[torch.device, torch.dtype]] = {}  # by entry dtype
         self.kinds = tuple(kinds) if kinds is not None else None
         self.memory_budget_bytes = memory_budget_bytes
         self.metrics = metrics
@@ -258,11 +259,16 @@ class ModelRegistry:
             return list(self._loaded)
 
     # ------------------------------------------------------------------ loading
-    def _device_dtype(self, entry: ModelEntry):
-        device, dtype = pick_device(None if self.device is None else str(self.device), entry.dtype)
-        if entry.dtype is None and self.dtype is not None:
-            dtype = self.dtype
-        return device, dtype
+    def device_dtype(self, entry: ModelEntry) -> tuple[torch.device, torch.dtype]:
+        """Where and in which dtype ``entry`` loads. Chosen once per entry dtype and registry
+        (ListModels asks for every entry on every call; the choice reads the environment)."""
+        chosen = self._device_dtypes.get(entry.dtype)
+        if chosen is None:
+            device, dtype = pick_device(None if self.device is None else str(self.device), entry.dtype)
+            if entry.dtype is None and self.dtype is not None:
+                dtype = self.dtype
+            chosen = self._device_dtypes[entry.dtype] = (device, dtype)
+        return chosen
 
     def load(self, name: str, kind: Optional[str] = None):
         """The loaded model for ``name``, loading it on this thread if needed (one load at a time)."""
@@ -278,7 +284,7 @@ class ModelRegistry:
                     return self._loaded[name]
             entry = self.check(name, kind)  # a failed load meanwhile made it unavailable
             self._make_room(entry.facts.weight_bytes, keep=name)
-            device, dtype = self._device_dtype(entry)
+            device, dtype = self.device_dtype(entry)
             started = time.perf_counter()
             try:
                 model = self.loaders[entry.facts.kind](entry, device, dtype)
