@@ -16,26 +16,16 @@ from atelier.core import codecs
 from atelier.core.errors import InvalidArgument, Violations
 from atelier.inversion.editing import MasaCtrlParams, P2PParams, check_edit_options
 from atelier.inversion.proxedit import DEFAULT_INVERSION_GUIDANCE_TIMESTEP, ProxEditParams
+from atelier.inversion.request_parsing import INVERT_ARGS, METHODS, InvertJob, RequestParser
 from atelier.v1 import inversion_pb2
 
-METHODS = {
-    inversion_pb2.INVERSION_METHOD_UNSPECIFIED: "spdinv",
-    inversion_pb2.DDIM: "ddim",
-    inversion_pb2.SPDINV: "spdinv",
-    inversion_pb2.NPI: "npi",
-    inversion_pb2.PROXNPI: "proxnpi",
-    inversion_pb2.DIRECT_INVERSION: "directinv",
-    inversion_pb2.NULL_TEXT: "nti",
-    inversion_pb2.FIXED_POINT: "fixed_point",
-}
 PRESETS = {inversion_pb2.EDIT_PRESET_UNSPECIFIED: "", inversion_pb2.SPDINV_PIPELINE: "spdinv"}
 ENGINES = {
     inversion_pb2.EDIT_ENGINE_UNSPECIFIED: "p2p",
     inversion_pb2.P2P: "p2p",
     inversion_pb2.MASACTRL: "masactrl",
 }
-# InvertRequest field -> the SDK argument that sets it, in invert() and in edit() of an image.
-INVERT_ARGS = {name: name for name in ("image", "prompt", "method", "num_inference_steps", "model")}
+# InvertRequest field -> the SDK argument that sets it in edit() of an image.
 EDIT_INVERT_ARGS = {**INVERT_ARGS, "image": "source", "prompt": "source_prompt"}
 P2P_MODES = {
     inversion_pb2.P2POptions.MODE_UNSPECIFIED: "auto",
@@ -48,7 +38,7 @@ P2P_MODES = {
 @dataclasses.dataclass
 class EditJob:
     model: str
-    invert_job: object | None  # the servicer's InvertJob: invert first, in the same call
+    invert_job: InvertJob | None  # invert first, in the same call
     z_t: torch.Tensor | None  # (1, 4, h, w) float32
     source_prompt: str
     steps: int
@@ -76,18 +66,17 @@ class _Source:
     method: str
     height: int
     width: int
-    invert_job: object | None = None
+    invert_job: InvertJob | None = None
     z_t: torch.Tensor | None = None
     chain: torch.Tensor | None = None
     null_embeddings: torch.Tensor | None = None
 
 
-def parse_edit(request: inversion_pb2.EditRequest, parser) -> EditJob:
+def parse_edit(request: inversion_pb2.EditRequest, parser: RequestParser) -> EditJob:
     """The job for an EditRequest (one InvalidArgument with every independent violation).
 
-    ``parser`` is the servicer: ``_parse_invert``, ``_model_name``, ``_prompt``, ``_registry``
-    and ``_limits`` are shared with Invert. NotFound / FAILED_PRECONDITION for the model still
-    come first, as in Invert."""
+    ``parser`` holds the checks shared with Invert. NotFound / FAILED_PRECONDITION for the
+    model still come first, as in Invert."""
     violations = Violations()
     source = _parse_source(request, parser, violations)
     if source is not None and request.model.name and request.model.name != source.model:
@@ -95,7 +84,7 @@ def parse_edit(request: inversion_pb2.EditRequest, parser) -> EditJob:
     engine = ENGINES.get(request.engine)
     if engine is None:
         violations.add("engine", f"unknown editing engine {request.engine}")
-    target = violations.attempt(parser._prompt, request.target_prompt, "target_prompt")
+    target = violations.attempt(parser.prompt, request.target_prompt, "target_prompt")
     guidance = None
     if request.HasField("guidance_scale"):
         guidance = request.guidance_scale
@@ -103,7 +92,7 @@ def parse_edit(request: inversion_pb2.EditRequest, parser) -> EditJob:
             violations.add("guidance_scale", f"must be between 0 and 50, got {guidance}")
             guidance = None
     elif source is not None:
-        guidance = parser._registry.info(source.model).default_guidance_scale
+        guidance = parser.registry.info(source.model).default_guidance_scale
     p2p = p2p_params(request.p2p, violations)
     masactrl = masactrl_params(request.masactrl)
     if request.preset not in PRESETS:
@@ -142,14 +131,14 @@ def parse_edit(request: inversion_pb2.EditRequest, parser) -> EditJob:
     )
 
 
-def _parse_source(request, parser, violations: Violations) -> _Source | None:
+def _parse_source(request, parser: RequestParser, violations: Violations) -> _Source | None:
     """The source to edit (None, with its violations recorded, when it is missing or bad)."""
     kind = request.WhichOneof("source")
     if kind is None:
         violations.add("source", "set either inversion (a result of Invert) or invert (a request)")
         return None
     if kind == "invert":
-        job = violations.attempt(parser._parse_invert, request.invert, EDIT_INVERT_ARGS)
+        job = violations.attempt(parser.parse_invert, request.invert, EDIT_INVERT_ARGS)
         if job is None:
             return None
         height, width = job.image.shape[2:]
@@ -157,17 +146,17 @@ def _parse_source(request, parser, violations: Violations) -> _Source | None:
     return violations.attempt(_inversion_source, request, parser)
 
 
-def _inversion_source(request, parser) -> _Source:
+def _inversion_source(request, parser: RequestParser) -> _Source:
     """An Inversion sent back as is: whatever is wrong with it, the SDK argument is ``source``.
     Its checks depend on each other (the model fixes z_t's shape, z_t and the steps the
     chain's), so the first violation ends them (raises InvalidArgument)."""
-    inv, limits = request.inversion, parser._limits
-    model = parser._model_name(inv.model if inv.model.name else request.model, "source")
-    prompt = parser._prompt(inv.prompt, "source")
+    inv, limits = request.inversion, parser.limits
+    model = parser.model_name(inv.model if inv.model.name else request.model, "source")
+    prompt = parser.prompt(inv.prompt, "source")
     steps = inv.num_inference_steps
     if not 1 <= steps <= limits.max_steps:
         raise InvalidArgument("source", f"num_inference_steps must be between 1 and {limits.max_steps}")
-    facts = parser._registry.info(model).facts
+    facts = parser.registry.info(model).facts
     z_t = codecs.tensor_to_torch(inv.z_t, field="source.z_t", shape=(1, facts.latent_channels, None, None)).float()
     height, width = inv.height, inv.width
     factor = facts.vae_scale_factor

@@ -1,58 +1,24 @@
 """Inversion service: proto <-> method translation only (no tensor math here)."""
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
-
-import torch
-
 from atelier.core import codecs
 from atelier.core.admission import charge_response
 from atelier.core.catalog import ListModelsRpc
 from atelier.core.dependencies import request_id_of
-from atelier.core.errors import InvalidArgument, Violations
-from atelier.core.models import SD, ModelRegistry, fit_to_vae
+from atelier.core.errors import InvalidArgument
+from atelier.core.models import SD, ModelRegistry
 from atelier.core.streaming import stream_call
 from atelier.inversion.concept_edit import prepare_concept
 from atelier.inversion.concept_source import ConceptSource
-from atelier.inversion.edit_request import INVERT_ARGS, METHODS as _METHODS, EditJob, parse_edit
+from atelier.inversion.edit_request import EditJob, parse_edit
 from atelier.inversion.editing import edit
 from atelier.inversion.inversion import invert
-from atelier.sdk import codec
+from atelier.inversion.request_parsing import METHODS as _METHODS, InvertJob, Limits, RequestParser
 from atelier.v1 import common_pb2, inversion_pb2, inversion_pb2_grpc
 
 SERVICE_NAME = inversion_pb2.DESCRIPTOR.services_by_name["Inversion"].full_name
 
 _METHOD_ENUMS = {name: enum for enum, name in _METHODS.items() if enum != inversion_pb2.INVERSION_METHOD_UNSPECIFIED}
-
-
-# The optimiser runs in float32 (AdamW turns lr and decay into float32 scalars: 1e308 raised
-# "value cannot be converted to type float without overflow"). Bounds far above any useful
-# value (the reference uses lr 1e-3, decay 1e-2, threshold 5e-6) that stay finite in float32.
-_SPDINV_UPPER_BOUNDS = {"learning_rate": 1e3, "loss_threshold": 1e30, "weight_decay": 1e3}
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Request limits: what a single call may ask of the service."""
-
-    max_pixels: int = 1024 * 1024
-    max_steps: int = 1000  # the scheduler's training timesteps: more is meaningless
-    max_spdinv_rounds: int = 1000
-    max_prompt_chars: int = 2000
-
-
-@dataclasses.dataclass
-class InvertJob:
-    model: str
-    image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
-    prompt: str
-    method: str
-    steps: int
-    return_chain: bool
-    spdinv: dict
-    null_text_guidance: float | None = None  # None: the model's default, or the edit's guidance inside Edit
 
 
 class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
@@ -61,14 +27,13 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
         self._registry = registry
         self._concepts = concepts or ConceptSource(None)
         self._executor = executor
-        self._default_model = default_model
-        self._limits = limits
+        self._parser = RequestParser(registry, default_model, limits)
         self.model_registry, self.default_model_name = registry, default_model  # ListModels
 
     # ---- RPCs -------------------------------------------------------------
     def Invert(self, request, context):
         # Errors raised here or in the work are mapped to statuses by the error interceptor.
-        job = self._parse_invert(request)
+        job = self._parser.parse_invert(request)
         charge_response(_invert_answer_bytes(job, self._registry.info(job.model).facts),
                         "return_chain" if job.return_chain else "num_inference_steps",
                         "ask without return_chain, or for fewer steps or a smaller image")
@@ -83,7 +48,7 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
         )
 
     def Edit(self, request, context):
-        job = parse_edit(request, self)
+        job = parse_edit(request, self._parser)
         charge_response(_edit_answer_bytes(job), "return_source", "a smaller image")
         concept = None
         if job.concept_id:
@@ -142,83 +107,6 @@ class InversionServicer(ListModelsRpc, inversion_pb2_grpc.InversionServicer):
             concept=concept,
         )
 
-    # ---- request parsing (cheap, before the call is queued) -------------
-    # Field violations name the argument the SDK user passed (client.inversion.invert/edit),
-    # not the proto path: ``args`` maps an InvertRequest field to that argument.
-    def _model_name(self, ref: common_pb2.ModelRef, field: str) -> str:
-        name = ref.name or self._default_model
-        self._registry.check(name, kind=SD)  # NotFound if unknown, FailedPrecondition if not servable
-        return name
-
-    def _steps(self, request, field: str) -> int:
-        steps = request.num_inference_steps if request.HasField("num_inference_steps") else 50
-        if not 1 <= steps <= self._limits.max_steps:
-            raise InvalidArgument(field, f"must be between 1 and {self._limits.max_steps}, got {steps}")
-        return steps
-
-    def _prompt(self, text: str, field: str) -> str:
-        if len(text) > self._limits.max_prompt_chars:
-            raise InvalidArgument(field, f"longer than {self._limits.max_prompt_chars} characters")
-        return text
-
-    def _parse_invert(self, request: inversion_pb2.InvertRequest, args: dict[str, str] = INVERT_ARGS) -> InvertJob:
-        """The job for an InvertRequest; every bad field is reported at once (one InvalidArgument).
-        The model comes first (NotFound / FAILED_PRECONDITION): the image is fitted to its VAE."""
-        violations = Violations()
-        model = self._model_name(request.model, args["model"])
-        image = None
-        if not request.HasField("image"):
-            violations.add(args["image"], "an image is required")
-        else:
-            pixels = violations.attempt(codec.image_to_pil, request.image, field=args["image"],
-                                        max_pixels=self._limits.max_pixels)
-            if pixels is not None:
-                fitted = violations.attempt(fit_to_vae, pixels, self._registry.info(model), args["image"])
-                if fitted is not None:
-                    image = codecs.array_to_torch(np.array(fitted))
-        method = _METHODS.get(request.method)
-        if method is None:
-            violations.add(args["method"], f"unknown inversion method {request.method}")
-        opts = request.fixed_point if method == "fixed_point" else request.spdinv
-        group = "fixed_point" if method == "fixed_point" else "spdinv"
-        spdinv = {}
-        if opts.HasField("max_rounds"):
-            if not 0 <= opts.max_rounds <= self._limits.max_spdinv_rounds:
-                violations.add("max_rounds", f"must be between 0 and {self._limits.max_spdinv_rounds}")
-            spdinv["max_rounds"] = opts.max_rounds
-        names = ("loss_threshold",) if group == "fixed_point" else ("learning_rate", "loss_threshold", "weight_decay")
-        for name in names:
-            if opts.HasField(name):
-                value = getattr(opts, name)
-                if not np.isfinite(value) or value < 0 or (name == "learning_rate" and value == 0):
-                    violations.add(name, f"must be a finite positive number, got {value}")
-                elif value > _SPDINV_UPPER_BOUNDS[name]:
-                    violations.add(name, f"must be at most {_SPDINV_UPPER_BOUNDS[name]:g}, got {value:g}")
-                spdinv[name] = value
-        if group == "spdinv" and opts.HasField("check_first"):
-            spdinv["check_first"] = opts.check_first
-        if group == "fixed_point" and opts.HasField("anderson_memory"):
-            if not 0 <= opts.anderson_memory <= 16:
-                violations.add("anderson_memory", "must be between 0 and 16")
-            spdinv["anderson_memory"] = opts.anderson_memory
-        null_text_guidance = None
-        if request.null_text.HasField("guidance_scale"):
-            null_text_guidance = request.null_text.guidance_scale
-            if not np.isfinite(null_text_guidance) or not 0.0 <= null_text_guidance <= 50.0:
-                violations.add("null_text_guidance_scale", "must be between 0 and 50")
-        prompt = violations.attempt(self._prompt, request.prompt, args["prompt"])
-        steps = violations.attempt(self._steps, request, args["num_inference_steps"])
-        violations.raise_if_any()
-        return InvertJob(
-            model=model,
-            image=image,
-            prompt=prompt,
-            method=method,
-            steps=steps,
-            return_chain=request.return_chain,
-            spdinv=spdinv,
-            null_text_guidance=null_text_guidance,
-        )
 
 def _invert_answer_bytes(job: InvertJob, facts) -> int:
     """Upper estimate of the InvertEvent stream: latents in FP32, diagnostics, progress."""
