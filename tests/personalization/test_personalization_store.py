@@ -8,7 +8,8 @@ import time
 import pytest
 
 from atelier.personalization.artifacts import ArtifactStore
-from atelier.personalization.store import ConceptRow, IdempotencyConflict, JobStore, QueueFull
+from atelier.personalization.database import ConceptRow
+from atelier.personalization.store import IdempotencyConflict, JobStore, QueueFull
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Jobs, their events and concepts in SQL: one schema and one code path (SQLAlchemy Core) for
-SQLite (one replica, zero set-up) and PostgreSQL (several replicas sharing the work).
+"""The job system's transactions over the personalization database (``database``: tables, rows,
+engines): one code path (SQLAlchemy Core) for SQLite (one replica, zero set-up) and PostgreSQL
+(several replicas sharing the work).
 
 SQLAlchemy Core rather than psycopg + sqlite3 by hand: the two dialects differ in exactly the
 places that matter here (``FOR UPDATE SKIP LOCKED``, transaction start, RETURNING, upserts),
@@ -21,132 +22,14 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import sqlalchemy as sa
-from sqlalchemy import event as sa_event
 
-__all__ = ["JobStore", "JobRow", "EventRow", "ConceptRow", "TERMINAL", "STATES", "QueueFull", "IdempotencyConflict"]
+from atelier.personalization.database import (STATES, TERMINAL, ConceptRow, EventRow, JobRow, concepts, connect,
+                                              events, jobs, new_id)
 
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-
-metadata = sa.MetaData()
-
-jobs = sa.Table(
-    "atelier_jobs", metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("idempotency_key", sa.String(256), unique=True, nullable=True),
-    sa.Column("body_hash", sa.String(64), nullable=False),     # the request as the client sent it
-    sa.Column("inputs_hash", sa.String(64), nullable=False),   # artifact: the request with masks filled in
-    sa.Column("method", sa.String(64), nullable=False),
-    sa.Column("base_model", sa.String(256), nullable=False),
-    sa.Column("placeholder_token", sa.String(256), nullable=False),
-    sa.Column("class_word", sa.String(256), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False, default=""),
-    sa.Column("step", sa.Integer, nullable=False, default=0),
-    sa.Column("total_steps", sa.Integer, nullable=False, default=0),
-    sa.Column("create_time", sa.Float, nullable=False),
-    sa.Column("start_time", sa.Float, nullable=True),
-    sa.Column("end_time", sa.Float, nullable=True),
-    sa.Column("lease_owner", sa.String(128), nullable=True),
-    sa.Column("lease_expires", sa.Float, nullable=True),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
-    sa.Column("checkpoint_hash", sa.String(64), nullable=True),
-    sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
-    sa.Column("concept_id", sa.String(64), nullable=True),
-    sa.Column("next_event", sa.Integer, nullable=False, default=0),
-    sa.Index("atelier_jobs_claim", "state", "create_time"),
-)
-
-events = sa.Table(
-    "atelier_job_events", metadata,
-    sa.Column("job_id", sa.String(64), primary_key=True),
-    sa.Column("idx", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("phase", sa.String(64), nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
-    sa.Column("total_steps", sa.Integer, nullable=False),
-    sa.Column("losses", sa.Text, nullable=False),  # JSON object
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("preview", sa.LargeBinary, nullable=True),  # PNG
-    sa.Column("time", sa.Float, nullable=False),
-    sa.Column("concept_id", sa.String(64), nullable=False),
-)
-
-concepts = sa.Table(
-    "atelier_concepts", metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("job_id", sa.String(64), nullable=False),
-    sa.Column("placeholder_token", sa.String(256), nullable=False),
-    sa.Column("class_word", sa.String(256), nullable=False),
-    sa.Column("base_model", sa.String(256), nullable=False),
-    sa.Column("method", sa.String(64), nullable=False),
-    sa.Column("content_hash", sa.String(64), nullable=False),
-    sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("create_time", sa.Float, nullable=False),
-    sa.Column("metadata", sa.Text, nullable=False),  # JSON object of strings
-)
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: str
-    idempotency_key: Optional[str]
-    body_hash: str
-    inputs_hash: str
-    method: str
-    base_model: str
-    placeholder_token: str
-    class_word: str
-    state: str
-    reason: str
-    step: int
-    total_steps: int
-    create_time: float
-    start_time: Optional[float]
-    end_time: Optional[float]
-    lease_owner: Optional[str]
-    lease_expires: Optional[float]
-    attempts: int
-    cancel_requested: bool
-    checkpoint_hash: Optional[str]
-    checkpoint_step: int
-    concept_id: Optional[str]
-    next_event: int
-
-
-@dataclass(frozen=True)
-class EventRow:
-    job_id: str
-    idx: int
-    state: str
-    phase: str
-    step: int
-    total_steps: int
-    losses: str
-    message: str
-    preview: Optional[bytes]
-    time: float
-    concept_id: str
-
-
-@dataclass(frozen=True)
-class ConceptRow:
-    id: str
-    job_id: str
-    placeholder_token: str
-    class_word: str
-    base_model: str
-    method: str
-    content_hash: str
-    size_bytes: int
-    create_time: float
-    metadata: str
+__all__ = ["JobStore", "QueueFull", "IdempotencyConflict"]
 
 
 class QueueFull(Exception):
@@ -163,48 +46,12 @@ def _job(row) -> JobRow:
     return JobRow(**values)
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 class JobStore:
     """The SQL side of the job system. ``url``: ``sqlite:///path.db`` or ``postgresql://...``."""
 
     def __init__(self, url: str):
-        if url.startswith("postgresql://") or url.startswith("postgres://"):
-            url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite")
-        if self.is_sqlite:
-            # Writers take the lock up front (BEGIN IMMEDIATE): a read-then-write transaction
-            # cannot deadlock upgrading its lock, and claims are atomic. Readers (watchers,
-            # Get/List) use a second engine with plain deferred BEGIN, which WAL lets run
-            # alongside the writer.
-            self.engine = self._sqlite_engine(url, "BEGIN IMMEDIATE")
-            self.reader = self._sqlite_engine(url, "BEGIN")
-        else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
-            self.reader = self.engine
-        metadata.create_all(self.engine)
-
-    @staticmethod
-    def _sqlite_engine(url: str, begin: str) -> sa.Engine:
-        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-        @sa_event.listens_for(engine, "connect")
-        def _connect(dbapi_connection, _record):
-            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=60000")
-            cursor.close()
-
-        @sa_event.listens_for(engine, "begin")
-        def _begin(connection):
-            connection.exec_driver_sql(begin)
-
-        return engine
+        self.url, self.engine, self.reader = connect(url)
+        self.is_sqlite = self.url.startswith("sqlite")
 
     def close(self) -> None:
         self.engine.dispose()

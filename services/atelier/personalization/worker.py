@@ -26,10 +26,11 @@ from atelier.core.executor import ComputeExecutor
 from atelier.core.models import ModelRegistry
 from atelier.personalization import concepts as concept_files
 from atelier.personalization.artifacts import ArtifactStore
+from atelier.personalization.database import ConceptRow, JobRow, new_id
 from atelier.personalization.inputs import decode_inputs
 from atelier.personalization.methods import TrainingMethod
 from atelier.personalization.metrics import JobMetrics
-from atelier.personalization.store import ConceptRow, JobRow, JobStore, new_id
+from atelier.personalization.store import JobStore
 from atelier.personalization.training import TrainingRun
 from atelier.v1 import personalization_pb2
 
