@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
 __all__ = ["STATES", "TERMINAL", "JobRow", "EventRow", "ConceptRow", "new_id", "connect",
-           "metadata", "jobs", "events", "concepts"]
+           "metadata", "jobs", "events", "concepts", "checkpoint_parts"]
 
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -80,6 +80,14 @@ concepts = sa.Table(
 )
 
 
+
+checkpoint_parts = sa.Table(
+    # Artifacts a job's current checkpoint refers to besides its own file (large state written
+    # once, e.g. EqDiff's class images): each row keeps its file alive until the checkpoint goes.
+    "atelier_checkpoint_parts", metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("digest", sa.String(64), primary_key=True),
+)
 
 @dataclass(frozen=True)
 class JobRow:

@@ -26,8 +26,8 @@ from typing import Iterable, Optional
 
 import sqlalchemy as sa
 
-from atelier.personalization.database import (STATES, TERMINAL, ConceptRow, EventRow, JobRow, concepts, connect,
-                                              events, jobs, new_id)
+from atelier.personalization.database import (STATES, TERMINAL, ConceptRow, EventRow, JobRow, checkpoint_parts,
+                                              concepts, connect, events, jobs, new_id)
 
 __all__ = ["JobStore", "QueueFull", "IdempotencyConflict"]
 
@@ -191,16 +191,22 @@ class JobStore:
             return conn.execute(jobs.update().where(*self._held(job_id, owner))
                                 .values(total_steps=total_steps)).rowcount == 1
 
-    def set_checkpoint(self, job_id: str, owner: str, digest: str, step: int) -> Optional[str]:
-        """Point the job at a new checkpoint; returns the previous one's hash ("" if none),
-        or None when the lease is lost (the new file is then unreferenced)."""
+    def set_checkpoint(self, job_id: str, owner: str, digest: str, step: int,
+                       parts: Iterable[str] = ()) -> Optional[list[str]]:
+        """Point the job at a new checkpoint and the part artifacts it refers to; returns the
+        artifacts this left unreferenced (the previous checkpoint, parts only it used: the caller
+        deletes the files), or None when the lease is lost (the new files are then unreferenced)."""
+        parts = set(parts)
         with self.engine.begin() as conn:
             previous = conn.execute(sa.select(jobs.c.checkpoint_hash).where(*self._held(job_id, owner))).first()
             if previous is None:
                 return None
+            dropped = self._drop_parts(conn, [job_id])
             conn.execute(jobs.update().where(jobs.c.id == job_id)
                          .values(checkpoint_hash=digest, checkpoint_step=step))
-            return previous.checkpoint_hash or ""
+            if parts:
+                conn.execute(checkpoint_parts.insert(), [{"job_id": job_id, "digest": part} for part in sorted(parts)])
+            return self._unreferenced_of(conn, (dropped | {previous.checkpoint_hash}) - parts - {digest})
 
     def succeed(self, job_id: str, owner: str, concept: ConceptRow) -> bool:
         """Insert the concept and end the job in one transaction: the concept becomes visible
@@ -278,28 +284,44 @@ class JobStore:
             if not rows:
                 return []
             ids = [row.id for row in rows]
+            hashes = self._drop_parts(conn, ids) | {h for row in rows for h in (row.inputs_hash, row.checkpoint_hash)}
             conn.execute(events.delete().where(events.c.job_id.in_(ids)))
             conn.execute(jobs.delete().where(jobs.c.id.in_(ids)))
-            hashes = {h for row in rows for h in (row.inputs_hash, row.checkpoint_hash) if h}
-            return [h for h in hashes if not self._referenced(conn, h)]
+            return self._unreferenced_of(conn, hashes)
 
-    def clear_checkpoint(self, job_id: str) -> Optional[str]:
-        """Forget a finished job's checkpoint (no longer needed); returns its hash if now unreferenced."""
+    def clear_checkpoint(self, job_id: str) -> list[str]:
+        """Forget a finished job's checkpoint and its parts (no longer needed); returns those
+        now unreferenced."""
         with self.engine.begin() as conn:
-            digest = conn.execute(sa.select(jobs.c.checkpoint_hash).where(
-                jobs.c.id == job_id, jobs.c.state.in_(TERMINAL))).scalar_one_or_none()
-            if not digest:
-                return None
+            row = conn.execute(sa.select(jobs.c.checkpoint_hash).where(
+                jobs.c.id == job_id, jobs.c.state.in_(TERMINAL))).first()
+            if row is None:
+                return []
+            dropped = self._drop_parts(conn, [job_id]) | {row.checkpoint_hash}
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(checkpoint_hash=None))
-            return None if self._referenced(conn, digest) else digest
+            return self._unreferenced_of(conn, dropped)
 
     def unreferenced(self, digest: str) -> bool:
         with self.reader.begin() as conn:
             return not self._referenced(conn, digest)
 
     @staticmethod
+    def _drop_parts(conn, job_ids: list[str]) -> set[str]:
+        """Delete the jobs' checkpoint-part rows; returns their hashes."""
+        digests = conn.execute(sa.select(checkpoint_parts.c.digest)
+                               .where(checkpoint_parts.c.job_id.in_(job_ids))).scalars().all()
+        if digests:
+            conn.execute(checkpoint_parts.delete().where(checkpoint_parts.c.job_id.in_(job_ids)))
+        return set(digests)
+
+    @classmethod
+    def _unreferenced_of(cls, conn, digests: Iterable[Optional[str]]) -> list[str]:
+        return sorted(d for d in set(digests) if d and not cls._referenced(conn, d))
+
+    @staticmethod
     def _referenced(conn, digest: str) -> bool:
-        for column in (jobs.c.inputs_hash, jobs.c.checkpoint_hash, concepts.c.content_hash):
+        for column in (jobs.c.inputs_hash, jobs.c.checkpoint_hash, checkpoint_parts.c.digest,
+                       concepts.c.content_hash):
             if conn.execute(sa.select(sa.literal(1)).where(column == digest).limit(1)).first():
                 return True
         return False
