@@ -70,6 +70,7 @@ def test_class_images_are_stored_once_and_resume_is_bit_exact(model, tmp_path):
     resumed = EqDiffRun(model, images, masks, PARAMS, seed=5)
     resumed.load_state_dict(read_checkpoint(artifacts, second))
     assert resumed.step_index == 3 and torch.equal(resumed.state_dict()["class_images_u8"], class_u8)
+    assert write_checkpoint(artifacts, "job-1", resumed)[1] == first_parts  # a resumed job reuses its part
     assert [r.losses for r in _steps(resumed, 1)] == [reports[3].losses]
     a, b = straight.finish(), resumed.finish()
     assert a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)

@@ -143,6 +143,7 @@ class EqDiffRun:
             self._class_images_u8 = None
             if self.step_index >= self.class_steps:
                 self.class_images = done
+                self._class_images_u8 = state["class_images_u8"]  # finished: no need to convert again
 
     def finish(self) -> Concept:
         if self.step_index < self.total_steps:
