@@ -8,7 +8,8 @@ import time
 import pytest
 
 from atelier.personalization.artifacts import ArtifactStore
-from atelier.personalization.store import ConceptRow, IdempotencyConflict, JobStore, QueueFull
+from atelier.personalization.database import ConceptRow
+from atelier.personalization.store import IdempotencyConflict, JobStore, QueueFull
 
 
 @pytest.fixture
@@ -101,6 +102,28 @@ def test_retention_deletes_finished_jobs_but_not_concepts(store, tmp_path):
     assert store.get_job(job.id) is None and store.events(job.id, 0) == []
     assert store.get_concept("concept-1") is not None and store.unreferenced(inputs)
     assert not store.unreferenced(concept_file)
+
+
+def test_checkpoint_parts_live_exactly_as_long_as_a_checkpoint_refers_to_them(store):
+    c1, c2, c3, p1, p2 = (str(i) * 64 for i in range(1, 6))
+    job, _ = _create(store)
+    store.claim("w", 30)
+    assert store.set_checkpoint(job.id, "w", c1, 1, parts=[p1]) == []
+    assert not store.unreferenced(p1)
+    assert store.set_checkpoint(job.id, "w", c2, 2, parts=[p1]) == [c1]  # the part is kept, not re-counted
+    assert store.set_checkpoint(job.id, "w", c3, 3, parts=[p2]) == sorted([c2, p1])
+    assert store.set_checkpoint(job.id, "x", c1, 4, parts=[p1]) is None  # not the lease holder
+    assert store.get_job(job.id).checkpoint_hash == c3
+    assert store.clear_checkpoint(job.id) == []  # still running: the checkpoint is kept
+    assert store.end(job.id, "w", "FAILED", "boom")
+    assert store.clear_checkpoint(job.id) == sorted([c3, p2])
+    assert store.unreferenced(p2) and store.get_job(job.id).checkpoint_hash is None
+    # a finished job whose checkpoint was never cleared: retention releases the checkpoint and its parts
+    other, _ = _create(store)
+    store.claim("w", 30)
+    store.set_checkpoint(other.id, "w", c1, 1, parts=[p1])
+    assert store.end(other.id, "w", "CANCELLED", "stop")
+    assert set(store.purge_finished(time.time() + 1)) == {"0" * 64, c1, p1}
 
 
 def test_artifacts_are_content_addressed_and_checked(tmp_path):

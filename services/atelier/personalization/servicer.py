@@ -19,11 +19,11 @@ from atelier.core.models import SD, ModelRegistry
 from atelier.core.streaming import stream_call
 from atelier.personalization import concepts as concept_files
 from atelier.personalization.artifacts import ArtifactStore
+from atelier.personalization.database import STATES, TERMINAL, ConceptRow, JobRow, new_id
 from atelier.personalization.inputs import check_images, check_masks
 from atelier.personalization.masks import SegmentationMasks
 from atelier.personalization.methods import GenerateOptions, TrainingMethod
-from atelier.personalization.store import (STATES, TERMINAL, ConceptRow, IdempotencyConflict, JobRow, JobStore,
-                                           QueueFull, new_id)
+from atelier.personalization.store import IdempotencyConflict, JobStore, QueueFull
 from atelier.personalization.worker import JobWorker
 from atelier.v1 import common_pb2, personalization_pb2, personalization_pb2_grpc
 

@@ -1,5 +1,6 @@
-"""Jobs, their events and concepts in SQL: one schema and one code path (SQLAlchemy Core) for
-SQLite (one replica, zero set-up) and PostgreSQL (several replicas sharing the work).
+"""The job system's transactions over the personalization database (``database``: tables, rows,
+engines): one code path (SQLAlchemy Core) for SQLite (one replica, zero set-up) and PostgreSQL
+(several replicas sharing the work).
 
 SQLAlchemy Core rather than psycopg + sqlite3 by hand: the two dialects differ in exactly the
 places that matter here (``FOR UPDATE SKIP LOCKED``, transaction start, RETURNING, upserts),
@@ -21,132 +22,14 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import sqlalchemy as sa
-from sqlalchemy import event as sa_event
 
-__all__ = ["JobStore", "JobRow", "EventRow", "ConceptRow", "TERMINAL", "STATES", "QueueFull", "IdempotencyConflict"]
+from atelier.personalization.database import (STATES, TERMINAL, ConceptRow, EventRow, JobRow, checkpoint_parts,
+                                              concepts, connect, events, jobs, new_id)
 
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
-
-metadata = sa.MetaData()
-
-jobs = sa.Table(
-    "atelier_jobs", metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("idempotency_key", sa.String(256), unique=True, nullable=True),
-    sa.Column("body_hash", sa.String(64), nullable=False),     # the request as the client sent it
-    sa.Column("inputs_hash", sa.String(64), nullable=False),   # artifact: the request with masks filled in
-    sa.Column("method", sa.String(64), nullable=False),
-    sa.Column("base_model", sa.String(256), nullable=False),
-    sa.Column("placeholder_token", sa.String(256), nullable=False),
-    sa.Column("class_word", sa.String(256), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False, default=""),
-    sa.Column("step", sa.Integer, nullable=False, default=0),
-    sa.Column("total_steps", sa.Integer, nullable=False, default=0),
-    sa.Column("create_time", sa.Float, nullable=False),
-    sa.Column("start_time", sa.Float, nullable=True),
-    sa.Column("end_time", sa.Float, nullable=True),
-    sa.Column("lease_owner", sa.String(128), nullable=True),
-    sa.Column("lease_expires", sa.Float, nullable=True),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
-    sa.Column("checkpoint_hash", sa.String(64), nullable=True),
-    sa.Column("checkpoint_step", sa.Integer, nullable=False, default=0),
-    sa.Column("concept_id", sa.String(64), nullable=True),
-    sa.Column("next_event", sa.Integer, nullable=False, default=0),
-    sa.Index("atelier_jobs_claim", "state", "create_time"),
-)
-
-events = sa.Table(
-    "atelier_job_events", metadata,
-    sa.Column("job_id", sa.String(64), primary_key=True),
-    sa.Column("idx", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("phase", sa.String(64), nullable=False),
-    sa.Column("step", sa.Integer, nullable=False),
-    sa.Column("total_steps", sa.Integer, nullable=False),
-    sa.Column("losses", sa.Text, nullable=False),  # JSON object
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("preview", sa.LargeBinary, nullable=True),  # PNG
-    sa.Column("time", sa.Float, nullable=False),
-    sa.Column("concept_id", sa.String(64), nullable=False),
-)
-
-concepts = sa.Table(
-    "atelier_concepts", metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("job_id", sa.String(64), nullable=False),
-    sa.Column("placeholder_token", sa.String(256), nullable=False),
-    sa.Column("class_word", sa.String(256), nullable=False),
-    sa.Column("base_model", sa.String(256), nullable=False),
-    sa.Column("method", sa.String(64), nullable=False),
-    sa.Column("content_hash", sa.String(64), nullable=False),
-    sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("create_time", sa.Float, nullable=False),
-    sa.Column("metadata", sa.Text, nullable=False),  # JSON object of strings
-)
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: str
-    idempotency_key: Optional[str]
-    body_hash: str
-    inputs_hash: str
-    method: str
-    base_model: str
-    placeholder_token: str
-    class_word: str
-    state: str
-    reason: str
-    step: int
-    total_steps: int
-    create_time: float
-    start_time: Optional[float]
-    end_time: Optional[float]
-    lease_owner: Optional[str]
-    lease_expires: Optional[float]
-    attempts: int
-    cancel_requested: bool
-    checkpoint_hash: Optional[str]
-    checkpoint_step: int
-    concept_id: Optional[str]
-    next_event: int
-
-
-@dataclass(frozen=True)
-class EventRow:
-    job_id: str
-    idx: int
-    state: str
-    phase: str
-    step: int
-    total_steps: int
-    losses: str
-    message: str
-    preview: Optional[bytes]
-    time: float
-    concept_id: str
-
-
-@dataclass(frozen=True)
-class ConceptRow:
-    id: str
-    job_id: str
-    placeholder_token: str
-    class_word: str
-    base_model: str
-    method: str
-    content_hash: str
-    size_bytes: int
-    create_time: float
-    metadata: str
+__all__ = ["JobStore", "QueueFull", "IdempotencyConflict"]
 
 
 class QueueFull(Exception):
@@ -163,48 +46,12 @@ def _job(row) -> JobRow:
     return JobRow(**values)
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 class JobStore:
     """The SQL side of the job system. ``url``: ``sqlite:///path.db`` or ``postgresql://...``."""
 
     def __init__(self, url: str):
-        if url.startswith("postgresql://") or url.startswith("postgres://"):
-            url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        self.url = url
-        self.is_sqlite = url.startswith("sqlite")
-        if self.is_sqlite:
-            # Writers take the lock up front (BEGIN IMMEDIATE): a read-then-write transaction
-            # cannot deadlock upgrading its lock, and claims are atomic. Readers (watchers,
-            # Get/List) use a second engine with plain deferred BEGIN, which WAL lets run
-            # alongside the writer.
-            self.engine = self._sqlite_engine(url, "BEGIN IMMEDIATE")
-            self.reader = self._sqlite_engine(url, "BEGIN")
-        else:
-            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
-            self.reader = self.engine
-        metadata.create_all(self.engine)
-
-    @staticmethod
-    def _sqlite_engine(url: str, begin: str) -> sa.Engine:
-        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-        @sa_event.listens_for(engine, "connect")
-        def _connect(dbapi_connection, _record):
-            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=60000")
-            cursor.close()
-
-        @sa_event.listens_for(engine, "begin")
-        def _begin(connection):
-            connection.exec_driver_sql(begin)
-
-        return engine
+        self.url, self.engine, self.reader = connect(url)
+        self.is_sqlite = self.url.startswith("sqlite")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -344,16 +191,22 @@ class JobStore:
             return conn.execute(jobs.update().where(*self._held(job_id, owner))
                                 .values(total_steps=total_steps)).rowcount == 1
 
-    def set_checkpoint(self, job_id: str, owner: str, digest: str, step: int) -> Optional[str]:
-        """Point the job at a new checkpoint; returns the previous one's hash ("" if none),
-        or None when the lease is lost (the new file is then unreferenced)."""
+    def set_checkpoint(self, job_id: str, owner: str, digest: str, step: int,
+                       parts: Iterable[str] = ()) -> Optional[list[str]]:
+        """Point the job at a new checkpoint and the part artifacts it refers to; returns the
+        artifacts this left unreferenced (the previous checkpoint, parts only it used: the caller
+        deletes the files), or None when the lease is lost (the new files are then unreferenced)."""
+        parts = set(parts)
         with self.engine.begin() as conn:
             previous = conn.execute(sa.select(jobs.c.checkpoint_hash).where(*self._held(job_id, owner))).first()
             if previous is None:
                 return None
+            dropped = self._drop_parts(conn, [job_id])
             conn.execute(jobs.update().where(jobs.c.id == job_id)
                          .values(checkpoint_hash=digest, checkpoint_step=step))
-            return previous.checkpoint_hash or ""
+            if parts:
+                conn.execute(checkpoint_parts.insert(), [{"job_id": job_id, "digest": part} for part in sorted(parts)])
+            return self._unreferenced_of(conn, (dropped | {previous.checkpoint_hash}) - parts - {digest})
 
     def succeed(self, job_id: str, owner: str, concept: ConceptRow) -> bool:
         """Insert the concept and end the job in one transaction: the concept becomes visible
@@ -431,28 +284,44 @@ class JobStore:
             if not rows:
                 return []
             ids = [row.id for row in rows]
+            hashes = self._drop_parts(conn, ids) | {h for row in rows for h in (row.inputs_hash, row.checkpoint_hash)}
             conn.execute(events.delete().where(events.c.job_id.in_(ids)))
             conn.execute(jobs.delete().where(jobs.c.id.in_(ids)))
-            hashes = {h for row in rows for h in (row.inputs_hash, row.checkpoint_hash) if h}
-            return [h for h in hashes if not self._referenced(conn, h)]
+            return self._unreferenced_of(conn, hashes)
 
-    def clear_checkpoint(self, job_id: str) -> Optional[str]:
-        """Forget a finished job's checkpoint (no longer needed); returns its hash if now unreferenced."""
+    def clear_checkpoint(self, job_id: str) -> list[str]:
+        """Forget a finished job's checkpoint and its parts (no longer needed); returns those
+        now unreferenced."""
         with self.engine.begin() as conn:
-            digest = conn.execute(sa.select(jobs.c.checkpoint_hash).where(
-                jobs.c.id == job_id, jobs.c.state.in_(TERMINAL))).scalar_one_or_none()
-            if not digest:
-                return None
+            row = conn.execute(sa.select(jobs.c.checkpoint_hash).where(
+                jobs.c.id == job_id, jobs.c.state.in_(TERMINAL))).first()
+            if row is None:
+                return []
+            dropped = self._drop_parts(conn, [job_id]) | {row.checkpoint_hash}
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(checkpoint_hash=None))
-            return None if self._referenced(conn, digest) else digest
+            return self._unreferenced_of(conn, dropped)
 
     def unreferenced(self, digest: str) -> bool:
         with self.reader.begin() as conn:
             return not self._referenced(conn, digest)
 
     @staticmethod
+    def _drop_parts(conn, job_ids: list[str]) -> set[str]:
+        """Delete the jobs' checkpoint-part rows; returns their hashes."""
+        digests = conn.execute(sa.select(checkpoint_parts.c.digest)
+                               .where(checkpoint_parts.c.job_id.in_(job_ids))).scalars().all()
+        if digests:
+            conn.execute(checkpoint_parts.delete().where(checkpoint_parts.c.job_id.in_(job_ids)))
+        return set(digests)
+
+    @classmethod
+    def _unreferenced_of(cls, conn, digests: Iterable[Optional[str]]) -> list[str]:
+        return sorted(d for d in set(digests) if d and not cls._referenced(conn, d))
+
+    @staticmethod
     def _referenced(conn, digest: str) -> bool:
-        for column in (jobs.c.inputs_hash, jobs.c.checkpoint_hash, concepts.c.content_hash):
+        for column in (jobs.c.inputs_hash, jobs.c.checkpoint_hash, checkpoint_parts.c.digest,
+                       concepts.c.content_hash):
             if conn.execute(sa.select(sa.literal(1)).where(column == digest).limit(1)).first():
                 return True
         return False

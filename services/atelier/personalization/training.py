@@ -47,6 +47,10 @@ class TrainingRun(Protocol):
 
     total_steps: int  # over all phases
     step_index: int  # steps completed so far (0 before the first)
+    # Optional: ``state_dict`` keys of large tensors that stay the same over many checkpoints
+    # (e.g. generated class images). The job worker stores each as its own content-addressed
+    # artifact that the checkpoint refers to by hash, so unchanged bytes are written once.
+    checkpoint_parts: tuple[str, ...] = ()
 
     def step(self, control: CallControl) -> StepReport:
         """Run exactly one optimisation step. Calls ``control.unet(backward=...)``

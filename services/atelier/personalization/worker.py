@@ -8,7 +8,6 @@ claimed again by any replica once the lease expired and resumes from its last ch
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -18,18 +17,18 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Mapping, Optional
 
-import torch
-
 from atelier.core.control import CallControl
 from atelier.core.errors import AtelierError, Cancelled, FailedPrecondition, ResourceExhausted
 from atelier.core.executor import ComputeExecutor
 from atelier.core.models import ModelRegistry
 from atelier.personalization import concepts as concept_files
 from atelier.personalization.artifacts import ArtifactStore
+from atelier.personalization.checkpoints import read_checkpoint, write_checkpoint
+from atelier.personalization.database import ConceptRow, JobRow, new_id
 from atelier.personalization.inputs import decode_inputs
 from atelier.personalization.methods import TrainingMethod
 from atelier.personalization.metrics import JobMetrics
-from atelier.personalization.store import ConceptRow, JobRow, JobStore, new_id
+from atelier.personalization.store import JobStore
 from atelier.personalization.training import TrainingRun
 from atelier.v1 import personalization_pb2
 
@@ -246,11 +245,9 @@ class JobWorker:
 
         run: TrainingRun = self._on_executor(build, control)
         if job.checkpoint_hash:
-            # weights_only: a checkpoint is data from the store (shared by replicas), never code;
-            # every run's state_dict is tensors, numbers, strings and optimiser dicts.
-            state = torch.load(io.BytesIO(self.artifacts.get(job.checkpoint_hash)), map_location="cpu",
-                               weights_only=True)
-            run.load_state_dict(state)
+            # read with weights_only: a checkpoint is data from the store (shared by replicas),
+            # never code; every run's state_dict is tensors, numbers, strings and optimiser dicts.
+            run.load_state_dict(read_checkpoint(self.artifacts, job.checkpoint_hash))
             _LOG.info("job %s: resumed from its checkpoint at step %d", job.id, run.step_index)
         if run.total_steps != job.total_steps:
             self.store.set_total_steps(job.id, owner, run.total_steps)
@@ -308,15 +305,13 @@ class JobWorker:
 
     def _checkpoint(self, job_id: str, run: TrainingRun) -> None:
         started = time.perf_counter()
-        buffer = io.BytesIO()
-        torch.save(run.state_dict(), buffer)
-        digest = self.artifacts.put(buffer.getvalue())
-        previous = self.store.set_checkpoint(job_id, self.settings.owner, digest, run.step_index)
+        digest, parts = write_checkpoint(self.artifacts, job_id, run)
+        released = self.store.set_checkpoint(job_id, self.settings.owner, digest, run.step_index, parts=parts)
         self.metrics.checkpoint_write_seconds.observe(time.perf_counter() - started)
-        if previous is None:
+        if released is None:
             raise _LeaseLost()
-        if previous and previous != digest and self.store.unreferenced(previous):
-            self.artifacts.delete(previous)
+        for unreferenced in released:  # the previous checkpoint, and parts it alone used
+            self.artifacts.delete(unreferenced)
 
     def _publish(self, job: JobRow, method: TrainingMethod, params, concept) -> None:
         data, metadata = concept_files.serialize(concept, base_model=job.base_model, method=job.method,
@@ -339,6 +334,5 @@ class JobWorker:
             self.metrics.duration.labels(state=state).observe(job.end_time - job.start_time)
 
     def _drop_checkpoint(self, job_id: str) -> None:
-        digest = self.store.clear_checkpoint(job_id)
-        if digest:
+        for digest in self.store.clear_checkpoint(job_id):
             self.artifacts.delete(digest)

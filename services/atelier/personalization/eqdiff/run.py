@@ -9,7 +9,9 @@ predicts eps, and AdamW updates the embeddings and layers. Before the training s
 
 All randomness comes from one CPU ``torch.Generator`` (data choice, FDTE, zoom, VAE sampling,
 noise, timesteps), so ``state_dict`` (trainables, optimiser, generator state, step, class
-images) resumes bit for bit.
+images) resumes bit for bit. The class images are the one large entry and stop changing once
+their phase is done: ``checkpoint_parts`` names them so the job worker stores them once, as
+their own artifact, instead of inside every checkpoint.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ METHOD = "eqdiff"
 class EqDiffRun:
     """A resumable EqDiff training of one concept on ``model`` (implements ``TrainingRun``)."""
 
+    checkpoint_parts = ("class_images_u8",)  # see TrainingRun.checkpoint_parts
+
     def __init__(self, model, images: torch.Tensor, masks: torch.Tensor, params: EqDiffParams,
                  class_images: torch.Tensor | None = None, seed: int = 0):
         """``images``: (N,3,H,W) float in [-1,1]; ``masks``: (N,1,H,W) bool subject masks (the
@@ -66,6 +70,7 @@ class EqDiffRun:
         if params.prior_preservation and self.class_images is None:
             self.class_steps = math.ceil(params.num_class_images / CLASS_IMAGES_PER_STEP)
             self._class_chunks: list[torch.Tensor] = []
+        self._class_images_u8: torch.Tensor | None = None  # the finished class images, as checkpointed
         self.total_steps = self.class_steps + params.steps
         self.step_index = 0
 
@@ -110,9 +115,19 @@ class EqDiffRun:
             "generator": self.generator.get_state(),
         }
         if self.class_steps:
-            done = torch.cat(self._class_chunks) if self._class_chunks else torch.zeros(0, 3, self.height, self.width)
-            state["class_images_u8"] = ((done + 1) * 127.5).round().to(torch.uint8)
+            state["class_images_u8"] = self._class_images_as_u8()
         return state
+
+    def _class_images_as_u8(self) -> torch.Tensor:
+        """The class images generated so far, as uint8 (exact: they are 8-bit quantised); the
+        finished set is converted once and the same tensor returned by every later checkpoint."""
+        if self._class_images_u8 is not None:
+            return self._class_images_u8
+        done = torch.cat(self._class_chunks) if self._class_chunks else torch.zeros(0, 3, self.height, self.width)
+        images_u8 = ((done + 1) * 127.5).round().to(torch.uint8)
+        if self.step_index >= self.class_steps:
+            self._class_images_u8 = images_u8
+        return images_u8
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != METHOD or state.get("params") != self.params.to_json():
@@ -125,8 +140,10 @@ class EqDiffRun:
         if self.class_steps:
             done = state["class_images_u8"].float() / 127.5 - 1
             self._class_chunks = list(done.split(CLASS_IMAGES_PER_STEP)) if len(done) else []
+            self._class_images_u8 = None
             if self.step_index >= self.class_steps:
                 self.class_images = done
+                self._class_images_u8 = state["class_images_u8"]  # finished: no need to convert again
 
     def finish(self) -> Concept:
         if self.step_index < self.total_steps:
