@@ -27,11 +27,13 @@ def summary():
     """3 edits (colour, shape, background) of one scene at 8 steps: MasaCtrl under DDIM, NPI, ProxNPI
     and SPDInv, P2P under DDIM and DirectInv (the orderings below)."""
     bench = load_bench()
-    model, evaluator = ModelRegistry().load_sd("toy"), load_evaluator()
+    registry = ModelRegistry()
+    model, evaluator = registry.load_sd("toy"), load_evaluator()
+    guidance = registry.info("toy").default_guidance_scale  # as the full table runs
     edits = edit_bench.edit_set(one_object_sources=1, add_edits=0, remove_edits=0)
     rows = bench.run_table(model, evaluator, edits, methods=("ddim", "npi", "proxnpi", "spdinv"),
-                           engines=("masactrl",), steps=8)
-    rows += bench.run_table(model, evaluator, edits, methods=("ddim", "directinv"), engines=("p2p",), steps=8)
+                           engines=("masactrl",), steps=8, guidance=guidance)
+    rows += bench.run_table(model, evaluator, edits, methods=("ddim", "directinv"), engines=("p2p",), steps=8, guidance=guidance)
     assert len(rows) == 3 * 4 + 3 * 2
     return bench.summarise(rows)
 

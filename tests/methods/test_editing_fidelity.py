@@ -13,7 +13,7 @@ from atelier.inversion import editing, p2p as p2p_module
 from atelier.inversion.editing import edit
 from atelier.inversion.inversion import invert
 from atelier.inversion.masactrl import MasaCtrlParams, MutualSelfAttention
-from atelier.inversion.p2p import P2PParams, blend_sites, self_replace_sites
+from atelier.inversion.p2p import P2PController, P2PParams, blend_sites, self_replace_sites
 from atelier.inversion.presets import changed_words, spdinv_p2p
 from atelier.inversion.proxedit import ProxEditParams, edit_mask, shrink
 from atelier.toyworld import world
@@ -128,6 +128,20 @@ def test_preset_reaches_the_edit(model, ddim_inversion, scene):
 
 
 # ---------------------------------------------------------------- layer rules on small and SD-sized UNets
+
+def test_the_toy_unet_attends_at_the_latent_resolution_and_the_editors_control_it(model):
+    # SD 1.x's layout scaled down: attention at 8x8, 4x4 and 2x2 (the first toy had none at 8x8,
+    # so P2P and MasaCtrl acted on 16- and 4-token maps only).
+    with controlled_attention(model.unet) as sites:
+        masactrl = MutualSelfAttention(sites, MasaCtrlParams())
+    latent = [s for s in sites if s.level == 0]
+    assert {(s.place, s.is_cross) for s in latent} == {(p, c) for p in ("down", "up") for c in (False, True)}
+    assert {s.level for s in sites} == {0, 1, 2}
+    cross_edit = P2PController(lambda base, targets: targets, cross_steps=STEPS, self_steps=0, self_sites=set())
+    assert all(cross_edit.wants(s, 0) for s in latent if s.is_cross)  # word swaps reach the 8x8 maps
+    decoder_8x8 = {s.name for s in latent if s.place == "up" and not s.is_cross}
+    assert decoder_8x8 and decoder_8x8 <= masactrl.layers  # MasaCtrl's decoder layers, as on SD
+
 
 def test_self_replacement_reaches_the_toy_4x4_layers(model):
     with controlled_attention(model.unet) as sites:

@@ -30,8 +30,11 @@ UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(64, 128, 128), norm_num_groups=32, cross_attention_dim=96,
     attention_head_dim=8,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    # SD 1.x's layout scaled down: cross- and self-attention at every resolution of the 8x8
+    # latent (8x8, 4x4, 2x2) and in the mid block. Attention methods (P2P, MasaCtrl, ISA/DCA,
+    # EqDiff's losses) then act on 64-token maps as they do on SD's 64x64..16x16 ones.
+    down_block_types=("CrossAttnDownBlock2D",) * 3,
+    up_block_types=("CrossAttnUpBlock2D",) * 3,
 )
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -37,7 +37,7 @@ def loss_level(unet) -> int:
     SD1.x computes them on its 16x16 maps (64x64 latent, 4 down blocks): level 2, the level just
     above the 8x8 mid block. We take that structural position, len(down_blocks) - 2, which is the
     16x16 level on SD1.x and the 4x4 level (down_blocks.1 / up_blocks.1) of the toy UNet (8x8
-    latent, 3 down blocks, whose 2x2 level is the mid block's).
+    latent, 3 down blocks with attention at 8x8, 4x4 and 2x2, the mid block's level).
     """
     return max(0, len(unet.down_blocks) - 2)
 
