@@ -367,18 +367,22 @@ class _Transport(TransportSettings[grpc.Channel]):
 
     def _stream_once(self, method: Any, request: Message, remaining: Optional[float],
                      cancel: Optional[CancelToken], collector: StreamCollector) -> Any:
-        call = method(request, timeout=remaining, metadata=self.metadata)
-        if cancel is not None:
-            cancel._attach(call)
+        call = None
+        # Started inside the try: a KeyboardInterrupt landing right after the call began must
+        # still cancel it (otherwise the server works on until the deadline).
         try:
+            call = method(request, timeout=remaining, metadata=self.metadata)
+            if cancel is not None:
+                cancel._attach(call)
             for event in call:
                 collector.take(event)
         except grpc.RpcError as exc:
             raise failure(exc, cancel, result_arrived=collector.result is not None) from exc
         except BaseException:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             raise
         finally:
-            if cancel is not None:
+            if cancel is not None and call is not None:
                 cancel._detach(call)
         return collector.finish()
