@@ -264,7 +264,17 @@ def test_backoff_grows_exponentially_with_bounded_jitter():
         RetryPolicy.coerce(-1)
 
 
-def test_ctrl_c_while_waiting_for_the_stream_cancels_the_server_call(fake_and_client):
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test: in the whole suite an earlier
+    test's library left another one installed and the interrupt never arrived (twice, DEADLINE_EXCEEDED
+    after 30 s), while the test alone passed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_waiting_for_the_stream_cancels_the_server_call(fake_and_client, python_sigint_handler):
     fake, client = fake_and_client
     fake.invert_behaviour = blocks_after_first_progress
     main_thread = threading.get_ident()
