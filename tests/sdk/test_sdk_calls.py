@@ -266,11 +266,13 @@ def test_backoff_grows_exponentially_with_bounded_jitter():
 
 @pytest.fixture
 def python_sigint_handler():
-    """Python's own SIGINT handler (KeyboardInterrupt) for the test: in the whole suite an earlier
-    test's library left another one installed and the interrupt never arrived (twice, DEADLINE_EXCEEDED
-    after 30 s), while the test alone passed."""
+    """Python's own SIGINT handler (KeyboardInterrupt), with SIGINT unblocked in this thread, for
+    the test: in the whole suite the interrupt twice never arrived (DEADLINE_EXCEEDED after 30 s)
+    while the test alone passed; a native library an earlier test loaded can leave either changed."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     signal.signal(signal.SIGINT, previous)
 
 
