@@ -9,6 +9,7 @@ clearing ``release`` and let them go by setting it. It also serves a unary
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -69,6 +70,16 @@ class FakeInversionServicer(inversion_pb2_grpc.InversionServicer):
                 num_inference_steps=steps, width=width, height=height, z_t=codec.tensor_from_numpy(z_t, "z_T"), usage=usage))
 
         return stream_call(context, self.app.executor, work, progress_message, result_message)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _echo_double(app: "FakeInversionApp"):

@@ -1,7 +1,6 @@
 """The server bootstrap over real gRPC on loopback: health, reflection, metrics,
 error statuses, deadlines, cancellation, the bounded queue, drain."""
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -20,7 +19,7 @@ from atelier.core.server import start
 from atelier.sdk import channel_options, codec
 from atelier.v1 import inversion_pb2, inversion_pb2_grpc, tensor_pb2
 
-from core_fakes import ECHO_METHOD, FakeInversionApp
+from core_fakes import ECHO_METHOD, FakeInversionApp, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,15 +68,6 @@ def harness():
     assert h.server.wait_loaded(10)
     yield h
     h.close()
-
-
-def _wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _violations(error):
@@ -164,7 +154,7 @@ def _run_until_stopped(harness, stop):
     except grpc.RpcError as error:
         code = error.code()
     seen = harness.evaluations()
-    assert _wait_for(lambda: not harness.app.executor.busy())
+    assert wait_for(lambda: not harness.app.executor.busy())
     return code, seen, harness.evaluations()
 
 
@@ -197,7 +187,7 @@ def test_full_queue_is_resource_exhausted():
 
         reader = threading.Thread(target=read_queued)
         reader.start()
-        assert _wait_for(lambda: harness.app.executor.queue_depth() == 1)
+        assert wait_for(lambda: harness.app.executor.queue_depth() == 1)
         with pytest.raises(grpc.RpcError) as caught:
             list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=10))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -205,7 +195,7 @@ def test_full_queue_is_resource_exhausted():
         # A queued call whose client gives up leaves the queue at once.
         queued.cancel()
         reader.join(10)
-        assert _wait_for(lambda: harness.app.executor.queue_depth() == 0)
+        assert wait_for(lambda: harness.app.executor.queue_depth() == 0)
         replacement = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=2), timeout=30)
         harness.app.release.set()
         assert list(running)[-1].HasField("result")
@@ -240,7 +230,7 @@ def test_drain_reports_not_serving_and_lets_in_flight_calls_finish():
     stopper = threading.Thread(target=harness.server.stop, kwargs={"grace": 20})
     stopper.start()
     try:
-        assert _wait_for(lambda: harness.health_status() == NOT_SERVING)
+        assert wait_for(lambda: harness.health_status() == NOT_SERVING)
         assert harness.health_status("atelier.v1.Inversion") == NOT_SERVING
         with pytest.raises(grpc.RpcError) as caught:
             list(harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=1), timeout=10))
@@ -262,7 +252,7 @@ def test_reflection_lists_the_services(harness):
     assert {"atelier.v1.Inversion", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     received = 'grpc_server_msg_received_total{grpc_method="ServerReflectionInfo",' \
                'grpc_service="grpc.reflection.v1alpha.ServerReflection",grpc_type="bidi_stream"} 1.0'
-    assert _wait_for(lambda: received in _handled(harness)[1])
+    assert wait_for(lambda: received in _handled(harness)[1])
 
 
 def _handled(harness):
@@ -298,11 +288,11 @@ def test_metrics_endpoint_counts_handled_calls_with_codes(harness):
         ("Double", "unary", "OK"): 1,
     }
     # Termination callbacks run just after the client sees the status: poll briefly.
-    assert _wait_for(lambda: all(_handled(harness)[0].get(k) == v for k, v in expected.items())), _handled(harness)[0]
+    assert wait_for(lambda: all(_handled(harness)[0].get(k) == v for k, v in expected.items())), _handled(harness)[0]
     text = _handled(harness)[1]
     assert 'grpc_server_started_total{grpc_method="Invert",grpc_service="atelier.v1.Inversion",' \
            'grpc_type="server_stream"} 5.0' in text
     assert "grpc_server_handling_seconds_bucket" in text
     assert 'atelier_unet_evaluations_total{kind="forward"}' in text
     assert 'atelier_queue_depth{service="inversion"} 0.0' in text
-    assert _wait_for(lambda: not harness.app.executor.busy())
+    assert wait_for(lambda: not harness.app.executor.busy())

@@ -6,7 +6,6 @@ import os
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -25,7 +24,7 @@ from atelier.sdk.client import TLSConfig
 from atelier.v1 import inversion_pb2, inversion_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
-from core_fakes import FakeInversionApp  # noqa: E402
+from core_fakes import FakeInversionApp, wait_for  # noqa: E402
 
 pytest.importorskip("cryptography")
 from pki import TestCA  # noqa: E402
@@ -63,15 +62,6 @@ def _listening_ports() -> set[int]:
 
 def _check(channel: grpc.Channel, service: str = "") -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-
-def _wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 @pytest.fixture
@@ -145,7 +135,7 @@ def test_health_port_reports_the_drain_and_closes_after_the_main_server(tls_serv
         stopper = threading.Thread(target=server.stop, kwargs={"grace": 20})
         stopper.start()
         try:
-            assert _wait_for(lambda: _check(probe) == NOT_SERVING)
+            assert wait_for(lambda: _check(probe) == NOT_SERVING)
             assert _check(probe, "atelier.v1.Inversion") == NOT_SERVING
             assert stopper.is_alive()  # still draining: the call holds it, and the probe port answers
         finally:
