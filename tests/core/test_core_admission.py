@@ -6,7 +6,8 @@ from grpc_status import rpc_status
 
 from atelier.v1 import inversion_pb2
 
-from test_core_server import Harness, _wait_for
+from core_fakes import wait_for
+from test_core_server import Harness
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,7 +42,7 @@ def test_requests_beyond_the_byte_budget_are_refused_with_retry_info_until_bytes
         small = harness.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=1, prompt="fits"), timeout=30)
         harness.app.release.set()
         assert list(running)[-1].HasField("result") and list(small)[-1].HasField("result")
-        assert _wait_for(lambda: _inflight_bytes(harness) == 0)  # released when the calls end
+        assert wait_for(lambda: _inflight_bytes(harness) == 0)  # released when the calls end
         assert list(harness.stub.Invert(big, timeout=30))[-1].HasField("result")
     finally:
         harness.close()

@@ -20,7 +20,8 @@ from atelier.core.server import quiet_third_party_logs, start
 from atelier.v1 import inversion_pb2
 
 from core_fakes import ECHO_METHOD, FakeInversionApp
-from test_core_server import Harness, _handled, _violations, _wait_for
+from core_fakes import wait_for
+from test_core_server import Harness, _handled, _violations
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,7 +99,7 @@ def test_client_deadline_is_counted_deadline_exceeded_not_cancelled():
                 list(h.stub.Invert(inversion_pb2.InvertRequest(num_inference_steps=100), timeout=0.3))
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         key = ("Invert", "server_stream", "DeadlineExceeded")
-        assert _wait_for(lambda: _handled(h)[0].get(key) == 3), _handled(h)[0]
+        assert wait_for(lambda: _handled(h)[0].get(key) == 3), _handled(h)[0]
         assert _handled(h)[0].get(("Invert", "server_stream", "Canceled"), 0) == 0
     finally:
         h.close()
@@ -167,10 +168,10 @@ def test_health_is_not_serving_while_the_worker_is_wedged(harness):
         list(call)
     # The call's code ignores its control: it runs on past its deadline, then past the
     # wedge threshold (0.3 s), and nothing else can run meanwhile.
-    assert _wait_for(lambda: harness.health_status() == NOT_SERVING, 10)
+    assert wait_for(lambda: harness.health_status() == NOT_SERVING, 10)
     assert harness.health_status("atelier.v1.Inversion") == NOT_SERVING
     harness.app.release.set()
-    assert _wait_for(lambda: harness.health_status() == SERVING, 10)
+    assert wait_for(lambda: harness.health_status() == SERVING, 10)
 
 
 def test_executor_reports_a_dead_worker():
@@ -195,12 +196,12 @@ def test_ready_is_logged_and_served_only_when_the_backend_is_up(caplog):
         h.app.backend_ready = False
         h.app.loaded.set()
         assert h.server.wait_loaded(10)
-        assert _wait_for(lambda: "backend down" in caplog.text, 5)
+        assert wait_for(lambda: "backend down" in caplog.text, 5)
         assert h.health_status() == NOT_SERVING
         assert "ready on" not in caplog.text
         h.app.backend_ready = True
-        assert _wait_for(lambda: h.health_status() == SERVING, 5)
-        assert _wait_for(lambda: "ready on" in caplog.text, 5)
+        assert wait_for(lambda: h.health_status() == SERVING, 5)
+        assert wait_for(lambda: "ready on" in caplog.text, 5)
     finally:
         h.close()
 
