@@ -300,19 +300,21 @@ class _Transport(TransportSettings[grpc.Channel]):
         self._channel_getter()  # raises RuntimeError once the client is closed
         if cancel is not None and cancel.cancelled:
             raise caller_cancelled()
-        call = method(request, timeout=time_left(deadline), metadata=self.metadata)
-        if cancel is not None:
-            cancel._attach(call)
-        try:
+        call = None
+        try:  # started inside the try, as in _stream_once
+            call = method(request, timeout=time_left(deadline), metadata=self.metadata)
+            if cancel is not None:
+                cancel._attach(call)
             for message in call:
                 yield message
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, cancel) from exc
         except BaseException:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             raise
         finally:
-            if cancel is not None:
+            if cancel is not None and call is not None:
                 cancel._detach(call)
 
     # ------------------------------------------------------------------ internals
